@@ -1,0 +1,137 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Every parameter and main activation in this package carries logical axis names
+("embed", "mlp", "act_batch", ...). Which mesh axis each name lands on is decided
+here and nowhere else, so data / FSDP / tensor parallelism is a config change.
+
+Mesh axes:
+  data    pure data parallelism (parameters replicated across it)
+  fsdp    data parallelism whose devices also shard the parameters (ZeRO-3)
+  tensor  Megatron-style tensor parallelism over heads and MLP width
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or axes). Parameter names and activation names are
+# kept apart ("embed" vs "act_embed") so a weight dimension can be sharded while
+# the same dimension of an activation stays whole.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_head_dim", None),
+    ("act_mlp", "tensor"),
+    ("act_channels", None),
+    ("act_height", None),
+    ("act_width", None),
+    # parameters
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("modulation", "tensor"),
+    ("head_dim", None),
+    ("in_channels", None),
+    ("out_channels", None),
+    ("context_embed", "fsdp"),
+    ("pooled_embed", None),
+    ("time_freq", None),
+    ("vocab", "tensor"),
+    ("relpos_buckets", None),
+    ("lora_rank", None),
+    ("conv_height", None),
+    ("conv_width", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+)
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """Builds a (data, fsdp, tensor) mesh; one size may be -1 to take the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {int(np.prod(sizes))} devices, "
+            f"{len(devices)} are available"
+        )
+    return jax.make_mesh(
+        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+    )
+
+
+def rules_from_config(overrides: Sequence[Sequence[Any]] | None = None) -> tuple[tuple[str, Any], ...]:
+    """DEFAULT_RULES with the given (name, mesh_axes) pairs replacing their defaults."""
+    table = dict(DEFAULT_RULES)
+    for name, axes in overrides or ():
+        if name not in table:
+            raise KeyError(f"unknown logical axis {name!r}; known: {sorted(table)}")
+        table[name] = tuple(axes) if isinstance(axes, list) else axes
+    return tuple(table.items())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Iterator[None]:
+    """Makes `mesh` and `rules` current, so logical constraints inside modules resolve."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. from eval_shape of init)."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of an array whose leading axis is the batch."""
+    spec = nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), rules)
+    return NamedSharding(mesh, spec)
+
+
+def unbox(tree: Any) -> Any:
+    """Strips `nn.Partitioned` boxes, leaving plain arrays / ShapeDtypeStructs."""
+    return nn.meta.unbox(tree)
+
+
+def abstract_and_shardings(
+    init_fn, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> tuple[Any, Any]:
+    """(ShapeDtypeStruct tree, NamedSharding tree) of `init_fn()`'s boxed output, no memory used."""
+    boxed = jax.eval_shape(init_fn)
+    return unbox(boxed), logical_shardings(boxed, mesh, rules)
+
+
+def sharded_init(init_fn, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """Runs `init_fn()` under jit so every parameter is created directly in its sharding."""
+    _, shardings = abstract_and_shardings(init_fn, mesh, rules)
+    with activate(mesh, rules):
+        return jax.jit(lambda: unbox(init_fn()), out_shardings=shardings)()
