@@ -52,6 +52,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("time_freq", None),
     ("vocab", "tensor"),
     ("relpos_buckets", None),
+    ("positions", None),  # learned absolute position tables (CLIP text)
     ("lora_rank", None),
     ("conv_height", None),
     ("conv_width", None),
