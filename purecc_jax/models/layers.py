@@ -136,6 +136,6 @@ class MLPEmbedder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = Dense(self.hidden, (self.in_axis, "embed"), name="in_layer", **kw)(x)
+        x = Dense(self.hidden, (self.in_axis, "mlp"), name="in_layer", **kw)(x)
         x = nn.silu(x)
-        return Dense(self.hidden, ("embed", "embed"), name="out_layer", **kw)(x)
+        return Dense(self.hidden, ("mlp", "embed"), name="out_layer", **kw)(x)
