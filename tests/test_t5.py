@@ -222,3 +222,13 @@ def test_remat_keeps_gradients(scan):
 
     for a, b in zip(jax.tree_util.tree_leaves(grads("full")), jax.tree_util.tree_leaves(grads("none"))):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_loads_sharded_checkpoint(saved, tmp_path):
+    """text_encoder_2/ in a FLUX folder is sharded with an index json."""
+    model, _ = saved
+    model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    cfg, params = load_t5(tmp_path)
+    ids = input_ids()
+    assert_close(T5Encoder(cfg).apply({"params": params}, jnp.asarray(ids, jnp.int32)), run_torch(model, ids))
