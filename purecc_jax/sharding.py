@@ -112,10 +112,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
-    """Sharding of an array whose leading axis is the batch."""
-    spec = nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), rules)
-    return NamedSharding(mesh, spec)
+def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of an array whose leading axis is the batch.
+
+    The batch is split over the mesh axes the rules give "act_batch", keeping only those
+    (in order) whose sizes divide it, so a batch of 2 on 8 devices is split 2 ways, not refused.
+    """
+    axes = dict(rules).get("act_batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    used, size = [], 1
+    for axis in axes:
+        if shape[0] % (size * mesh.shape[axis]) == 0:
+            used.append(axis)
+            size *= mesh.shape[axis]
+    lead = tuple(used) if len(used) > 1 else (used[0] if used else None)
+    return NamedSharding(mesh, PartitionSpec(lead, *(None,) * (len(shape) - 1)))
 
 
 def unbox(tree: Any) -> Any:

@@ -1,0 +1,210 @@
+"""The one fused train step of both PureCC stages (and of the DreamBooth baseline).
+
+    state  = TrainState(step, trainable, opt_state, rng)      donated, updated
+    frozen = {"params": pretrained FLUX, "cache": ..., ...}     never donated, stop-gradient
+    batch  = {"image": (B,), "complete": (B,), "base": (B,), "target": (B,), "null": (B,)}  indices
+
+Stage "cc" (stage A, DreamBooth): L_CC of the trainable model on the complete text.
+Stage "purecc" (stage B): the trainable model runs once on [complete; base] (2B sequences)
+and the frozen extractor once on [target; null] (2B sequences); λ*, L_CC and L_PureCC
+follow `objective.purecc_loss` (METHOD.md Eq. 8-15).
+
+The batch holds only indices into `frozen["cache"]`: VAE latents and text encodings are
+computed once, live on device, and are gathered inside the step. The noise x1 and the
+timesteps come from `fold_in(state.rng, state.step)`, so a resumed run draws the same
+numbers as an uninterrupted one.
+
+trainable: {"lora": LoRA tree} or {"params": full FLUX params}, plus {"embeddings": ...}
+when concept embeddings train in this stage. Embeddings: token -> {"clip": (n, Dclip),
+"t5": (n, Dt5)} extra rows of the text encoders; layerwise -> {"double": (depth, D),
+"single": (depth_single, D)} written into the context stream (`ConceptInjection`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from purecc_jax.models import lora as lora_lib
+from purecc_jax.models.flux import ConceptInjection, FluxTransformer
+from purecc_jax.purecc import flow
+from purecc_jax.purecc.objective import ObjectiveConfig, flow_loss, purecc_loss
+
+STAGES = ("cc", "purecc")
+CONCEPT_EMBEDDINGS = ("none", "token", "layerwise")
+TEXT_KINDS = ("complete", "base", "target", "null")
+
+# encode_text(text_params, clip_ids, t5_ids, clip_extra, t5_extra) -> (t5_hidden, pooled)
+TextEncodeFn = Callable[[Any, jax.Array, jax.Array, Any, Any], tuple[jax.Array, jax.Array]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+    rng: jax.Array  # raw key data (uint32), so it checkpoints like any array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    stage: str = "purecc"
+    objective: ObjectiveConfig = ObjectiveConfig()
+    timesteps: flow.TimestepConfig = flow.TimestepConfig()
+    guidance: float | None = 1.0  # embedded guidance during training; None for models without it
+    concept_embedding: str = "none"
+    trainable_lora: lora_lib.LoRAConfig | None = lora_lib.LoRAConfig()  # None: full fine-tuning
+    extractor_lora: lora_lib.LoRAConfig | None = lora_lib.LoRAConfig()  # None: extractor without LoRA
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage {self.stage!r} is not one of {STAGES}")
+        if self.concept_embedding not in CONCEPT_EMBEDDINGS:
+            raise ValueError(f"concept_embedding {self.concept_embedding!r} is not one of {CONCEPT_EMBEDDINGS}")
+
+
+def _velocity(model, params, adapter, lora_cfg, xt, t, text, cache, guidance, injection):
+    t5, pooled = text
+    variables = {"params": params}
+    if adapter is not None:
+        variables["lora"] = lora_lib.variables(adapter, lora_cfg)
+    g = None if guidance is None else jnp.full((xt.shape[0],), guidance, jnp.float32)
+    txt_ids = jnp.zeros((t5.shape[1], 3), jnp.float32)
+    return model.apply(variables, xt, t5, pooled, t, cache["img_ids"], txt_ids, g, injection)
+
+
+def make_loss_fn(model: FluxTransformer, cfg: StepConfig, encode_text: TextEncodeFn | None = None):
+    """loss(trainable, frozen, batch, rng) -> (loss, metrics), the step's differentiable core."""
+
+    def texts(kind, idx, trainable, frozen):
+        cache = frozen["cache"]
+        emb = trainable.get("embeddings", frozen.get("embeddings"))
+        t5, pooled = cache["t5"][idx], cache["pooled"][idx]
+        # Token embeddings that train in this stage are applied by running the text encoders here;
+        # frozen ones were baked into the cache before the stage started.
+        if cfg.concept_embedding == "token" and "embeddings" in trainable and kind in ("complete", "target"):
+            t5, pooled = encode_text(frozen["text"], cache["clip_ids"][idx], cache["t5_ids"][idx],
+                                     emb["clip"], emb["t5"])
+        return t5, pooled
+
+    def injection(kinds_idx, trainable, frozen):
+        if cfg.concept_embedding != "layerwise":
+            return None
+        emb = trainable.get("embeddings", frozen.get("embeddings"))
+        mask = jnp.concatenate([frozen["cache"]["ident_mask"][i] for i in kinds_idx], axis=0)
+        return ConceptInjection(mask=mask, double=emb["double"], single=emb["single"])
+
+    def cat(*texts):
+        return tuple(jnp.concatenate(parts, axis=0) for parts in zip(*texts))
+
+    def loss_fn(trainable, frozen, batch, rng):
+        cache = frozen["cache"]
+        x0 = cache["latents"][batch["image"]].astype(jnp.float32)
+        b = x0.shape[0]
+        noise_rng, t_rng = jax.random.split(rng)
+        x1 = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+        t = flow.sample_timesteps(t_rng, b, cfg.timesteps)
+        xt = flow.noisy(x0, x1, t)
+
+        params = trainable["params"] if "params" in trainable else jax.lax.stop_gradient(frozen["params"])
+        adapter = trainable.get("lora")
+        complete = texts("complete", batch["complete"], trainable, frozen)
+
+        if cfg.stage == "cc":
+            v_c = _velocity(model, params, adapter, cfg.trainable_lora, xt, t, complete, cache, cfg.guidance,
+                            injection([batch["complete"]], trainable, frozen))
+            loss = flow_loss(v_c, x0, x1)
+            return loss, dict(loss=loss, l_cc=loss)
+
+        base = texts("base", batch["base"], trainable, frozen)
+        v = _velocity(model, params, adapter, cfg.trainable_lora, jnp.concatenate([xt, xt]), jnp.concatenate([t, t]),
+                      cat(complete, base), cache, cfg.guidance,
+                      injection([batch["complete"], batch["base"]], trainable, frozen))
+        v_complete, v_base = v[:b], v[b:]
+
+        # The frozen extractor θ1: pretrained weights (+ stage-A LoRA) as constants.
+        frozen_sg = jax.lax.stop_gradient(frozen)
+        ext_params = frozen_sg.get("extractor_params", frozen_sg["params"])
+        trainable_sg = jax.lax.stop_gradient(trainable)
+        target = texts("target", batch["target"], trainable_sg, frozen_sg)
+        null = texts("null", batch["null"], trainable_sg, frozen_sg)
+        r = _velocity(model, ext_params, frozen_sg.get("extractor_lora"), cfg.extractor_lora,
+                      jnp.concatenate([xt, xt]), jnp.concatenate([t, t]), cat(target, null), cache, cfg.guidance,
+                      injection([batch["target"], batch["null"]], trainable_sg, frozen_sg))
+        r_tar = jax.lax.stop_gradient(r[:b] - r[b:])
+        return purecc_loss(v_complete, v_base, r_tar, x0, x1, cfg.objective)
+
+    return loss_fn
+
+
+def make_optimizer(
+    learning_rates: dict[str, optax.Schedule | float],
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    grad_clip: float | None = 1.0,
+    grad_accum: int = 1,
+) -> optax.GradientTransformation:
+    """AdamW per trainable group ("lora", "params", "embeddings"), float32 moments, global clipping."""
+    groups = {
+        name: optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=jnp.float32)
+        for name, lr in learning_rates.items()
+    }
+    tx = optax.multi_transform(groups, lambda tree: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in tree.items()})
+    if grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+    if grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
+    return tx
+
+
+def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    # Moments are created from float32 copies so bf16 parameters never get bf16 moments.
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        opt_state=tx.init(trainable),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def make_train_step(
+    model: FluxTransformer,
+    cfg: StepConfig,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule | None = None,
+    encode_text: TextEncodeFn | None = None,
+) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """step(state, frozen, batch) -> (new state, metrics); jit it with `jit_train_step`."""
+    loss_fn = make_loss_fn(model, cfg, encode_text)
+
+    def step(state: TrainState, frozen: Any, batch: Any):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        if lr_schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+    return step
+
+
+def jit_train_step(step, state_shardings: Any, frozen_shardings: Any, batch_shardings: Any, mesh):
+    """The step under jit with explicit shardings; the state is donated, frozen inputs are not."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
