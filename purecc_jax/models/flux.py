@@ -233,6 +233,7 @@ class DoubleBlock(nn.Module):
         c = self.config
         img, txt = carry
         txt = _inject(txt, inject_mask, inject_vector)
+        self.sow("intermediates", "context", txt)  # block-input context stream (layer-wise embedding init)
         kw = dict(hidden=c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype)
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = Modulation(6, name="img_mod", **kw)(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = Modulation(6, name="txt_mod", **kw)(vec)
@@ -261,6 +262,8 @@ class SingleBlock(nn.Module):
         x, n_txt = carry, inject_mask.shape[1] if inject_mask is not None else None
         if inject_vector is not None:
             x = jnp.concatenate([_inject(x[:, :n_txt], inject_mask, inject_vector), x[:, n_txt:]], axis=1)
+        if n_txt is not None:
+            self.sow("intermediates", "context", x[:, :n_txt])
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         shift, scale, gate = Modulation(3, c.hidden_size, c.dtype, c.param_dtype, name="modulation")(vec)
         h = layer_norm(x) * (1 + scale) + shift
@@ -279,7 +282,7 @@ def _stack(block_cls, config: FluxConfig, length: int, name: str):
     if config.scan_layers:
         scanned = nn.scan(
             block_cls,
-            variable_axes={"params": 0, "lora": 0},
+            variable_axes={"params": 0, "lora": 0, "intermediates": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=length,
