@@ -1,0 +1,1 @@
+"""Concept folders, DreamBench, and the on-device caches the train step reads."""

@@ -1,0 +1,58 @@
+r"""PureCC concept customization: `python -m purecc_jax.main --config=CONFIG --workdir=W`.
+
+    --config=configs/toy_concept.py    the built-in toy world (no downloads; the default)
+    --config=configs/flux_concept.py   FLUX.1-dev: set --config.pretrained and --config.concept.path
+
+Any config value can be overridden on the command line (`--config.stage_b.steps=200`).
+Re-running with the same workdir resumes where the run stopped; finished stages are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy_concept.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, samples, logs and exports go", required=True)
+
+
+def run(config, workdir: str | Path):
+    """Runs the job a config describes; returns what it produced (the toy report or the final stage)."""
+    if config.get("toy") is not None:
+        from purecc_jax.toyworld import experiment
+
+        return experiment.run(config, workdir)
+
+    from purecc_jax import sharding, train
+    from purecc_jax.pipeline.folder import check_folder, load_pipeline
+
+    train.validate(config)
+    if not config.pretrained:
+        raise ValueError("config.pretrained is empty: point it at a diffusers FLUX.1-dev folder "
+                         "(huggingface-cli download black-forest-labs/FLUX.1-dev --local-dir DIR)")
+    check_folder(os.path.expanduser(config.pretrained))
+    mesh = sharding.make_mesh(**config.mesh)
+    rules = sharding.rules_from_config(config.axis_rules)
+    m = config.model
+    parts = load_pipeline(os.path.expanduser(config.pretrained), mesh=mesh, rules=rules, dtype=m.dtype,
+                          param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
+                          attention=m.attention)
+    return train.Trainer(config, workdir, parts).run()
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

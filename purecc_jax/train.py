@@ -1,0 +1,352 @@
+"""PureCC training, top to bottom: pretrained model -> concept cache -> stage A -> stage B -> export.
+
+    workdir/config.json        the config this run was started with
+    workdir/stage_a/           representation extractor θ1 (LoRA + concept embeddings), L_CC
+    workdir/stage_b/           pure learning θ2 (fresh LoRA), L_CC + η L_PureCC, frozen θ1
+    workdir/export/            diffusers-format LoRA (+ concept embeddings) of the final stage
+
+Each stage resumes from its latest checkpoint and is skipped when finished. `method=dreambooth`
+runs stage A alone (L_CC only) and exports it: the baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
+import numpy as np
+import optax
+
+from purecc_jax import sharding
+from purecc_jax.data import cache as cache_lib
+from purecc_jax.data import concept as concept_lib
+from purecc_jax.models import lora as lora_lib
+from purecc_jax.models.flux import ConceptInjection, FluxTransformer
+from purecc_jax.pipeline.folder import FluxParts
+from purecc_jax.pipeline.text import TextEmbeddings, _encode
+from purecc_jax.purecc import embeddings as emb_lib
+from purecc_jax.purecc import flow, loop
+from purecc_jax.purecc.objective import ObjectiveConfig
+from purecc_jax.purecc.step import StepConfig, init_state, make_optimizer, make_train_step
+
+log = logging.getLogger(__name__)
+METHODS = ("purecc", "dreambooth")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Fails early, naming the offending config value."""
+    if config.method not in METHODS:
+        raise ValueError(f"config.method={config.method!r} is not one of {METHODS}")
+    if config.concept_embedding not in ("none", "token", "layerwise"):
+        raise ValueError(f"config.concept_embedding={config.concept_embedding!r} is not none|token|layerwise")
+    if not config.concept.path:
+        raise ValueError("config.concept.path is empty: give a folder of 3-5 images or a DreamBench subject name")
+    for name in ("stage_a", "stage_b"):
+        st = config[name]
+        if st.steps < 0 or st.batch_size < 1:
+            raise ValueError(f"config.{name}: steps={st.steps} and batch_size={st.batch_size} must be >= 0 and >= 1")
+        if st.schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"config.{name}.schedule={st.schedule!r} is not constant|cosine|linear")
+    ObjectiveConfig(**_objective_kwargs(config))
+    flow.TimestepConfig(**config.timesteps)
+
+
+def _objective_kwargs(config) -> dict[str, Any]:
+    o = config.objective
+    return dict(eta=o.eta, lambda_mode=o.lambda_mode, fixed_lambda=o.fixed_lambda,
+                lambda_clip=tuple(o.lambda_clip) if o.lambda_clip else None, eps=o.eps,
+                stop_grad_original=o.stop_grad_original)
+
+
+def lora_config(stage_cfg) -> lora_lib.LoRAConfig:
+    c = stage_cfg.lora
+    return lora_lib.LoRAConfig(rank=c.rank, alpha=float(c.alpha), targets=lora_lib.resolve_targets(c.targets),
+                               init_scale=None if c.init_scale is None or c.init_scale < 0 else c.init_scale)
+
+
+def schedule(stage_cfg, lr: float) -> optax.Schedule:
+    warm, total = stage_cfg.warmup_steps, max(stage_cfg.steps, 1)
+    if stage_cfg.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif stage_cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(total - warm, 1))
+    else:
+        main = optax.linear_schedule(lr, 0.0, max(total - warm, 1))
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm]) if warm else main
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class Stage:
+    """What a finished stage hands on: its trainable tree and how to read it."""
+
+    name: str
+    trainable: dict[str, Any]
+    lora: lora_lib.LoRAConfig | None
+    directory: Path
+
+
+class Trainer:
+    """Holds the pretrained model, the concept cache and the mesh for both stages."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, parts: FluxParts,
+                 concept: concept_lib.Concept | None = None, codec: Any = None):
+        validate(config)
+        self.config, self.workdir, self.parts = config, Path(workdir), parts
+        self.mesh = parts.mesh or sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+        self.rules = parts.rules
+        self.codec = codec or parts.codec
+        self.model = FluxTransformer(parts.transformer_config)
+        c = config.concept
+        self.concept = concept or concept_lib.find(
+            c.path, identifier=c.identifier, class_word=c.class_word, template=c.template,
+            dreambench_root=c.dreambench_root or None)
+        self.token_mode = config.concept_embedding == "token"
+        if self.token_mode:
+            self.parts.tokenizers.add_concept_token(self.concept.identifier)
+        self.max_len = config.model.max_sequence_length
+        self.cache = self._build_cache()
+        self.cache_device = jax.device_put(self.cache.arrays, sharding.replicated(self.mesh))
+        self.guidance = config.train_guidance if parts.transformer_config.guidance_embed else None
+
+    # --- data
+
+    def _build_cache(self) -> cache_lib.ConceptCache:
+        c = self.config.concept
+        size = concept_lib.parse_resolution(c.resolution)
+        images, view_image = concept_lib.views(self.concept, size, crop=c.crop, crops_per_image=c.crops_per_image,
+                                               flip=c.flip, seed=self.config.seed)
+        extra = self.initial_embeddings() if self.token_mode else None
+        log.info("encoding %d views of %d images and their texts", len(images), len(self.concept.images))
+        return cache_lib.build(self.concept, images, view_image, self.codec, self.parts.text, self.max_len, extra)
+
+    def batch_fn(self, batch_size: int, seed: int):
+        def get(step: int):
+            b = self.cache.batch(step, batch_size, seed)
+            return jax.device_put(b, jax.tree_util.tree_map(lambda x: sharding.batch_sharding(self.mesh, x.shape), b))
+        return get
+
+    # --- concept embeddings
+
+    def initial_embeddings(self) -> dict[str, jax.Array] | None:
+        kind = self.config.concept_embedding
+        if kind == "none":
+            return None
+        if kind == "token":
+            tok, text = self.parts.tokenizers, self.parts.text
+            return emb_lib.init_token(text.clip_params["token_embedding"], text.t5_params["token_embedding"],
+                                      tok.word_ids(self.concept.class_word, "clip"),
+                                      tok.word_ids(self.concept.class_word, "t5"))
+        a = self.cache.arrays
+        views = np.arange(min(self.cache.n_views, 8))
+        text_idx = np.asarray([self.cache.view_texts["complete"][v] for v in views])
+        x0 = jnp.asarray(a["latents"][views])
+        t = jnp.full((len(views),), 0.5)
+        xt = flow.noisy(x0, jax.random.normal(jax.random.key(self.config.seed), x0.shape), t)
+        inputs = dict(img=xt, txt=jnp.asarray(a["t5"][text_idx]), pooled=jnp.asarray(a["pooled"][text_idx]),
+                      timesteps=t, img_ids=jnp.asarray(a["img_ids"]), txt_ids=jnp.zeros((a["t5"].shape[1], 3)),
+                      guidance=None if self.guidance is None else jnp.full((len(views),), self.guidance))
+        return emb_lib.init_layerwise(self.model, {"params": self.parts.transformer_params}, inputs,
+                                      jnp.asarray(a["ident_mask"][text_idx]))
+
+    # --- one stage
+
+    def _encode_fn(self):
+        text = self.parts.text
+
+        def encode(text_params, clip_ids, t5_ids, clip_extra, t5_extra):
+            return tuple(_encode(text.clip_config, text.t5_config, text_params["clip"], text_params["t5"],
+                                 clip_ids, t5_ids, clip_extra, t5_extra))
+        return encode
+
+    def run_stage(self, name: str, stage_cfg, step_cfg: StepConfig, trainable: dict[str, Any],
+                  frozen: dict[str, Any], sample_lora: lora_lib.LoRAConfig | None) -> dict[str, Any]:
+        lrs = {k: schedule(stage_cfg, stage_cfg.embedding_learning_rate if k == "embeddings"
+                           else stage_cfg.learning_rate) for k in trainable}
+        o = self.config.optimizer
+        tx = make_optimizer(lrs, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                            grad_clip=o.grad_clip or None, grad_accum=stage_cfg.grad_accum)
+        main_lr = lrs.get("lora", lrs.get("params"))
+        step = make_train_step(self.model, step_cfg, tx, main_lr, self._encode_fn())
+        seed = self.config.seed + (0 if name == "stage_a" else 1)
+        with sharding.activate(self.mesh, self.rules):
+            state = jax.jit(lambda tr: init_state(tr, tx, seed))(trainable)
+            state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+            frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+            batch0 = self.batch_fn(stage_cfg.batch_size, seed)(0)
+            batch_sh = jax.tree_util.tree_map(lambda x: x.sharding, batch0)
+            jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
+                             out_shardings=(state_sh, sharding.replicated(self.mesh)), donate_argnums=(0,))
+            lcfg = LoopConfig(self.config, stage_cfg.steps)
+            sample_fn = self._sample_fn(sample_lora, frozen) if self.config.sample.prompts else None
+            state = loop.run_stage(name, self.workdir / name, lcfg, state, state_sh, jitted, frozen,
+                                   self.batch_fn(stage_cfg.batch_size, seed), sample_fn)
+        return state.trainable
+
+    # --- sampling during training
+
+    def sample_prompts(self) -> list[str]:
+        c = self.concept
+        return [p.format(identifier=c.identifier, class_word=c.class_word) for p in self.config.sample.prompts]
+
+    def embed_prompts(self, prompts: Sequence[str], embeddings: dict[str, Any] | None
+                      ) -> tuple[TextEmbeddings, ConceptInjection | None]:
+        """Text embeddings (+ layer-wise injection) of prompts under the learned concept embeddings."""
+        tok = self.parts.tokenizers
+        clip_ids, t5_ids = tok.tokenize(list(prompts), self.max_len)
+        extra = embeddings if self.token_mode else None
+        text = self.parts.text.encode(clip_ids, t5_ids, None if extra is None else extra["clip"],
+                                      None if extra is None else extra["t5"])
+        injection = None
+        if self.config.concept_embedding == "layerwise" and embeddings is not None:
+            mask = jnp.asarray(tok.word_mask(np.asarray(t5_ids), self.concept.identifier))
+            injection = ConceptInjection(mask, embeddings["double"], embeddings["single"])
+        return text, injection
+
+    def _sample_fn(self, lcfg: lora_lib.LoRAConfig | None, frozen: dict[str, Any]):
+        from purecc_jax.sample import SampleSettings, generate
+
+        s = self.config.sample
+        prompts = self.sample_prompts()
+        settings = SampleSettings(height=s.height, width=s.width, steps=s.steps, guidance=s.guidance,
+                                  max_sequence_length=self.max_len)
+
+        def sample(state):
+            tr = state.trainable
+            emb = tr.get("embeddings", frozen.get("embeddings"))
+            text, injection = self.embed_prompts(prompts, emb)
+            parts = self.parts
+            if "params" in tr:
+                parts = dataclasses.replace(parts, transformer_params=tr["params"])
+            adapter = None if "lora" not in tr else lora_lib.variables(tr["lora"], lcfg)
+            out = generate(parts, prompts, settings, seeds=(s.seed,), text=text, lora=adapter, concept=injection,
+                           codec=self.codec)
+            return np.asarray(out.images), prompts
+        return sample
+
+    # --- the two stages
+
+    def fresh_trainable(self, stage_cfg, rng: jax.Array, embeddings: dict[str, Any] | None) -> dict[str, Any]:
+        params = self.parts.transformer_params
+        if stage_cfg.full_finetune:
+            # float32 master copy: bf16 weights would round small updates away
+            trainable = {"params": jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)}
+        else:
+            lcfg = lora_config(stage_cfg)
+            abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+            lsh = lora_lib.shardings(jax.eval_shape(lambda: lora_lib.init(rng, abstract, lcfg)),
+                                     jax.tree_util.tree_map(lambda x: x.sharding, params))
+            trainable = {"lora": jax.jit(lambda: lora_lib.init(rng, abstract, lcfg), out_shardings=lsh)()}
+        if embeddings is not None:
+            trainable["embeddings"] = jax.device_put(embeddings, sharding.replicated(self.mesh))
+        return trainable
+
+    def text_params(self) -> dict[str, Any]:
+        return {"clip": self.parts.text.clip_params, "t5": self.parts.text.t5_params}
+
+    def stage_a(self) -> Stage:
+        cfg = self.config
+        st = cfg.stage_a
+        trainable = self.fresh_trainable(st, jax.random.key(cfg.seed), self.initial_embeddings())
+        frozen = {"params": self.parts.transformer_params, "cache": self.cache_device}
+        if self.token_mode:
+            frozen["text"] = self.text_params()
+        lcfg = None if st.full_finetune else lora_config(st)
+        step_cfg = StepConfig(stage="cc", timesteps=flow.TimestepConfig(**cfg.timesteps), guidance=self.guidance,
+                              concept_embedding=cfg.concept_embedding, trainable_lora=lcfg, extractor_lora=None)
+        trained = self.run_stage("stage_a", st, step_cfg, trainable, frozen, lcfg)
+        return Stage("stage_a", trained, lcfg, self.workdir / "stage_a")
+
+    def stage_b(self, a: Stage) -> Stage:
+        cfg = self.config
+        st = cfg.stage_b
+        learned = a.trainable.get("embeddings")
+        train_emb = cfg.train_embeddings_in_stage_b and learned is not None
+        if self.token_mode and learned is not None:
+            # Frozen token embeddings are baked into the cached encodings of the complete/target texts.
+            self.cache = cache_lib.encode_texts(self.cache, self.parts.text, learned)
+            self.cache_device = jax.device_put(self.cache.arrays, sharding.replicated(self.mesh))
+        trainable = self.fresh_trainable(st, jax.random.key(cfg.seed + 1), learned if train_emb else None)
+        frozen = {"params": self.parts.transformer_params, "cache": self.cache_device}
+        if learned is not None and not train_emb:
+            frozen["embeddings"] = learned
+        if self.token_mode and train_emb:
+            frozen["text"] = self.text_params()
+        extractor_lora = None
+        if cfg.objective.extractor_uses_stage_a_lora:
+            if "lora" in a.trainable:
+                frozen["extractor_lora"] = a.trainable["lora"]
+                extractor_lora = a.lora
+            else:
+                frozen["extractor_params"] = a.trainable["params"]
+        lcfg = None if st.full_finetune else lora_config(st)
+        step_cfg = StepConfig(stage="purecc", objective=ObjectiveConfig(**_objective_kwargs(cfg)),
+                              timesteps=flow.TimestepConfig(**cfg.timesteps), guidance=self.guidance,
+                              concept_embedding=cfg.concept_embedding, trainable_lora=lcfg,
+                              extractor_lora=extractor_lora)
+        trained = self.run_stage("stage_b", st, step_cfg, trainable, frozen, lcfg)
+        if not train_emb and learned is not None:
+            trained = dict(trained, embeddings=learned)
+        return Stage("stage_b", trained, lcfg, self.workdir / "stage_b")
+
+    def run(self) -> Stage:
+        save_config(self.config, self.workdir)
+        a = self.stage_a()
+        final = a if self.config.method == "dreambooth" else self.stage_b(a)
+        export(final, self, self.workdir / "export")
+        return final
+
+
+def LoopConfig(config, steps: int) -> loop.LoopConfig:  # noqa: N802 - a small factory
+    return loop.LoopConfig(steps=steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+                           keep_checkpoints=config.keep_checkpoints, sample_every=config.sample.every,
+                           progress=config.progress)
+
+
+# ----------------------------------------------------------------------------- export
+
+def export(stage: Stage, trainer: Trainer, folder: Path) -> Path:
+    """diffusers-format weights of the final stage + concept embeddings + a README on loading them."""
+    from purecc_jax.weights import flux_io, lora_export
+    from purecc_jax.weights.safetensors_io import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = trainer.parts.transformer_config
+    name = trainer.config.export.dtype
+    out_dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    files = []
+    if "lora" in stage.trainable:
+        files.append(lora_export.save(stage.trainable["lora"], stage.lora, cfg,
+                                      folder / "pytorch_lora_weights.safetensors", out_dtype))
+    else:
+        files += flux_io.export_diffusers(stage.trainable["params"], cfg, folder / "transformer", dtype=out_dtype)
+    emb = stage.trainable.get("embeddings")
+    ident = trainer.concept.identifier
+    if emb is not None and trainer.token_mode:
+        for key, name in (("clip", "concept_clip_l.safetensors"), ("t5", "concept_t5.safetensors")):
+            save_file({ident: np.asarray(emb[key], np.float32)}, folder / name)
+            files.append(folder / name)
+    elif emb is not None:
+        save_file({k: np.asarray(v, np.float32) for k, v in emb.items()}, folder / "concept_layerwise.safetensors")
+        files.append(folder / "concept_layerwise.safetensors")
+    meta = dict(identifier=ident, class_word=trainer.concept.class_word,
+                concept_embedding=trainer.config.concept_embedding, method=trainer.config.method,
+                stage=stage.name, files=[str(f.relative_to(folder)) for f in files])
+    (folder / "purecc.json").write_text(json.dumps(meta, indent=2))
+    return folder
