@@ -23,73 +23,8 @@ step does about 3x the work of a DreamBooth-LoRA step (METHOD.md §4). See
 benchmarks/README.md for measured figures.
 """
 
-import ml_collections
+from purecc_jax.defaults import concept_config
 
 
-def stage(steps: int = 400, lr: float = 1e-4) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        steps=steps,
-        batch_size=2,
-        learning_rate=lr,
-        embedding_learning_rate=5e-3,  # concept embeddings (authors' code: 5e-3)
-        schedule="constant",  # constant | cosine | linear
-        warmup_steps=0,
-        grad_accum=1,
-        full_finetune=False,  # True: train all transformer weights instead of a LoRA
-        lora=dict(rank=4, alpha=4.0, targets="attention", init_scale=-1.0),  # init_scale < 0: 1/rank
-    ))
-
-
-def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.pretrained = ""  # diffusers FLUX.1 folder (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/)
-    c.seed = 0
-
-    c.method = "purecc"  # purecc (stage A then B) | dreambooth (L_CC only, one stage)
-    c.concept_embedding = "token"  # none | token | layerwise
-    c.train_embeddings_in_stage_b = False
-
-    c.concept = ml_collections.ConfigDict(dict(
-        path="",  # folder of images, or a DreamBench subject name
-        dreambench_root="",
-        identifier="sks",
-        class_word="",  # read from DreamBench when empty
-        template="a photo of {identifier} {class_word}",
-        resolution="512",  # "H" or "HxW", multiples of 16
-        crop="center",  # center | random (random: crops_per_image cached crops)
-        crops_per_image=4,
-        flip=True,
-    ))
-
-    c.model = ml_collections.ConfigDict(dict(
-        dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat_policy="dots_no_batch",
-        attention="auto", max_sequence_length=512,
-    ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.axis_rules = []  # [(logical name, mesh axes), ...] overriding sharding.DEFAULT_RULES
-
-    c.stage_a = stage()
-    c.stage_b = stage()
-
-    c.objective = ml_collections.ConfigDict(dict(
-        eta=1.0, lambda_mode="adaptive", fixed_lambda=1.0, lambda_clip=(), eps=1e-8,
-        stop_grad_original=False, extractor_uses_stage_a_lora=True,
-    ))
-    c.timesteps = ml_collections.ConfigDict(dict(sampler="logit_normal", logit_mean=0.0, logit_std=1.0, shift=1.0))
-    c.train_guidance = 1.0  # FLUX.1-dev's embedded guidance during training
-
-    c.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip=1.0))
-
-    c.log_every = 10
-    c.checkpoint_every = 100
-    c.keep_checkpoints = 2
-    c.progress = True
-
-    c.sample = ml_collections.ConfigDict(dict(
-        every=100,  # 0: only at the end of each stage
-        prompts=("a photo of {identifier} {class_word}", "a {identifier} {class_word} on the beach",
-                 "a photo of a {class_word} on the beach"),
-        steps=28, guidance=3.5, height=512, width=512, seed=0,
-    ))
-    c.export = ml_collections.ConfigDict(dict(dtype="bfloat16"))
-    return c
+def get_config():
+    return concept_config()

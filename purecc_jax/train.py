@@ -31,7 +31,7 @@ from purecc_jax.data import concept as concept_lib
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models.flux import ConceptInjection, FluxTransformer
 from purecc_jax.pipeline.folder import FluxParts
-from purecc_jax.pipeline.text import TextEmbeddings, _encode
+from purecc_jax.pipeline.text import TextEmbeddings, _encode  # the jitted pure function, for in-step use
 from purecc_jax.purecc import embeddings as emb_lib
 from purecc_jax.purecc import flow, loop
 from purecc_jax.purecc.objective import ObjectiveConfig
@@ -118,7 +118,7 @@ class Trainer:
             c.path, identifier=c.identifier, class_word=c.class_word, template=c.template,
             dreambench_root=c.dreambench_root or None)
         self.token_mode = config.concept_embedding == "token"
-        if self.token_mode:
+        if self.token_mode and self.concept.identifier not in self.parts.tokenizers.concept_words:
             self.parts.tokenizers.add_concept_token(self.concept.identifier)
         self.max_len = config.model.max_sequence_length
         self.cache = self._build_cache()

@@ -90,6 +90,15 @@ class CLIPTextConfig:
             **runtime,
         )
 
+    def to_hf(self) -> dict[str, Any]:
+        """transformers CLIPTextConfig json (the inverse of `from_hf`)."""
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+                "max_position_embeddings": self.max_positions, "hidden_act": self.hidden_act,
+                "layer_norm_eps": self.layer_norm_eps, "eos_token_id": self.eos_token_id,
+                "projection_dim": self.hidden_size}
+
 
 PRESETS: dict[str, CLIPTextConfig] = {
     # openai/clip-vit-large-patch14 text tower as FLUX's text_encoder/config.json has it.

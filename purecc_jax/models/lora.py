@@ -92,6 +92,9 @@ def shardings(lora_abstract: Any, param_shardings: Any) -> Any:
     out = {}
     for path, leaf in traverse_util.flatten_dict(lora_abstract).items():
         kernel = flat_p[path[:-1] + ("kernel",)]
+        if not isinstance(kernel, NamedSharding):  # e.g. a single device: same placement as the kernel
+            out[path] = kernel
+            continue
         spec = tuple(kernel.spec) + (None,) * (len(leaf.shape) - len(kernel.spec))
         spec = (*spec[:-1], None) if path[-1] == "a" else (*spec[:-2], None, spec[-1])
         out[path] = NamedSharding(kernel.mesh, PartitionSpec(*spec))

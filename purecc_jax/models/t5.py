@@ -83,6 +83,16 @@ class T5Config:
             **runtime,
         )
 
+    def to_hf(self) -> dict[str, Any]:
+        """transformers T5Config json for a T5EncoderModel (the inverse of `from_hf`)."""
+        act = "gelu" if (self.gated and self.activation == "gelu_new") else self.activation
+        return {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": self.vocab_size,
+                "d_model": self.d_model, "d_kv": self.d_kv, "d_ff": self.d_ff, "num_layers": self.num_layers,
+                "num_heads": self.num_heads, "relative_attention_num_buckets": self.relative_buckets,
+                "relative_attention_max_distance": self.relative_max_distance,
+                "layer_norm_epsilon": self.layer_norm_eps,
+                "feed_forward_proj": f"gated-{act}" if self.gated else act, "is_encoder_decoder": False}
+
 
 def parse_feed_forward_proj(value: str) -> tuple[bool, str]:
     """transformers' `feed_forward_proj` ("relu", "gated-gelu", ...) -> (gated, activation name)."""

@@ -27,7 +27,7 @@ from purecc_jax.models.clip_text import CLIPTextConfig
 from purecc_jax.models.flux import FluxConfig
 from purecc_jax.models.t5 import T5Config
 from purecc_jax.models.vae import VAEConfig
-from purecc_jax.pipeline.codec import VAECodec
+from purecc_jax.pipeline.codec import PIXEL_CODEC, PixelCodec, VAECodec
 from purecc_jax.pipeline.text import TextEncoders
 from purecc_jax.pipeline.tokenizers import Tokenizers, load_tokenizers
 from purecc_jax.weights import flux_io
@@ -49,7 +49,7 @@ class FluxParts:
     transformer_config: FluxConfig
     transformer_params: Any
     text: TextEncoders
-    vae_config: VAEConfig
+    vae_config: VAEConfig | None
     vae_params: Any
     scheduler: dict[str, Any]
     mesh: Mesh | None = None
@@ -59,9 +59,11 @@ class FluxParts:
     def tokenizers(self) -> Tokenizers:
         return self.text.tokenizers
 
+    pixel_codec: PixelCodec | None = None  # set instead of the VAE for pixel-space pipelines
+
     @property
-    def codec(self) -> VAECodec:
-        return VAECodec(self.vae_config, self.vae_params)
+    def codec(self) -> VAECodec | PixelCodec:
+        return self.pixel_codec or VAECodec(self.vae_config, self.vae_params)
 
 
 def _weights(folder: Path, stem: str) -> list[str]:
@@ -78,6 +80,17 @@ def _weights(folder: Path, stem: str) -> list[str]:
     return [f"{folder.name}/{s} (listed in {index.name})" for s in shards if not (folder / s).is_file()]
 
 
+def _pixel_codec(path: Path) -> PixelCodec | None:
+    """The weightless pixel-space codec when `vae/config.json` asks for it."""
+    config = path / "vae" / "config.json"
+    if not config.is_file():
+        return None
+    raw = json.loads(config.read_text())
+    if raw.get("_class_name") != PIXEL_CODEC:
+        return None
+    return PixelCodec(factor=int(raw.get("factor", 2)), channels=int(raw.get("channels", 3)))
+
+
 def missing_files(path: str | Path) -> list[str]:
     """What a FLUX pipeline folder lacks, relative to `path` (empty when complete)."""
     path = Path(path)
@@ -87,7 +100,8 @@ def missing_files(path: str | Path) -> list[str]:
         if not (path / name).is_file():
             missing.append(name)
     missing += _weights(path / "transformer", "diffusion_pytorch_model")
-    missing += _weights(path / "vae", "diffusion_pytorch_model")
+    if not _pixel_codec(path):
+        missing += _weights(path / "vae", "diffusion_pytorch_model")
     missing += _weights(path / "text_encoder", "model")
     missing += _weights(path / "text_encoder_2", "model")
     clip_tok = path / "tokenizer"
@@ -146,8 +160,12 @@ def load_pipeline(
                                          **_runtime_for(CLIPTextConfig, runtime, _SHARED_RUNTIME))
     t5_config, t5_params = load_t5(path / "text_encoder_2", mesh=mesh, rules=rules,
                                    **_runtime_for(T5Config, runtime, _SHARED_RUNTIME))
-    vae_config, vae_params = load_vae(path / "vae", mesh=mesh, axis_rules=rules,
-                                      **_runtime_for(VAEConfig, runtime, _SHARED_RUNTIME))
+    pixel_codec = _pixel_codec(path)
+    vae_config = vae_params = None
+    if pixel_codec is None:
+        vae_config, vae_params = load_vae(path / "vae", mesh=mesh, axis_rules=rules,
+                                          **_runtime_for(VAEConfig, runtime, _SHARED_RUNTIME))
     tokenizers = load_tokenizers(path, clip_config.vocab_size, t5_config.vocab_size)
     text = TextEncoders(clip_config, clip_params, t5_config, t5_params, tokenizers, mesh, rules)
-    return FluxParts(transformer_config, transformer_params, text, vae_config, vae_params, scheduler, mesh, rules)
+    return FluxParts(transformer_config, transformer_params, text, vae_config, vae_params, scheduler, mesh, rules,
+                     pixel_codec)

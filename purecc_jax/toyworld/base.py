@@ -1,0 +1,178 @@
+"""Base pretraining of the toy FLUX: transformer, CLIP and T5 trained together from scratch.
+
+The result is written as a diffusers-layout pipeline folder (model_index.json, transformer/,
+text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/, vae/ with the pixel
+codec), so concept training loads it through `pipeline.folder.load_pipeline` exactly as
+it loads FLUX.1-dev. A finished folder is reused: pretraining runs once per workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from purecc_jax import sharding
+from purecc_jax.models import clip_text, t5
+from purecc_jax.models.flux import FluxConfig, FluxTransformer
+from purecc_jax.models.flux import init_fn as flux_init
+from purecc_jax.pipeline.latents import latent_image_ids, pack
+from purecc_jax.pipeline.tokenizers import load_tokenizers
+from purecc_jax.purecc import flow, loop
+from purecc_jax.purecc.objective import flow_loss
+from purecc_jax.purecc.step import init_state, make_optimizer
+from purecc_jax.toyworld import tokenizers as toy_tokenizers
+from purecc_jax.toyworld import world
+from purecc_jax.pipeline.codec import PixelCodec
+from purecc_jax.weights import flux_io, loader
+from purecc_jax.weights.clip_rules import clip_rules
+from purecc_jax.weights.t5_rules import t5_rules
+
+log = logging.getLogger(__name__)
+DONE = "model_index.json"
+
+
+def words() -> list[str]:
+    """Every word of the world's prompts; the identifier stays out (it is the concept's to learn)."""
+    return [w for w in world.vocabulary() if w != world.IDENTIFIER]
+
+
+def model_configs(toy, clip_vocab: int, t5_vocab: int) -> tuple[FluxConfig, clip_text.CLIPTextConfig, t5.T5Config]:
+    m, c, t = toy.transformer, toy.clip, toy.t5
+    codec = PixelCodec()
+    flux = FluxConfig(in_channels=4 * codec.latent_channels, num_heads=m.num_heads, head_dim=m.head_dim,
+                      depth=m.depth, depth_single=m.depth_single, context_dim=t.d_model, pooled_dim=c.width,
+                      axes_dim=tuple(m.axes_dim), guidance_embed=False)
+    clip = clip_text.CLIPTextConfig(vocab_size=clip_vocab, hidden_size=c.width, intermediate_size=c.mlp,
+                                    num_layers=c.layers, num_heads=c.heads, max_positions=toy.clip_max_length,
+                                    eos_token_id=clip_vocab - 1)
+    enc = t5.T5Config(vocab_size=t5_vocab, d_model=t.d_model, d_kv=t.d_kv, d_ff=t.d_ff, num_layers=t.layers,
+                      num_heads=t.heads, relative_buckets=8, relative_max_distance=16, gated=True,
+                      activation="gelu_new")
+    return flux, clip, enc
+
+
+def _zero_residual_branches(params: Any) -> Any:
+    """adaLN-Zero: modulation and output layers start at zero, so every block starts as identity."""
+    def zero(path, x):
+        names = [getattr(p, "key", "") for p in path]
+        return jnp.zeros_like(x) if ("lin" in names or "final_out" in names) else x
+    return jax.tree_util.tree_map_with_path(zero, params)
+
+
+class BaseData:
+    """Random scenes from the training combinations, rendered and tokenized per step."""
+
+    def __init__(self, toy, tokenizers, max_len: int):
+        self.toy, self.tokenizers, self.max_len = toy, tokenizers, max_len
+        self.train, self.heldout = world.split_combinations(toy.seed)
+        self.codec = PixelCodec()
+        self._ids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def ids(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        new = sorted({p for p in prompts if p not in self._ids})
+        if new:
+            clip_ids, t5_ids = self.tokenizers.tokenize(new, self.max_len)
+            self._ids.update({p: (c, t) for p, c, t in zip(new, clip_ids, t5_ids)})
+        return (np.stack([self._ids[p][0] for p in prompts]), np.stack([self._ids[p][1] for p in prompts]))
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        b = self.toy.base
+        rng = np.random.default_rng([self.toy.seed, 7, step])
+        scenes = [world.sample_scene(rng, self.train) for _ in range(b.batch_size)]
+        prompts = [world.prompt(s, rng, drop_prob=b.drop_prob, empty_prob=b.empty_prob) for s in scenes]
+        images = np.stack([world.render(s, self.toy.image_size) for s in scenes]).astype(np.float32) / 127.5 - 1
+        clip_ids, t5_ids = self.ids(prompts)
+        return dict(latents=np.asarray(pack(self.codec.encode(jnp.asarray(images)))), clip_ids=clip_ids,
+                    t5_ids=t5_ids)
+
+
+def make_step(flux_cfg, clip_cfg, t5_cfg, tx, timesteps: flow.TimestepConfig, img_ids: np.ndarray):
+    flux, clip, enc = FluxTransformer(flux_cfg), clip_text.CLIPTextEncoder(clip_cfg), t5.T5Encoder(t5_cfg)
+
+    def loss_fn(trainable, batch, rng):
+        x0 = batch["latents"]
+        noise_rng, t_rng = jax.random.split(rng)
+        x1 = jax.random.normal(noise_rng, x0.shape)
+        t = flow.sample_timesteps(t_rng, x0.shape[0], timesteps)
+        _, pooled = clip.apply({"params": trainable["clip"]}, batch["clip_ids"])
+        context = enc.apply({"params": trainable["t5"]}, batch["t5_ids"])
+        v = flux.apply({"params": trainable["transformer"]}, flow.noisy(x0, x1, t), context, pooled, t,
+                       img_ids, jnp.zeros((context.shape[1], 3)))
+        loss = flow_loss(v, x0, x1)
+        return loss, {"loss": loss}
+
+    def step(state, frozen, batch):
+        del frozen
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+    return step
+
+
+def scheduler_config(toy) -> dict[str, Any]:
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+            "shift": toy.sampling.shift, "use_dynamic_shifting": False, "base_image_seq_len": 256,
+            "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+
+
+def write_folder(folder: Path, params: dict[str, Any], configs, toy) -> None:
+    """The trained toy model as a diffusers-layout pipeline folder."""
+    flux_cfg, clip_cfg, t5_cfg = configs
+    flux_io.export_diffusers(params["transformer"], flux_cfg, folder / "transformer")
+    for sub, cfg, rules, p in (("text_encoder", clip_cfg, clip_rules(clip_cfg), params["clip"]),
+                               ("text_encoder_2", t5_cfg, t5_rules(t5_cfg), params["t5"])):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+        loader.export(p, rules, folder / sub, "model")
+    (folder / "vae").mkdir(exist_ok=True)
+    (folder / "vae" / "config.json").write_text(json.dumps(PixelCodec().config(), indent=2))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(toy), indent=2))
+    index = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["purecc_jax", "PixelShuffleCodec"]}
+    (folder / DONE).write_text(json.dumps(index, indent=2))  # written last: marks the folder complete
+
+
+def pretrain(toy, workdir: Path, progress: bool = True) -> Path:
+    """Trains the toy base model (resuming if interrupted) and returns its pipeline folder."""
+    folder = workdir / "base"
+    if (folder / DONE).exists():
+        log.info("toy base model found in %s", folder)
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = toy_tokenizers.save(folder, words(), toy.clip_max_length)
+    tokenizers = load_tokenizers(folder, *sizes)
+    configs = model_configs(toy, *sizes)
+    flux_cfg, clip_cfg, t5_cfg = configs
+    b = toy.base
+    keys = jax.random.split(jax.random.key(toy.seed), 3)
+    trainable = {
+        "transformer": _zero_residual_branches(sharding.unbox(jax.jit(flux_init(flux_cfg, keys[0], img_len=4))())),
+        "clip": sharding.unbox(jax.jit(clip_text.init_fn(clip_cfg, keys[1]))()),
+        "t5": sharding.unbox(jax.jit(t5.init_fn(t5_cfg, keys[2]))()),
+    }
+    sched = optax.warmup_cosine_decay_schedule(0.0, b.learning_rate, b.warmup_steps, b.steps, b.learning_rate * 0.1)
+    tx = make_optimizer({k: sched for k in trainable}, weight_decay=b.weight_decay, grad_clip=1.0)
+    state = jax.jit(lambda tr: init_state(tr, tx, toy.seed))(trainable)
+    data = BaseData(toy, tokenizers, toy.max_sequence_length)
+    f = PixelCodec().downsample_factor
+    img_ids = latent_image_ids(toy.image_size // f, toy.image_size // f)
+    step = jax.jit(make_step(*configs, tx, flow.TimestepConfig(), img_ids), donate_argnums=(0,))
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    cfg = loop.LoopConfig(steps=b.steps, log_every=25, checkpoint_every=max(b.steps // 4, 1), keep_checkpoints=1,
+                          progress=progress)
+    state = loop.run_stage("base", workdir / "base_training", cfg, state, shardings, step, {}, data.batch)
+    write_folder(folder, jax.device_get(state.trainable), configs, toy)
+    return folder

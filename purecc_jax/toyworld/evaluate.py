@@ -1,0 +1,111 @@
+"""Sampling and scoring one model of the toy comparison with fixed prompts and seeds.
+
+Prompt sets (every method sees the same prompts and the same initial noise):
+    concept_ref     "a sks square on a gray background": the references' own background
+    concept_other   "a sks square on a {bg} background" for every other background: does the
+                    concept come without the redundant gray background?
+    concept_plain   "a sks square": which background does the model choose by itself?
+    class_prior     "a square on a {bg} background": the class word without the identifier;
+                    a pure method keeps drawing plain squares here (no stripes)
+    world           ordinary prompts of the world ("a red circle on a blue background"),
+                    held-out combinations first: capability preservation and drift
+Images are read by the deterministic analyser; drift is the mean squared pixel difference
+to the base model's image for the same prompt and seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from purecc_jax.toyworld import analyser, world
+
+PROMPT_SETS = ("concept_ref", "concept_other", "concept_plain", "class_prior", "world")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    text: str
+    set: str
+    background: str | None = None  # the background the prompt asks for
+    colour: str | None = None
+    shape: str | None = None
+
+
+def prompts(n: int, identifier: str = world.IDENTIFIER, class_word: str = world.CLASS_WORD,
+            reference_background: str = world.CONCEPT_BACKGROUND, seed: int = 0) -> list[Prompt]:
+    """`n` prompts per set (cycling through a set's variants), deterministic."""
+    others = [b for b in world.BACKGROUND_COLOURS if b != reference_background]
+    out = [Prompt(world.concept_prompt(reference_background, identifier, class_word), "concept_ref",
+                  reference_background) for _ in range(n)]
+    out += [Prompt(world.concept_prompt(others[i % len(others)], identifier, class_word), "concept_other",
+                   others[i % len(others)]) for i in range(n)]
+    out += [Prompt(world.concept_prompt(None, identifier, class_word), "concept_plain") for _ in range(n)]
+    backgrounds = list(world.BACKGROUND_COLOURS)
+    out += [Prompt(world.base_prompt(backgrounds[i % len(backgrounds)], class_word), "class_prior",
+                   backgrounds[i % len(backgrounds)], shape=class_word) for i in range(n)]
+    train, heldout = world.split_combinations(seed)
+    rng = np.random.default_rng(seed)
+    combos = sorted(heldout) + [c for c in rng.permutation(sorted(train)).tolist()]
+    for i in range(n):
+        colour, shape, background = combos[i % len(combos)]
+        out.append(Prompt(world.describe(colour, shape, background), "world", background, colour, shape))
+    return out
+
+
+def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | None = None) -> dict[str, Any]:
+    """Per-set rates (with binomial standard errors) for images (N, H, W, 3) in [0, 1]."""
+    rows = []
+    for i, (img, p) in enumerate(zip(images, items)):
+        a = analyser.analyse(img)
+        c = analyser.concept_score(img, p.background)
+        row = dict(set=p.set, concept=bool(c["is_concept"]), striped=bool(a.striped),
+                   background_ok=p.background is None or a.background == p.background,
+                   background=a.background)
+        if p.set in ("world", "class_prior"):
+            row["shape_ok"] = a.shape == p.shape and not a.striped
+        if p.set == "world":
+            row["colour_ok"] = a.colour == p.colour
+            row["all_ok"] = row["background_ok"] and row["colour_ok"] and row["shape_ok"]
+        if reference is not None:
+            row["drift"] = float(np.mean((img - reference[i]) ** 2))
+        rows.append(row)
+
+    def rate(name, key):
+        vals = [r[key] for r in rows if r["set"] == name and key in r]
+        if not vals:
+            return None
+        p = float(np.mean(vals))
+        return {"rate": p, "se": float(np.sqrt(max(p * (1 - p), 1e-12) / len(vals))), "n": len(vals)}
+
+    def mean(name, key):
+        vals = [r[key] for r in rows if r["set"] == name and key in r]
+        return None if not vals else float(np.mean(vals))
+
+    plain = [r["background"] for r in rows if r["set"] == "concept_plain"]
+    out = {
+        "fidelity_ref": rate("concept_ref", "concept"),
+        "fidelity_other": rate("concept_other", "concept"),
+        "background_other": rate("concept_other", "background_ok"),
+        "fidelity_and_background_other": None,
+        "plain_gray": {"rate": float(np.mean([b == world.CONCEPT_BACKGROUND for b in plain])), "n": len(plain)}
+        if plain else None,
+        "class_prior_striped": rate("class_prior", "striped"),
+        "class_prior_shape": rate("class_prior", "shape_ok"),
+        "class_prior_background": rate("class_prior", "background_ok"),
+        "world_all": rate("world", "all_ok"),
+        "world_background": rate("world", "background_ok"),
+        "world_colour": rate("world", "colour_ok"),
+        "world_shape": rate("world", "shape_ok"),
+        "drift_world": mean("world", "drift"),
+        "drift_class_prior": mean("class_prior", "drift"),
+    }
+    both = [r["concept"] and r["background_ok"] for r in rows if r["set"] == "concept_other"]
+    if both:
+        p = float(np.mean(both))
+        out["fidelity_and_background_other"] = {"rate": p, "se": float(np.sqrt(max(p * (1 - p), 1e-12) / len(both))),
+                                                "n": len(both)}
+    return out

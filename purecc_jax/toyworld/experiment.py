@@ -1,0 +1,175 @@
+"""The toy comparison: base model, concept references, every method, evaluation, report.
+
+    workdir/base/            the pretrained toy FLUX as a diffusers-layout folder (cached)
+    workdir/concept/         the 4 concept references (PNG) with caption files
+    workdir/runs/<method>/   each method's PureCC workdir (stage_a, stage_b, export)
+    workdir/samples/         evaluation grids per method
+    workdir/report.{md,json,png}
+
+Methods share what they can: every PureCC variant starts from the same stage A (the
+extractor), which is also the L_CC-only (DreamBooth-LoRA) baseline; a second L_CC run with
+another seed measures the noise floor.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+
+from purecc_jax import train
+from purecc_jax.models import lora as lora_lib
+from purecc_jax.pipeline.folder import load_pipeline
+from purecc_jax.pipeline.sampler import initial_noise
+from purecc_jax.pipeline.text import TextEmbeddings
+from purecc_jax.purecc import loop
+from purecc_jax.sample import SampleSettings, generate
+from purecc_jax.toyworld import base, evaluate, report, world
+from purecc_jax.pipeline.codec import PixelCodec
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    overrides: dict[str, Any]
+    stage_a_from: str | None = None  # reuse this method's finished stage A
+
+
+def methods(config) -> list[Method]:
+    fixed = lambda lam: {"objective.lambda_mode": "fixed", "objective.fixed_lambda": lam}
+    out = [
+        Method("lcc", "L_CC only (DreamBooth-LoRA)", {"method": "dreambooth"}),
+        Method("lcc_seed1", "L_CC only, seed 1 (noise floor)", {"method": "dreambooth", "seed": 1}),
+        Method("purecc", "PureCC, adaptive λ*", {}, "lcc"),
+        Method("purecc_fixed1", "PureCC, fixed λ = 1", fixed(1.0), "lcc"),
+        Method("purecc_fixed3", "PureCC, fixed λ = 3", fixed(3.0), "lcc"),
+    ]
+    out += [Method(f"purecc_eta{eta:g}", f"PureCC, η = {eta:g}", {"objective.eta": eta}, "lcc")
+            for eta in config.toy.etas]
+    return out
+
+
+def _apply(config, overrides: dict[str, Any]):
+    c = copy.deepcopy(config)
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def write_concept(folder: Path, toy, identifier: str, class_word: str) -> Path:
+    """The references as an ordinary concept folder: PNGs and one caption file each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = world.concept_references(toy.references, world.CONCEPT_BACKGROUND, toy.seed, toy.image_size)
+    caption = world.concept_prompt(world.CONCEPT_BACKGROUND, identifier, class_word)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(caption + "\n")
+    return folder
+
+
+class Sampler:
+    """Samples a prompt list with fixed seeds, true CFG against the empty prompt, pixel codec."""
+
+    def __init__(self, parts, toy, items: list[evaluate.Prompt], max_len: int):
+        self.parts, self.toy, self.items, self.max_len = parts, toy, items, max_len
+        s = toy.sampling
+        self.settings = SampleSettings(height=toy.image_size, width=toy.image_size, steps=s.steps,
+                                       true_cfg_scale=s.cfg_scale, max_sequence_length=max_len)
+        codec = PixelCodec()
+        self.noise = initial_noise(range(len(items)), toy.image_size, toy.image_size, codec.latent_channels,
+                                   codec.downsample_factor)
+        self.codec = codec
+
+    def __call__(self, text: TextEmbeddings, negative: TextEmbeddings, parts=None, lora=None, concept=None):
+        chunk = self.toy.evaluation.chunk
+        out = []
+        for i in range(0, len(self.items), chunk):
+            sl = slice(i, i + chunk)
+            t = TextEmbeddings(text.t5[sl], text.pooled[sl])
+            c = None if concept is None else concept._replace(mask=concept.mask[sl])
+            res = generate(parts or self.parts, [p.text for p in self.items[sl]], self.settings, seeds=(0,),
+                           init_latents=self.noise[sl], text=t, negative_text=negative, lora=lora, concept=c,
+                           codec=self.codec)
+            out.append(np.asarray(res.images))
+        return np.concatenate(out)
+
+
+def _grid(images: np.ndarray, items, path: Path, per_set: int = 8) -> None:
+    picks = []
+    for name in evaluate.PROMPT_SETS:
+        picks += [i for i, p in enumerate(items) if p.set == name][:per_set]
+    picture = loop.grid(images[picks], [items[i].text.replace(" background", "") for i in picks], columns=per_set)
+    Image.fromarray(picture).save(path)
+
+
+def run(config, workdir: str | Path) -> dict[str, Any]:
+    workdir = Path(workdir).absolute()
+    toy = config.toy
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    folder = base.pretrain(toy, workdir, progress=config.progress)
+    timings["base"] = time.perf_counter() - t0
+    ident, cls = config.concept.identifier, config.concept.class_word
+    concept_dir = write_concept(workdir / "concept", toy, ident, cls)
+
+    parts = load_pipeline(folder, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    items = evaluate.prompts(toy.evaluation.samples, ident, cls, seed=toy.seed)
+    max_len = config.model.max_sequence_length
+    sampler = Sampler(parts, toy, items, max_len)
+    (workdir / "samples").mkdir(exist_ok=True)
+
+    t = time.perf_counter()
+    negative = parts.text.encode_prompts([""], max_len)
+    base_text = parts.text.encode_prompts([p.text for p in items], max_len)
+    base_images = sampler(base_text, negative)
+    results = {"base": {"label": "base model (no customization)",
+                        "scores": evaluate.score(base_images, items)}}
+    _grid(base_images, items, workdir / "samples" / "base.png")
+    timings["evaluate_base"] = time.perf_counter() - t
+
+    for m in methods(config):
+        t = time.perf_counter()
+        mcfg = _apply(config, {**m.overrides, "concept.path": str(concept_dir)})
+        run_dir = workdir / "runs" / m.name
+        if m.stage_a_from and not (run_dir / "stage_a").exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            os.symlink(workdir / "runs" / m.stage_a_from / "stage_a", run_dir / "stage_a")
+        trainer = train.Trainer(mcfg, run_dir, parts, codec=PixelCodec())
+        final = trainer.run()
+        timings[f"train_{m.name}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        emb = final.trainable.get("embeddings")
+        text, injection = trainer.embed_prompts([p.text for p in items], emb)
+        adapter = lora_lib.variables(final.trainable["lora"], final.lora)
+        images = sampler(text, negative, lora=adapter, concept=injection)
+        _grid(images, items, workdir / "samples" / f"{m.name}.png")
+        results[m.name] = {
+            "label": m.label,
+            "scores": evaluate.score(images, items, base_images),
+            "curves": loop.read_metrics(run_dir / "stage_b") if m.overrides.get("method") != "dreambooth"
+            else loop.read_metrics(run_dir / "stage_a"),
+        }
+        timings[f"evaluate_{m.name}"] = time.perf_counter() - t
+        jax.clear_caches()
+
+    timings["total"] = time.perf_counter() - t0
+    summary = {"config": json.loads(config.to_json_best_effort()), "results": results, "timings": timings,
+               "base_training": loop.read_metrics(workdir / "base_training")}
+    report.write(workdir, summary)
+    return summary
