@@ -56,3 +56,17 @@ def test_rules_overrides():
     assert rules["embed"] is None and rules["act_seq"] == ("tensor",)
     with pytest.raises(KeyError, match="unknown logical axis"):
         sharding.rules_from_config([("nonsense", None)])
+
+
+def test_three_axis_mesh_forward():
+    """data, fsdp and tensor all > 1: every batch row must still match (see sharding.DEFAULT_RULES)."""
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+    cfg = preset("tiny", depth=1, depth_single=1)
+    params = sharding.sharded_init(init_fn(cfg, jax.random.key(0)), mesh)
+    model = FluxTransformer(cfg)
+    inputs = random_inputs(cfg, 4, 3, 5, 7)
+    expected = np.asarray(model.apply({"params": jax.device_get(params)}, **inputs))
+    with sharding.activate(mesh):
+        out = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, **x))(params, inputs))
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out, expected, atol=1e-5 * scale, rtol=0)

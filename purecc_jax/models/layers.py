@@ -21,13 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purecc_jax import sharding
+
 Dtype = Any
 LORA = "lora"
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Logical sharding constraint on an activation (a no-op outside a mesh)."""
-    return nn.with_logical_constraint(x, tuple(names))
+    """Logical sharding constraint on an activation (a no-op outside a mesh); see sharding.fit_spec."""
+    return sharding.constrain(x, names)
 
 
 class Dense(nn.Module):
