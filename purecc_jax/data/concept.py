@@ -69,14 +69,17 @@ def find(
 
 def parse_resolution(value: int | str | tuple[int, int]) -> tuple[int, int]:
     """512, "512", "512x768" (height x width) or (h, w) -> (height, width), multiples of 16."""
+    given = value
     if isinstance(value, str):
         parts = value.lower().split("x")
+        if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"resolution {given!r} is not 'H' or 'HxW' (e.g. '512' or '512x768')")
         value = (int(parts[0]), int(parts[-1]))
     if isinstance(value, int):
         value = (value, value)
     h, w = (int(v) for v in value)
     if h <= 0 or w <= 0 or h % 16 or w % 16:
-        raise ValueError(f"resolution {h}x{w} must be positive multiples of 16")
+        raise ValueError(f"resolution {given!r} ({h}x{w}) must be positive multiples of 16")
     return h, w
 
 
@@ -88,7 +91,9 @@ def load_image(path: Path, size: tuple[int, int], crop: str = "center",
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "P"):
+            if im.mode.startswith("I;16"):  # 16-bit grayscale PNG: converting would clip at 255
+                im = Image.fromarray((np.asarray(im, np.uint16) >> 8).astype(np.uint8), "L")
+            if im.mode in ("RGBA", "LA", "PA", "P") or "transparency" in im.info:
                 im = im.convert("RGBA")
                 canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(canvas, im)  # transparent pixels become white, not black
