@@ -10,11 +10,18 @@ a single image is written to --output itself). An --output ending in .npy receiv
 as float32 (B, H, W, 3) in [0, 1]. Image i of a prompt starts from the noise of seed
 --seed + i (see pipeline.sampler.initial_noise), or from --init_latents (packed (B, N, 64)
 .npy as FluxPipeline's `latents=`, or (1, N, 64) for every image).
+
+A PureCC training run is sampled with `--workdir=W`: the LoRA (or fine-tuned weights) and
+the concept embeddings of `W/export/` on top of the pretrained pipeline it was trained
+from (`--pretrained` defaults to `W/config.json`'s):
+
+    python -m purecc_jax.sample --workdir=runs/dog --prompt="a photo of sks dog" --output=/tmp/sks.png
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,18 +33,22 @@ import numpy as np
 from absl import app, flags, logging
 
 from purecc_jax import sharding
+from purecc_jax.models import lora as lora_lib
 from purecc_jax.models.flux import ConceptInjection
 from purecc_jax.pipeline.codec import ImageCodec
 from purecc_jax.pipeline.folder import FluxParts, load_pipeline
 from purecc_jax.pipeline.sampler import SampleOutput, Transformer, initial_noise, sample
 from purecc_jax.pipeline.schedule import flux_sigmas
 from purecc_jax.pipeline.text import PromptCache, TextEmbeddings
+from purecc_jax.purecc import embeddings as emb_lib
 
 # Flags live in their own FlagValues: other entry points (convert) define flags of the same
 # names in absl's global registry, and tests import both into one process.
 FLAGS = flags.FlagValues()
-_PRETRAINED = flags.DEFINE_string("pretrained", None, "diffusers FLUX pipeline folder (FLUX.1-dev/schnell download)",
-                                  flag_values=FLAGS)
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "diffusers FLUX pipeline folder (FLUX.1-dev/schnell download); "
+                                  "with --workdir, defaults to the one it was trained from", flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "a PureCC training workdir: sample its export/ (LoRA or weights and "
+                               "concept embeddings)", flag_values=FLAGS)
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt (repeat the flag for several)", flag_values=FLAGS)
 _HEIGHT = flags.DEFINE_integer("height", 1024, "image height in pixels (multiple of 16)", flag_values=FLAGS)
 _WIDTH = flags.DEFINE_integer("width", 1024, "image width in pixels (multiple of 16)", flag_values=FLAGS)
@@ -145,15 +156,114 @@ def generate(
                   rules=parts.rules, progress=progress)
 
 
-def trained_overrides(parts: FluxParts, prompts: Sequence[str], settings: SampleSettings) -> dict[str, Any]:
-    """Extension point for `--workdir=W` (sampling a trained PureCC checkpoint).
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """What a PureCC export (`workdir/export/`) adds to the pretrained pipeline."""
 
-    Returns extra `generate` keyword arguments: the trained `lora` collection, the
-    `concept` injection and `text` embeddings computed with the learned concept tokens.
-    Sampling the pretrained model adds nothing.
+    identifier: str
+    class_word: str
+    concept_embedding: str  # none | token | layerwise
+    lora: Any  # a `lora` collection (models.lora.variables), or None (full fine-tune or none)
+    embeddings: dict[str, Any] | None  # token rows {"clip", "t5"} or layer-wise {"double", "single"}
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def workdir_pretrained(workdir: str | Path) -> str:
+    """The pretrained pipeline folder a training workdir was started with (`config.json`)."""
+    path = Path(workdir) / "config.json"
+    pretrained = _read_json(path, "is --workdir a PureCC training workdir?").get("pretrained")
+    if not pretrained:
+        raise ValueError(f"{path} names no pretrained folder; pass --pretrained")
+    return str(Path(pretrained).expanduser())
+
+
+def _tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, jax.Array]:
+    """The named float32 tensors of a safetensors file, each checked against its expected shape."""
+    from purecc_jax.weights.safetensors_io import SafetensorsFile
+
+    st = SafetensorsFile(path)
+    out = {}
+    for key, shape in expected.items():
+        if key not in st.entries:
+            raise ValueError(f"{path}: no tensor {key!r} (has {sorted(st.keys())})")
+        out[key] = jnp.asarray(np.asarray(st.get(key), np.float32))
+        if out[key].shape != shape:
+            raise ValueError(f"{path}: {key!r} has shape {out[key].shape}; this pipeline needs {shape}")
+    return out
+
+
+def load_trained(workdir: str | Path, parts: FluxParts) -> tuple[FluxParts, Trained]:
+    """Reads `workdir/export/` (purecc.json, the LoRA or transformer weights, concept embeddings).
+
+    Returns `parts` (with the fine-tuned transformer if the export holds full weights) and
+    the `Trained` additions. With token embeddings the identifier is added to `parts`'
+    tokenizers (in place), as in training.
     """
-    del parts, prompts, settings
-    return {}
+    export = Path(workdir) / "export"
+    meta = _read_json(export / "purecc.json", "has the training run finished and exported?")
+    ident, kind = meta["identifier"], meta["concept_embedding"]
+    cfg = parts.transformer_config
+    adapter = None
+    if (export / "pytorch_lora_weights.safetensors").is_file():
+        from purecc_jax.weights import lora_export
+
+        tree, lcfg = lora_export.load(export / "pytorch_lora_weights.safetensors", cfg, scanned=cfg.scan_layers)
+        adapter = lora_lib.variables(jax.tree_util.tree_map(jnp.asarray, tree), lcfg)
+    elif (export / "transformer").is_dir():
+        from purecc_jax.weights import flux_io
+
+        runtime = {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention")}
+        cfg, params = flux_io.load_transformer(export / "transformer", mesh=parts.mesh, rules=parts.rules, **runtime)
+        parts = dataclasses.replace(parts, transformer_config=cfg, transformer_params=params)
+    embeddings = None
+    if kind == "token":
+        text = parts.text
+        embeddings = {
+            "clip": _tensors(export / "concept_clip_l.safetensors", {ident: (1, text.clip_config.hidden_size)})[ident],
+            "t5": _tensors(export / "concept_t5.safetensors", {ident: (1, text.t5_config.d_model)})[ident],
+        }
+        if ident not in parts.tokenizers.concept_words:
+            parts.tokenizers.add_concept_token(ident)
+    elif kind == "layerwise":
+        embeddings = _tensors(export / "concept_layerwise.safetensors",
+                              {"double": (cfg.depth, cfg.hidden_size), "single": (cfg.depth_single, cfg.hidden_size)})
+    elif kind != "none":
+        raise ValueError(f"{export / 'purecc.json'}: unknown concept_embedding {kind!r}")
+    return parts, Trained(ident, meta["class_word"], kind, adapter, embeddings)
+
+
+def trained_overrides(parts: FluxParts, prompts: Sequence[str], settings: SampleSettings,
+                      trained: Trained | None = None) -> dict[str, Any]:
+    """Extra `generate` keyword arguments for a trained PureCC model (`load_trained`).
+
+    The `lora` collection, the layer-wise `concept` injection, and `text` (and
+    `negative_text`) embeddings computed with the learned concept tokens. Sampling the
+    pretrained model (`trained=None`) adds nothing.
+    """
+    if trained is None:
+        return {}
+
+    def embed(texts):
+        return emb_lib.embed_prompts(parts.text, texts, settings.max_sequence_length, trained.concept_embedding,
+                                     trained.identifier, trained.embeddings)
+
+    text, concept = embed(prompts)
+    out = dict(text=text, lora=trained.lora, concept=concept)
+    if settings.negative_prompt is not None and settings.true_cfg_scale > 1:
+        negative, negative_concept = embed([settings.negative_prompt])
+        if negative_concept is not None and bool(jnp.any(negative_concept.mask)):
+            raise ValueError(f"the negative prompt {settings.negative_prompt!r} names the concept "
+                             f"{trained.identifier!r}; layer-wise concept vectors apply to the positive prompts only")
+        out["negative_text"] = negative
+    return out
 
 
 def output_paths(output: str | Path, count: int) -> list[Path]:
@@ -192,9 +302,11 @@ def main(argv: Sequence[str]) -> None:
     """The CLI (flags in this module's FLAGS, parsed by `parse_flags`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
-    for flag in (_PRETRAINED, _PROMPT, _OUTPUT):
+    for flag in (_PROMPT, _OUTPUT):
         if not flag.value:
             raise app.UsageError(f"--{flag.name} is required")
+    if not _PRETRAINED.value and not _WORKDIR.value:
+        raise app.UsageError("--pretrained (or --workdir of a training run) is required")
     settings = SampleSettings(_HEIGHT.value, _WIDTH.value, _STEPS.value, _GUIDANCE.value, _MAX_SEQ.value,
                               _NEGATIVE.value, _TRUE_CFG.value)
     for name, value in (("height", settings.height), ("width", settings.width)):
@@ -204,12 +316,16 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"--num_images={_NUM_IMAGES.value} must be at least 1")
     init_latents = None if _INIT_LATENTS.value is None else np.load(_INIT_LATENTS.value)
 
-    parts = load_pipeline(_PRETRAINED.value, mesh=_mesh_from_flag(_MESH.value), dtype=_DTYPE.value,
+    pretrained = _PRETRAINED.value or workdir_pretrained(_WORKDIR.value)
+    parts = load_pipeline(pretrained, mesh=_mesh_from_flag(_MESH.value), dtype=_DTYPE.value,
                           param_dtype=_PARAM_DTYPE.value)
+    trained = None
+    if _WORKDIR.value:
+        parts, trained = load_trained(_WORKDIR.value, parts)
     prompts = list(_PROMPT.value)
     out = generate(parts, prompts, settings, seeds=[_SEED.value + i for i in range(_NUM_IMAGES.value)],
                    init_latents=init_latents, progress=_PROGRESS.value,
-                   **trained_overrides(parts, prompts, settings))
+                   **trained_overrides(parts, prompts, settings, trained))
     for path in write_images(np.asarray(jax.device_get(out.images)), _OUTPUT.value):
         logging.info("wrote %s", path)
 

@@ -193,7 +193,7 @@ class Trainer:
             batch_sh = jax.tree_util.tree_map(lambda x: x.sharding, batch0)
             jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                              out_shardings=(state_sh, sharding.replicated(self.mesh)), donate_argnums=(0,))
-            lcfg = LoopConfig(self.config, stage_cfg.steps)
+            lcfg = loop_config(self.config, stage_cfg.steps)
             sample_fn = self._sample_fn(sample_lora, frozen) if self.config.sample.prompts else None
             state = loop.run_stage(name, self.workdir / name, lcfg, state, state_sh, jitted, frozen,
                                    self.batch_fn(stage_cfg.batch_size, seed), sample_fn)
@@ -208,16 +208,8 @@ class Trainer:
     def embed_prompts(self, prompts: Sequence[str], embeddings: dict[str, Any] | None
                       ) -> tuple[TextEmbeddings, ConceptInjection | None]:
         """Text embeddings (+ layer-wise injection) of prompts under the learned concept embeddings."""
-        tok = self.parts.tokenizers
-        clip_ids, t5_ids = tok.tokenize(list(prompts), self.max_len)
-        extra = embeddings if self.token_mode else None
-        text = self.parts.text.encode(clip_ids, t5_ids, None if extra is None else extra["clip"],
-                                      None if extra is None else extra["t5"])
-        injection = None
-        if self.config.concept_embedding == "layerwise" and embeddings is not None:
-            mask = jnp.asarray(tok.word_mask(np.asarray(t5_ids), self.concept.identifier))
-            injection = ConceptInjection(mask, embeddings["double"], embeddings["single"])
-        return text, injection
+        return emb_lib.embed_prompts(self.parts.text, prompts, self.max_len, self.config.concept_embedding,
+                                     self.concept.identifier, embeddings)
 
     def _sample_fn(self, lcfg: lora_lib.LoRAConfig | None, frozen: dict[str, Any]):
         from purecc_jax.sample import SampleSettings, generate
@@ -313,7 +305,7 @@ class Trainer:
         return final
 
 
-def LoopConfig(config, steps: int) -> loop.LoopConfig:  # noqa: N802 - a small factory
+def loop_config(config, steps: int) -> loop.LoopConfig:
     return loop.LoopConfig(steps=steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                            keep_checkpoints=config.keep_checkpoints, sample_every=config.sample.every,
                            progress=config.progress)
@@ -349,4 +341,38 @@ def export(stage: Stage, trainer: Trainer, folder: Path) -> Path:
                 concept_embedding=trainer.config.concept_embedding, method=trainer.config.method,
                 stage=stage.name, files=[str(f.relative_to(folder)) for f in files])
     (folder / "purecc.json").write_text(json.dumps(meta, indent=2))
+    (folder / "README.md").write_text(_export_readme(meta, str(trainer.config.pretrained), folder))
     return folder
+
+
+def _export_readme(meta: dict[str, Any], pretrained: str, folder: Path) -> str:
+    """How to load an export in diffusers (and with purecc_jax.sample)."""
+    ident, kind = meta["identifier"], meta["concept_embedding"]
+    prompt = f"a photo of {ident} {meta['class_word']}"
+    code = ["import torch", "from diffusers import FluxPipeline", "",
+            f'export = "{folder.absolute()}"  # this folder',
+            f'pipe = FluxPipeline.from_pretrained("{pretrained}", torch_dtype=torch.bfloat16)']
+    if "transformer" in {Path(f).parts[0] for f in meta["files"]}:
+        code.append('pipe.transformer = type(pipe.transformer).from_pretrained(f"{export}/transformer", '
+                    'torch_dtype=torch.bfloat16)')
+    else:
+        code.append("pipe.load_lora_weights(export)")
+    if kind == "token":
+        code += [f'pipe.load_textual_inversion(f"{{export}}/concept_clip_l.safetensors", token="{ident}",',
+                 "                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+                 f'pipe.load_textual_inversion(f"{{export}}/concept_t5.safetensors", token="{ident}",',
+                 "                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
+                 "# FLUX's CLIP config pools at the largest token id (legacy eos_token_id=2), now the concept",
+                 "# token's; training pooled at the end-of-text token, as this line restores",
+                 "# (transformers 5; on 4.x set pipe.text_encoder.text_model.eos_token_id).",
+                 "pipe.text_encoder.eos_token_id = pipe.tokenizer.eos_token_id"]
+    code.append(f'image = pipe("{prompt}", guidance_scale=3.5).images[0]')
+    lines = [f"# PureCC export: `{ident} {meta['class_word']}` ({meta['method']}, {meta['stage']})", ""]
+    if kind == "layerwise":
+        lines += ["The layer-wise concept vectors (concept_layerwise.safetensors) have no diffusers loader:",
+                  "sample with this package. In diffusers, only the weights load:", ""]
+    else:
+        lines += ["In diffusers:", ""]
+    command = f'python -m purecc_jax.sample --workdir={folder.parent.absolute()} --prompt="{prompt}" --output=out.png'
+    lines += ["```python", *code, "```", "", "With this package:", "", "```", command, "```", ""]
+    return "\n".join(lines)

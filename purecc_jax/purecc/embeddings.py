@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -19,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from purecc_jax.models.flux import ConceptInjection, FluxTransformer
+from purecc_jax.pipeline.text import TextEmbeddings, TextEncoders
+
+KINDS = ("none", "token", "layerwise")
 
 
 def init_token(clip_table: jax.Array, t5_table: jax.Array, clip_class_ids: np.ndarray,
@@ -45,7 +49,9 @@ def init_layerwise(model: FluxTransformer, variables: dict[str, Any], inputs: di
     # An all-false injection changes nothing but makes the single blocks record the text part.
     probe = ConceptInjection(jnp.zeros_like(ident_mask), jnp.zeros((cfg.depth, cfg.hidden_size)),
                              jnp.zeros((cfg.depth_single, cfg.hidden_size)))
-    _, state = model.apply(variables, **inputs, concept=probe, mutable=["intermediates"])
+    # One compiled forward pass, not one dispatch per operation.
+    forward = jax.jit(lambda v, x, c: model.apply(v, **x, concept=c, mutable=["intermediates"]))
+    _, state = forward(variables, inputs, probe)
     inter = state["intermediates"]
     weights = ident_mask.astype(jnp.float32)
 
@@ -58,3 +64,29 @@ def init_layerwise(model: FluxTransformer, variables: dict[str, Any], inputs: di
         return jnp.stack([mean_at_identifier(inter[f"{prefix}_{i}"]["context"][0][None])[0] for i in range(depth)])
 
     return {"double": collect("double_blocks", cfg.depth), "single": collect("single_blocks", cfg.depth_single)}
+
+
+def embed_prompts(text: TextEncoders, prompts: Sequence[str], max_sequence_length: int, kind: str,
+                  identifier: str, embeddings: dict[str, Any] | None
+                  ) -> tuple[TextEmbeddings, ConceptInjection | None]:
+    """Text embeddings of `prompts` under learned concept embeddings, and the layer-wise injection.
+
+    token: the identifier must already be a concept token of `text.tokenizers`
+    (`add_concept_token`); its rows are passed to the encoders. layerwise: the vectors are
+    written at the identifier's T5 positions. none, or no embeddings: the plain encoding.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"concept embedding kind {kind!r} is not one of {KINDS}")
+    tok = text.tokenizers
+    use_rows = kind == "token" and embeddings is not None
+    if use_rows and identifier not in tok.concept_words:
+        raise ValueError(f"token embeddings for {identifier!r}, but the tokenizers do not have it as a concept "
+                         "token; call tokenizers.add_concept_token first")
+    clip_ids, t5_ids = tok.tokenize(list(prompts), max_sequence_length)
+    out = text.encode(clip_ids, t5_ids, embeddings["clip"] if use_rows else None,
+                      embeddings["t5"] if use_rows else None)
+    injection = None
+    if kind == "layerwise" and embeddings is not None:
+        mask = jnp.asarray(tok.word_mask(np.asarray(t5_ids), identifier))
+        injection = ConceptInjection(mask, embeddings["double"], embeddings["single"])
+    return out, injection
