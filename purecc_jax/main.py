@@ -20,6 +20,10 @@ from ml_collections import config_flags
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy_concept.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, samples, logs and exports go", required=True)
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host run: call jax.distributed.initialize() first")
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "keep compiled XLA programs in WORKDIR/jax_cache, so a resumed or repeated run "
+    "skips recompiling")
 
 
 def run(config, workdir: str | Path):
@@ -51,6 +55,13 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import jax
+
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    if _COMPILATION_CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", str(Path(_WORKDIR.value).absolute() / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     run(_CONFIG.value, _WORKDIR.value)
 
 
