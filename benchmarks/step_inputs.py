@@ -1,0 +1,167 @@
+"""The fused train step of one benchmark variant and its inputs, abstract or concrete.
+
+A variant is a stage ("cc": DreamBooth, L_CC only; "purecc": stage B) and a way to train
+(LoRA or full fine-tuning). Its inputs mirror what `purecc_jax.train.Trainer` passes the step:
+
+    LoRA, cc       trainable {"lora"}     frozen {"params", "cache"}
+    LoRA, purecc   trainable {"lora"}     frozen {"params", "cache", "extractor_lora"}  one copy of the weights
+    full, cc       trainable {"params"}   frozen {"params", "cache"}                      float32 master copy
+    full, purecc   trainable {"params"}   frozen {"params", "cache", "extractor_params"}  stage A was full FT too
+    LoRA, purecc, extractor_copy          frozen {"params", "cache", "extractor_params"}  stage-A LoRA merged into
+                                                                                          a second copy (the naive way)
+
+`abstract_inputs` returns ShapeDtypeStructs that carry their shardings (for AOT lowering, no
+memory used); `concrete_inputs` creates real arrays of the same shapes in those shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purecc_jax import sharding
+from purecc_jax.models import lora as lora_lib
+from purecc_jax.models.flux import FluxConfig, FluxTransformer, init_fn
+from purecc_jax.pipeline.latents import latent_image_ids
+from purecc_jax.purecc.step import StepConfig, init_state, make_loss_fn, make_optimizer, make_train_step
+
+N_IMAGES = 3  # cached concept images
+TEXTS = ("complete", "base", "target", "null")  # one cached text of each kind
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    stage: str  # "cc" | "purecc"
+    full_finetune: bool = False
+    extractor_copy: bool = False  # purecc + LoRA only: the extractor gets its own (merged) copy of the weights
+
+    @property
+    def name(self) -> str:
+        how = "full" if self.full_finetune else "lora"
+        return f"{self.stage}/{how}" + ("/extractor-copy" if self.extractor_copy else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    batch: int = 2
+    img_tokens: int = 256  # packed 2x2 latent patches: (H/16) * (W/16)
+    txt_tokens: int = 64  # T5 sequence length
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """The step function and its (state, frozen, batch) arguments."""
+
+    step: Any  # step(state, frozen, batch) -> (state, metrics)
+    loss: Any  # loss(trainable, frozen, batch, rng) -> (loss, metrics), the step's differentiable core
+    tx: Any
+    state: Any
+    frozen: Any
+    batch: Any
+
+
+def step_config(variant: Variant, lcfg: lora_lib.LoRAConfig) -> StepConfig:
+    trainable_lora = None if variant.full_finetune else lcfg
+    extractor_has_lora = variant.stage == "purecc" and not (variant.full_finetune or variant.extractor_copy)
+    extractor_lora = lcfg if extractor_has_lora else None
+    return StepConfig(stage=variant.stage, trainable_lora=trainable_lora, extractor_lora=extractor_lora)
+
+
+def _image_grid(img_tokens: int) -> tuple[int, int]:
+    """(height, width) in latent pixels of a near-square image with `img_tokens` packed tokens."""
+    rows = int(np.sqrt(img_tokens))
+    while img_tokens % rows:
+        rows -= 1
+    return 2 * rows, 2 * (img_tokens // rows)
+
+
+def _sds(shape, dtype, sh) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sh)
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x, s: _sds(x.shape, x.dtype, s), tree, shardings)
+
+
+def abstract_inputs(cfg: FluxConfig, variant: Variant, lcfg: lora_lib.LoRAConfig, shapes: Shapes,
+                    mesh: jax.sharding.Mesh, learning_rate: float = 1e-4) -> StepInputs:
+    """The variant's step and ShapeDtypeStructs (with shardings) of its arguments; no memory used."""
+    if variant.extractor_copy and (variant.stage != "purecc" or variant.full_finetune):
+        raise ValueError(f"extractor_copy applies to the LoRA purecc stage only, not {variant.name}")
+    rep = sharding.replicated(mesh)
+    params, pshard = sharding.abstract_and_shardings(init_fn(cfg, jax.random.key(0)), mesh)
+    params = _with_shardings(params, pshard)
+
+    def lora_tree(seed):
+        tree = jax.eval_shape(lambda: lora_lib.init(jax.random.key(seed), params, lcfg))
+        return _with_shardings(tree, lora_lib.shardings(tree, pshard))
+
+    h, w = _image_grid(shapes.img_tokens)
+    f32 = jnp.float32
+    cache = dict(
+        latents=_sds((N_IMAGES, shapes.img_tokens, cfg.in_channels), f32, rep),
+        t5=_sds((len(TEXTS), shapes.txt_tokens, cfg.context_dim), f32, rep),
+        pooled=_sds((len(TEXTS), cfg.pooled_dim), f32, rep),
+        img_ids=_sds(latent_image_ids(h, w).shape, f32, rep),
+    )
+    frozen: dict[str, Any] = dict(params=params, cache=cache)
+    if variant.stage == "purecc":
+        if variant.full_finetune or variant.extractor_copy:
+            frozen["extractor_params"] = params  # same shapes, a separate argument: a second copy
+        else:
+            frozen["extractor_lora"] = lora_tree(1)
+
+    if variant.full_finetune:
+        trainable = {"params": jax.tree_util.tree_map(lambda x: _sds(x.shape, f32, x.sharding), params)}
+    else:
+        trainable = {"lora": lora_tree(2)}
+    tx = make_optimizer({k: learning_rate for k in trainable})
+    # The optimizer state takes the shardings jit propagates from the trainable tree, as in the trainer.
+    with sharding.activate(mesh):
+        compiled_init = jax.jit(lambda tr: init_state(tr, tx, 0)).lower(trainable).compile()
+    state = _with_shardings(jax.eval_shape(lambda tr: init_state(tr, tx, 0), trainable),
+                            compiled_init.output_shardings)
+
+    batch = {k: _sds((shapes.batch,), jnp.int32, sharding.batch_sharding(mesh, (shapes.batch,)))
+             for k in ("image",) + TEXTS}
+    model, scfg = FluxTransformer(cfg), step_config(variant, lcfg)
+    return StepInputs(make_train_step(model, scfg, tx), make_loss_fn(model, scfg), tx, state, frozen, batch)
+
+
+def pretrained(cfg: FluxConfig, mesh: jax.sharding.Mesh, seed: int = 0) -> Any:
+    """Freshly initialised FLUX weights in their shardings, standing in for the pretrained model."""
+    return sharding.sharded_init(init_fn(cfg, jax.random.key(seed)), mesh)
+
+
+def concrete_inputs(abstract: StepInputs, params: Any, shapes: Shapes, seed: int = 0) -> StepInputs:
+    """Real arrays for `abstract` around `params` (shared, not copied): random LoRA and cache, valid indices."""
+    counter = iter(range(1 << 30))
+
+    def random(x):
+        key = jax.random.fold_in(jax.random.key(seed + 1), next(counter))
+        return jax.jit(lambda k: 0.02 * jax.random.normal(k, x.shape, x.dtype), out_shardings=x.sharding)(key)
+
+    h, w = _image_grid(shapes.img_tokens)
+    cache = {k: random(v) for k, v in abstract.frozen["cache"].items() if k != "img_ids"}
+    cache["img_ids"] = jax.device_put(latent_image_ids(h, w), abstract.frozen["cache"]["img_ids"].sharding)
+    frozen = dict(params=params, cache=cache)
+    if "extractor_lora" in abstract.frozen:
+        frozen["extractor_lora"] = jax.tree_util.tree_map(random, abstract.frozen["extractor_lora"])
+    if "extractor_params" in abstract.frozen:
+        frozen["extractor_params"] = jax.tree_util.tree_map(jnp.copy, params)
+
+    tr_abstract = abstract.state.trainable
+    if "params" in tr_abstract:
+        trainable = {"params": jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params)}
+    else:
+        trainable = {"lora": jax.tree_util.tree_map(random, tr_abstract["lora"])}
+    state_sh = jax.tree_util.tree_map(lambda a: a.sharding, abstract.state)
+    state = jax.jit(lambda tr: init_state(tr, abstract.tx, seed), out_shardings=state_sh)(trainable)
+
+    index = dict(image=np.arange(shapes.batch) % N_IMAGES, **{k: np.full(shapes.batch, TEXTS.index(k)) for k in TEXTS})
+    batch = {k: jax.device_put(index[k].astype(np.int32), v.sharding) for k, v in abstract.batch.items()}
+    return dataclasses.replace(abstract, state=state, frozen=frozen, batch=batch)
