@@ -17,6 +17,7 @@ memory used); `concrete_inputs` creates real arrays of the same shapes in those 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import jax
@@ -65,6 +66,7 @@ class StepInputs:
 
 
 def step_config(variant: Variant, lcfg: lora_lib.LoRAConfig) -> StepConfig:
+    """The StepConfig of a variant: LoRA `lcfg` where the variant has adapters, None where not."""
     trainable_lora = None if variant.full_finetune else lcfg
     extractor_has_lora = variant.stage == "purecc" and not (variant.full_finetune or variant.extractor_copy)
     extractor_lora = lcfg if extractor_has_lora else None
@@ -139,7 +141,7 @@ def pretrained(cfg: FluxConfig, mesh: jax.sharding.Mesh, seed: int = 0) -> Any:
 
 def concrete_inputs(abstract: StepInputs, params: Any, shapes: Shapes, seed: int = 0) -> StepInputs:
     """Real arrays for `abstract` around `params` (shared, not copied): random LoRA and cache, valid indices."""
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
 
     def random(x):
         key = jax.random.fold_in(jax.random.key(seed + 1), next(counter))
