@@ -42,3 +42,20 @@ def test_matches_diffusers(reference, scan):
     assert scale > 0.1
     np.testing.assert_array_less(np.abs(np.asarray(out) - expected).max(), 1e-5 * scale)
 
+
+
+@pytest.mark.parametrize("name,guidance", [("flux-dev", True), ("flux-schnell", False)])
+def test_full_size_parameter_count_matches_diffusers(name, guidance):
+    """eval_shape of the full presets (no memory) counts what diffusers' model has (~11.9 B)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from purecc_jax import sharding
+    from purecc_jax.models.flux import init_fn, preset
+
+    abstract = sharding.unbox(jax.eval_shape(init_fn(preset(name), jax.random.key(0))))
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract))
+    with torch.device("meta"):
+        ref = FluxTransformer2DModel(guidance_embeds=guidance)  # diffusers' defaults are FLUX.1's sizes
+    assert ours == sum(p.numel() for p in ref.parameters())
+    assert 11.8e9 < ours < 12.0e9
