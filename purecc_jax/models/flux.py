@@ -115,11 +115,13 @@ class FluxConfig:
             pooled_dim=cfg.get("pooled_projection_dim", 768),
             axes_dim=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
             guidance_embed=bool(cfg.get("guidance_embeds", False)),
+            theta=float(cfg.get("rope_theta", 10000.0)),  # not a diffusers key: FLUX.1 is always 10000
             **runtime,
         )
 
     def to_diffusers(self) -> dict[str, Any]:
-        return {
+        extra = {} if self.theta == 10000.0 else {"rope_theta": self.theta}  # only the toy world changes it
+        return extra | {
             "_class_name": "FluxTransformer2DModel",
             "patch_size": 1,
             "in_channels": self.in_channels,
