@@ -53,13 +53,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.toy = ml_collections.ConfigDict(dict(
         seed=0,
         image_size=32,
+        patch=4,  # pixels per token side (FLUX packs 2x2 latent pixels; the codec folds patch/2)
         clip_max_length=16,
         max_sequence_length=12,
-        transformer=dict(num_heads=3, head_dim=64, axes_dim=(16, 24, 24), depth=3, depth_single=3),
+        transformer=dict(num_heads=3, head_dim=64, axes_dim=(16, 24, 24), depth=3, depth_single=3, theta=10000.0),
         clip=dict(width=64, mlp=128, layers=2, heads=2),
         t5=dict(d_model=64, d_kv=32, d_ff=128, layers=2, heads=2),
-        base=dict(steps=600, batch_size=32, learning_rate=1e-3, warmup_steps=50, weight_decay=0.0,
-                  drop_prob=0.3, empty_prob=0.1),
+        base=dict(steps=600, batch_size=32, learning_rate=1e-3, warmup_steps=50, weight_decay=0.0, b2=0.999,
+                  drop_prob=0.3, empty_prob=0.1, ema_decay=0.995),
         sampling=dict(steps=20, cfg_scale=3.0, shift=1.0),
         evaluation=dict(samples=50, chunk=125),
         etas=(0.5, 2.0),

@@ -43,12 +43,18 @@ def words() -> list[str]:
     return [w for w in world.vocabulary() if w != world.IDENTIFIER]
 
 
+def codec(toy) -> PixelCodec:
+    """Pixel codec whose tokens (after FLUX's 2x2 packing) are toy.patch x toy.patch pixels."""
+    if toy.patch % 2:
+        raise ValueError(f"toy.patch={toy.patch} must be even (FLUX packs 2x2 latent pixels per token)")
+    return PixelCodec(factor=toy.patch // 2)
+
+
 def model_configs(toy, clip_vocab: int, t5_vocab: int) -> tuple[FluxConfig, clip_text.CLIPTextConfig, t5.T5Config]:
     m, c, t = toy.transformer, toy.clip, toy.t5
-    codec = PixelCodec()
-    flux = FluxConfig(in_channels=4 * codec.latent_channels, num_heads=m.num_heads, head_dim=m.head_dim,
+    flux = FluxConfig(in_channels=4 * codec(toy).latent_channels, num_heads=m.num_heads, head_dim=m.head_dim,
                       depth=m.depth, depth_single=m.depth_single, context_dim=t.d_model, pooled_dim=c.width,
-                      axes_dim=tuple(m.axes_dim), guidance_embed=False)
+                      axes_dim=tuple(m.axes_dim), theta=m.theta, guidance_embed=False)
     clip = clip_text.CLIPTextConfig(vocab_size=clip_vocab, hidden_size=c.width, intermediate_size=c.mlp,
                                     num_layers=c.layers, num_heads=c.heads, max_positions=toy.clip_max_length,
                                     eos_token_id=clip_vocab - 1)
@@ -72,7 +78,7 @@ class BaseData:
     def __init__(self, toy, tokenizers, max_len: int):
         self.toy, self.tokenizers, self.max_len = toy, tokenizers, max_len
         self.train, self.heldout = world.split_combinations(toy.seed)
-        self.codec = PixelCodec()
+        self.codec = codec(toy)
         self._ids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def ids(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +99,13 @@ class BaseData:
                     t5_ids=t5_ids)
 
 
-def make_step(flux_cfg, clip_cfg, t5_cfg, tx, timesteps: flow.TimestepConfig, img_ids: np.ndarray):
+def make_step(flux_cfg, clip_cfg, t5_cfg, tx, timesteps: flow.TimestepConfig, img_ids: np.ndarray,
+              ema_decay: float):
+    """A step whose state.opt_state is {"opt": optimizer state, "ema": EMA of the parameters}.
+
+    The EMA (decay warmed up as min(decay, (1 + step) / (10 + step))) is what gets saved:
+    a tiny model trained for minutes at a high learning rate samples far cleaner from it.
+    """
     flux, clip, enc = FluxTransformer(flux_cfg), clip_text.CLIPTextEncoder(clip_cfg), t5.T5Encoder(t5_cfg)
 
     def loss_fn(trainable, batch, rng):
@@ -112,9 +124,11 @@ def make_step(flux_cfg, clip_cfg, t5_cfg, tx, timesteps: flow.TimestepConfig, im
         del frozen
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, batch, rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        updates, opt_state = tx.update(grads, state.opt_state["opt"], state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+        d = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+        ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.opt_state["ema"], trainable)
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state={"opt": opt_state, "ema": ema}), metrics
 
     return step
 
@@ -135,7 +149,7 @@ def write_folder(folder: Path, params: dict[str, Any], configs, toy) -> None:
         (folder / sub / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
         loader.export(p, rules, folder / sub, "model")
     (folder / "vae").mkdir(exist_ok=True)
-    (folder / "vae" / "config.json").write_text(json.dumps(PixelCodec().config(), indent=2))
+    (folder / "vae" / "config.json").write_text(json.dumps(codec(toy).config(), indent=2))
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(toy), indent=2))
     index = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -164,15 +178,16 @@ def pretrain(toy, workdir: Path, progress: bool = True) -> Path:
         "t5": sharding.unbox(jax.jit(t5.init_fn(t5_cfg, keys[2]))()),
     }
     sched = optax.warmup_cosine_decay_schedule(0.0, b.learning_rate, b.warmup_steps, b.steps, b.learning_rate * 0.1)
-    tx = make_optimizer({k: sched for k in trainable}, weight_decay=b.weight_decay, grad_clip=1.0)
+    tx = make_optimizer({k: sched for k in trainable}, b2=b.b2, weight_decay=b.weight_decay, grad_clip=1.0)
     state = jax.jit(lambda tr: init_state(tr, tx, toy.seed))(trainable)
+    state = state.replace(opt_state={"opt": state.opt_state, "ema": jax.tree_util.tree_map(jnp.copy, trainable)})
     data = BaseData(toy, tokenizers, toy.max_sequence_length)
-    f = PixelCodec().downsample_factor
+    f = codec(toy).downsample_factor
     img_ids = latent_image_ids(toy.image_size // f, toy.image_size // f)
-    step = jax.jit(make_step(*configs, tx, flow.TimestepConfig(), img_ids), donate_argnums=(0,))
+    step = jax.jit(make_step(*configs, tx, flow.TimestepConfig(), img_ids, b.ema_decay), donate_argnums=(0,))
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     cfg = loop.LoopConfig(steps=b.steps, log_every=25, checkpoint_every=max(b.steps // 4, 1), keep_checkpoints=1,
                           progress=progress)
     state = loop.run_stage("base", workdir / "base_training", cfg, state, shardings, step, {}, data.batch)
-    write_folder(folder, jax.device_get(state.trainable), configs, toy)
+    write_folder(folder, jax.device_get(state.opt_state["ema"]), configs, toy)
     return folder

@@ -7,10 +7,12 @@ Prompt sets (every method sees the same prompts and the same initial noise):
     concept_plain   "a sks square": which background does the model choose by itself?
     class_prior     "a square on a {bg} background": the class word without the identifier;
                     a pure method keeps drawing plain squares here (no stripes)
-    world           ordinary prompts of the world ("a red circle on a blue background"),
-                    held-out combinations first: capability preservation and drift
-Images are read by the deterministic analyser; drift is the mean squared pixel difference
-to the base model's image for the same prompt and seed.
+    world           ordinary prompts of the world ("a red circle on a blue background") for the
+                    held-out attribute combinations: capability preservation and drift
+Images are read by the deterministic analyser. "fidelity" is the strict concept test (a square
+striped in the concept's two colours); "stripes" drops the shape test (red/yellow bands, any
+outline), which separates learning the concept's appearance from drawing clean squares.
+Drift is the mean squared pixel difference to the base model's image for the same prompt and seed.
 """
 
 from __future__ import annotations
@@ -47,9 +49,8 @@ def prompts(n: int, identifier: str = world.IDENTIFIER, class_word: str = world.
     backgrounds = list(world.BACKGROUND_COLOURS)
     out += [Prompt(world.base_prompt(backgrounds[i % len(backgrounds)], class_word), "class_prior",
                    backgrounds[i % len(backgrounds)], shape=class_word) for i in range(n)]
-    train, heldout = world.split_combinations(seed)
-    rng = np.random.default_rng(seed)
-    combos = sorted(heldout) + [c for c in rng.permutation(sorted(train)).tolist()]
+    _, heldout = world.split_combinations(seed)
+    combos = sorted(heldout)  # attribute combinations the base model never saw together
     for i in range(n):
         colour, shape, background = combos[i % len(combos)]
         out.append(Prompt(world.describe(colour, shape, background), "world", background, colour, shape))
@@ -63,6 +64,7 @@ def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | N
         a = analyser.analyse(img)
         c = analyser.concept_score(img, p.background)
         row = dict(set=p.set, concept=bool(c["is_concept"]), striped=bool(a.striped),
+                   stripes=bool(c["striped"] and c["stripe_colours_match"]),
                    background_ok=p.background is None or a.background == p.background,
                    background=a.background)
         if p.set in ("world", "class_prior"):
@@ -89,6 +91,8 @@ def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | N
     out = {
         "fidelity_ref": rate("concept_ref", "concept"),
         "fidelity_other": rate("concept_other", "concept"),
+        "stripes_ref": rate("concept_ref", "stripes"),
+        "stripes_other": rate("concept_other", "stripes"),
         "background_other": rate("concept_other", "background_ok"),
         "fidelity_and_background_other": None,
         "plain_gray": {"rate": float(np.mean([b == world.CONCEPT_BACKGROUND for b in plain])), "n": len(plain)}

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from PIL import Image
 
@@ -34,7 +33,6 @@ from purecc_jax.pipeline.text import TextEmbeddings
 from purecc_jax.purecc import loop
 from purecc_jax.sample import SampleSettings, generate
 from purecc_jax.toyworld import base, evaluate, report, world
-from purecc_jax.pipeline.codec import PixelCodec
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +89,7 @@ class Sampler:
         s = toy.sampling
         self.settings = SampleSettings(height=toy.image_size, width=toy.image_size, steps=s.steps,
                                        true_cfg_scale=s.cfg_scale, max_sequence_length=max_len)
-        codec = PixelCodec()
+        codec = parts.codec
         self.noise = initial_noise(range(len(items)), toy.image_size, toy.image_size, codec.latent_channels,
                                    codec.downsample_factor)
         self.codec = codec
@@ -150,7 +148,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
         if m.stage_a_from and not (run_dir / "stage_a").exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             os.symlink(workdir / "runs" / m.stage_a_from / "stage_a", run_dir / "stage_a")
-        trainer = train.Trainer(mcfg, run_dir, parts, codec=PixelCodec())
+        trainer = train.Trainer(mcfg, run_dir, parts)
         final = trainer.run()
         timings[f"train_{m.name}"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -166,7 +164,6 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
             else loop.read_metrics(run_dir / "stage_a"),
         }
         timings[f"evaluate_{m.name}"] = time.perf_counter() - t
-        jax.clear_caches()
 
     timings["total"] = time.perf_counter() - t0
     summary = {"config": json.loads(config.to_json_best_effort()), "results": results, "timings": timings,

@@ -10,7 +10,9 @@ import numpy as np
 
 COLUMNS = (
     ("fidelity_ref", "concept, gray bg (ref)"),
+    ("stripes_ref", "stripes, gray bg (ref)"),
     ("fidelity_other", "concept, other bg"),
+    ("stripes_other", "stripes, other bg"),
     ("fidelity_and_background_other", "concept + asked bg"),
     ("plain_gray", "'sks square' drawn on gray"),
     ("class_prior_striped", "'a square' striped (leak)"),
