@@ -21,9 +21,11 @@ from purecc_jax.defaults import concept_config, stage
 
 
 def toy_stage(steps: int) -> ml_collections.ConfigDict:
-    s = stage(steps=steps, lr=1e-3)
+    s = stage(steps=steps, lr=2e-3)
     s.batch_size = 4
     s.embedding_learning_rate = 1e-2
+    s.lora.rank = 8
+    s.lora.alpha = 8.0
     return s
 
 
@@ -37,17 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(dtype="float32", param_dtype="float32", scan_layers=True,
                                              remat_policy="none", attention="xla", max_sequence_length=12))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
-    c.stage_a = toy_stage(250)
-    c.stage_b = toy_stage(250)
+    c.stage_a = toy_stage(500)
+    c.stage_b = toy_stage(500)
     c.log_every = 10
-    c.checkpoint_every = 250
+    c.checkpoint_every = 500
     c.keep_checkpoints = 1
-    c.sample.every = 0
-    c.sample.prompts = ("a {identifier} {class_word} on a gray background",
-                        "a {identifier} {class_word} on a blue background",
-                        "a {identifier} {class_word}", "a {class_word} on a gray background")
-    c.sample.steps = 20
-    c.sample.height = c.sample.width = 32
+    c.sample.prompts = ()  # the experiment samples every method itself (workdir/samples/)
     c.export.dtype = "float32"
 
     c.toy = ml_collections.ConfigDict(dict(
@@ -56,14 +53,15 @@ def get_config() -> ml_collections.ConfigDict:
         patch=4,  # pixels per token side (FLUX packs 2x2 latent pixels; the codec folds patch/2)
         clip_max_length=16,
         max_sequence_length=12,
-        transformer=dict(num_heads=3, head_dim=64, axes_dim=(16, 24, 24), depth=3, depth_single=3, theta=10000.0),
+        transformer=dict(num_heads=2, head_dim=64, axes_dim=(16, 24, 24), depth=2, depth_single=2, theta=1000.0),
         clip=dict(width=64, mlp=128, layers=2, heads=2),
         t5=dict(d_model=64, d_kv=32, d_ff=128, layers=2, heads=2),
-        base=dict(steps=600, batch_size=32, learning_rate=1e-3, warmup_steps=50, weight_decay=0.0, b2=0.999,
-                  drop_prob=0.3, empty_prob=0.1, ema_decay=0.995),
-        sampling=dict(steps=20, cfg_scale=3.0, shift=1.0),
+        base=dict(steps=2500, batch_size=32, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, b2=0.999,
+                  drop_prob=0.15, empty_prob=0.1, ema_decay=0.995, timestep_shift=3.0),
+        sampling=dict(steps=20, cfg_scale=3.0, shift=3.0),
         evaluation=dict(samples=50, chunk=125),
         etas=(0.5, 2.0),
+        methods=(),  # a subset of the methods to run (names as in toyworld/experiment.py); empty: all
         references=4,
     ))
     return c

@@ -184,7 +184,7 @@ def pretrain(toy, workdir: Path, progress: bool = True) -> Path:
     data = BaseData(toy, tokenizers, toy.max_sequence_length)
     f = codec(toy).downsample_factor
     img_ids = latent_image_ids(toy.image_size // f, toy.image_size // f)
-    step = jax.jit(make_step(*configs, tx, flow.TimestepConfig(), img_ids, b.ema_decay), donate_argnums=(0,))
+    step = jax.jit(make_step(*configs, tx, flow.TimestepConfig(shift=b.timestep_shift), img_ids, b.ema_decay), donate_argnums=(0,))
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     cfg = loop.LoopConfig(steps=b.steps, log_every=25, checkpoint_every=max(b.steps // 4, 1), keep_checkpoints=1,
                           progress=progress)

@@ -53,9 +53,15 @@ def methods(config) -> list[Method]:
         Method("purecc", "PureCC, adaptive λ*", {}, "lcc"),
         Method("purecc_fixed1", "PureCC, fixed λ = 1", fixed(1.0), "lcc"),
         Method("purecc_fixed3", "PureCC, fixed λ = 3", fixed(3.0), "lcc"),
+        Method("purecc_sg", "PureCC, no gradient through v_b", {"objective.stop_grad_original": True}, "lcc"),
     ]
     out += [Method(f"purecc_eta{eta:g}", f"PureCC, η = {eta:g}", {"objective.eta": eta}, "lcc")
             for eta in config.toy.etas]
+    if config.toy.methods:
+        unknown = set(config.toy.methods) - {m.name for m in out}
+        if unknown:
+            raise ValueError(f"config.toy.methods names unknown methods {sorted(unknown)}; known: {[m.name for m in out]}")
+        out = [m for m in out if m.name in config.toy.methods]
     return out
 
 

@@ -70,6 +70,19 @@ def comparison(results: dict[str, Any], floor: dict[str, float]) -> list[str]:
     return lines
 
 
+TARGETS = {"world_background": 0.9, "world_colour": 0.9, "world_shape": 0.8}
+
+
+def base_accuracy(scores: dict[str, Any]) -> list[str]:
+    """The base model on held-out attribute combinations, against the pretraining targets."""
+    rows = ["| attribute (held-out combinations) | accuracy | target |", "|---|---|---|"]
+    for key, target in TARGETS.items():
+        v = scores.get(key)
+        if v is not None:
+            rows.append(f"| {key.removeprefix('world_')} | {_cell(v)} | ≥ {target:.2f} |")
+    return rows if len(rows) > 2 else []
+
+
 def markdown(summary: dict[str, Any]) -> str:
     results = summary["results"]
     floor = noise_floor(results)
@@ -101,6 +114,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         "## Base model",
         f"Pretraining: {len(base) and base[-1]['step']} steps, final loss {base[-1]['loss']:.4f}." if base else "",
+        "",
+        *base_accuracy(results.get("base", {}).get("scores", {})),
         "",
         "## Time (seconds)",
         ", ".join(f"{k} {v:.0f}" for k, v in t.items()),
