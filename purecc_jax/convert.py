@@ -32,19 +32,28 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from purecc_jax import cli as cli_lib
 from purecc_jax.models.flux import FluxConfig, FluxTransformer
 from purecc_jax.weights import flux_io
 
-_INPUT = flags.DEFINE_string("input", None, "diffusers folder (pipeline or transformer/) or BFL .safetensors file")
-_OUTPUT = flags.DEFINE_string("output", None, "folder for the orbax checkpoint and config.json")
-_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "auto", "dtype of the stored parameters; auto: the checkpoint's")
-_SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "store blocks stacked for nn.scan (the training layout)")
-_AXES_DIM = flags.DEFINE_list("axes_dim", None, "RoPE axes split, e.g. 16,56,56 (BFL files only; default inferred)")
-_VERIFY = flags.DEFINE_bool("verify_with_torch", False, "compare against diffusers' FluxTransformer2DModel")
-_VERIFY_SIZE = flags.DEFINE_multi_string("verify_size", ["32x32"], "HxW image size in pixels to verify at")
-_VERIFY_TEXT_LEN = flags.DEFINE_integer("verify_text_len", 8, "text tokens in the verification inputs")
-_TOLERANCE = flags.DEFINE_float("tolerance", 1e-3, "largest accepted max|diff| / max|reference|")
-_SEED = flags.DEFINE_integer("seed", 0, "seed of the verification inputs")
+FLAGS = flags.FlagValues()  # this entry point's own registry (see purecc_jax.cli)
+_INPUT = flags.DEFINE_string("input", None, "diffusers folder (pipeline or transformer/) or BFL .safetensors file",
+                             flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "folder for the orbax checkpoint and config.json", flag_values=FLAGS)
+_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "auto", "dtype of the stored parameters; auto: the checkpoint's",
+                                   flag_values=FLAGS)
+_SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "store blocks stacked for nn.scan (the training layout)",
+                                 flag_values=FLAGS)
+_AXES_DIM = flags.DEFINE_list("axes_dim", None, "RoPE axes split, e.g. 16,56,56 (BFL files only; default inferred)",
+                              flag_values=FLAGS)
+_VERIFY = flags.DEFINE_bool("verify_with_torch", False, "compare against diffusers' FluxTransformer2DModel",
+                            flag_values=FLAGS)
+_VERIFY_SIZE = flags.DEFINE_multi_string("verify_size", ["32x32"], "HxW image size in pixels to verify at",
+                                         flag_values=FLAGS)
+_VERIFY_TEXT_LEN = flags.DEFINE_integer("verify_text_len", 8, "text tokens in the verification inputs",
+                                        flag_values=FLAGS)
+_TOLERANCE = flags.DEFINE_float("tolerance", 1e-3, "largest accepted max|diff| / max|reference|", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the verification inputs", flag_values=FLAGS)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -180,5 +189,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def cli(argv: list[str]) -> int:
+    """The command line `argv` (program name first), in process; returns the exit status."""
+    return cli_lib.run_cli(FLAGS, main, argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: cli_lib.parse_flags(FLAGS, argv))

@@ -11,19 +11,33 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from purecc_jax import cli as cli_lib
+
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy_concept.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, samples, logs and exports go", required=True)
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host run: call jax.distributed.initialize() first")
-_COMPILATION_CACHE = flags.DEFINE_bool(
-    "compilation_cache", True, "keep compiled XLA programs in WORKDIR/jax_cache, so a resumed or repeated run "
-    "skips recompiling")
+
+
+def make_flags(argv: Sequence[str]) -> flags.FlagValues:
+    """This entry point's flags, in a registry of their own. The --config.* override flags are
+    defined while parsing, from `argv`, so every command line gets a fresh registry."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file", flag_values=fv,
+                                    lock_config=True, sys_argv=list(argv))
+    flags.DEFINE_string("workdir", None, "where checkpoints, samples, logs and exports go (required)",
+                        flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "multi-host run: call jax.distributed.initialize() first",
+                      flag_values=fv)
+    flags.DEFINE_bool("compilation_cache", True, "keep compiled XLA programs in WORKDIR/jax_cache, so a resumed "
+                      "or repeated run skips recompiling", flag_values=fv)
+    return fv
 
 
 def run(config, workdir: str | Path):
@@ -50,20 +64,30 @@ def run(config, workdir: str | Path):
     return train.Trainer(config, workdir, parts).run()
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], fv: flags.FlagValues) -> Any:
+    """Runs the parsed command line (`fv` from `make_flags`); returns what `run` returns."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    if not fv.workdir:
+        raise app.UsageError("--workdir is required")
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import jax
 
-    if _DISTRIBUTED.value:
+    if fv.distributed:
         jax.distributed.initialize()
-    if _COMPILATION_CACHE.value:
-        jax.config.update("jax_compilation_cache_dir", str(Path(_WORKDIR.value).absolute() / "jax_cache"))
+    if fv.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", str(Path(fv.workdir).absolute() / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    run(_CONFIG.value, _WORKDIR.value)
+    return run(fv.config, fv.workdir)
+
+
+def cli(argv: Sequence[str]) -> Any:
+    """The command line `argv` (program name first), in process: `cli(["main", "--workdir=w", ...])`."""
+    fv = make_flags(argv)
+    return cli_lib.run_cli(fv, lambda rest: main(rest, fv), argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _FLAGS = make_flags(sys.argv)
+    app.run(lambda argv: main(argv, _FLAGS), flags_parser=lambda argv: cli_lib.parse_flags(_FLAGS, argv))

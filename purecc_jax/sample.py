@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+
+from purecc_jax import cli as cli_lib
 
 from purecc_jax import sharding
 from purecc_jax.models import lora as lora_lib
@@ -42,8 +43,7 @@ from purecc_jax.pipeline.schedule import flux_sigmas
 from purecc_jax.pipeline.text import PromptCache, TextEmbeddings
 from purecc_jax.purecc import embeddings as emb_lib
 
-# Flags live in their own FlagValues: other entry points (convert) define flags of the same
-# names in absl's global registry, and tests import both into one process.
+# Flags live in their own FlagValues (see purecc_jax.cli).
 FLAGS = flags.FlagValues()
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "diffusers FLUX pipeline folder (FLUX.1-dev/schnell download); "
                                   "with --workdir, defaults to the one it was trained from", flag_values=FLAGS)
@@ -299,7 +299,7 @@ def _mesh_from_flag(sizes: Sequence[str] | None):
 
 
 def main(argv: Sequence[str]) -> None:
-    """The CLI (flags in this module's FLAGS, parsed by `parse_flags`)."""
+    """The CLI (flags in this module's FLAGS, parsed by `cli_lib.parse_flags`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     for flag in (_PROMPT, _OUTPUT):
@@ -330,14 +330,10 @@ def main(argv: Sequence[str]) -> None:
         logging.info("wrote %s", path)
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's own flags (logging) from the global registry, then this module's FLAGS."""
-    rest = flags.FLAGS(list(argv), known_only=True)
-    try:
-        return FLAGS(rest)
-    except flags.Error as e:
-        sys.exit(f"{e}\n\n{FLAGS.get_help()}")
+def cli(argv: Sequence[str]) -> None:
+    """The command line `argv` (program name first), in process."""
+    cli_lib.run_cli(FLAGS, main, argv)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=lambda argv: cli_lib.parse_flags(FLAGS, argv))

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from absl import flags
 from PIL import Image
 
 import pipeline_reference
@@ -178,22 +177,13 @@ def workdir(fake_bench, tmp_path_factory):
     argv = ["main", f"--config={ROOT / 'configs' / 'flux_concept.py'}", f"--workdir={workdir}",
             f"--config.pretrained={folder}", f"--config.concept.dreambench_root={fake_bench}", "--nocompilation_cache"]
     argv += [f"--config.{k}={v}" for k, v in TINY.items()]
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(sys, "argv", argv)  # config_flags reads the --config.* overrides from sys.argv
-            main_lib.main(flags.FLAGS(argv))
-    finally:
-        flags.FLAGS.unparse_flags()
+    main_lib.cli(argv)
     assert (workdir / "export" / "purecc.json").is_file()
     return workdir
 
 
 def run_cli(module, args: list[str]) -> None:
-    module.FLAGS.unparse_flags()
-    try:
-        module.main(module.FLAGS(["prog", *args]))
-    finally:
-        module.FLAGS.unparse_flags()
+    module.cli(["prog", *args])
 
 
 SAMPLING = ["--steps=2", "--height=32", "--width=32", f"--max_sequence_length={L}"]

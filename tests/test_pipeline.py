@@ -207,8 +207,7 @@ def test_cli_matches_flux_pipeline(dev, tmp_path):
 
 
 def _run_cli(args: list[str]) -> None:
-    cli.FLAGS.unparse_flags()
-    cli.main(cli.FLAGS(["sample", *args]))
+    cli.cli(["sample", *args])
 
 
 # --- sampler inputs -------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import dataclasses
 import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -24,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from absl import flags
 from PIL import Image
 
 import flux_reference
@@ -158,15 +156,11 @@ def cli_run(folder, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cli") / "run"
     argv = ["main", f"--config={CONFIG_FILE}", f"--workdir={workdir}", f"--config.pretrained={folder}"]
     argv += [f"--config.{k}={v}" for k, v in TINY.items()]
-    if "compilation_cache" in flags.FLAGS:  # main's own cache would skip the small programs this module reuses
-        argv.append("--nocompilation_cache")
+    argv.append("--nocompilation_cache")  # main's own cache would skip the small programs this module reuses
     cache_options = {n: getattr(jax.config, n) for n in CACHE_OPTIONS}
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(sys, "argv", argv)  # config_flags reads the --config.* overrides from sys.argv
-            main_lib.main(flags.FLAGS(argv))
+        main_lib.cli(argv)
     finally:
-        flags.FLAGS.unparse_flags()
         for name, value in cache_options.items():
             jax.config.update(name, value)
     return workdir
@@ -433,11 +427,7 @@ def test_layerwise_run_exports_its_vectors(folder, layerwise):
 
 
 def run_sample_cli(args: list[str]) -> None:
-    sample_cli.FLAGS.unparse_flags()
-    try:
-        sample_cli.main(sample_cli.FLAGS(["sample", *args]))
-    finally:
-        sample_cli.FLAGS.unparse_flags()
+    sample_cli.cli(["sample", *args])
 
 
 SAMPLE_ARGS = [f"--prompt={PROMPT}", "--height=32", "--width=32", "--steps=2", f"--max_sequence_length={L}",

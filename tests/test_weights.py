@@ -13,7 +13,6 @@ import weakref
 import jax
 import numpy as np
 import pytest
-from absl import flags
 
 from flux_reference import build_torch, random_inputs, run_torch, save_torch, tiny_config
 from purecc_jax import convert, sharding
@@ -265,9 +264,7 @@ def test_load_with_mesh_places_shards(tiny):
 # --- convert CLI -----------------------------------------------------------------------
 
 def run_cli(capsys, *args) -> tuple[int, str]:
-    flags.FLAGS.unparse_flags()
-    argv = flags.FLAGS(["convert", *args])
-    rc = convert.main(argv)
+    rc = convert.cli(["convert", *args])
     return rc, capsys.readouterr().out
 
 

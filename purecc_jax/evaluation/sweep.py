@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
+
+from purecc_jax import cli as cli_lib
 from PIL import Image
 
 from purecc_jax.data import tfds_dreambench as tdb
@@ -303,7 +304,7 @@ def _run_names(workdirs: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> None:
-    """The CLI (this module's FLAGS, parsed by `parse_flags`)."""
+    """The CLI (this module's FLAGS, parsed by `cli_lib.parse_flags`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     for flag in (_WORKDIRS, _OUTPUT):
@@ -334,14 +335,10 @@ def main(argv: Sequence[str]) -> None:
     logging.info("wrote %s/results.json: mean %s", _OUTPUT.value, summary["mean"])
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's own flags (logging) from the global registry, then this module's FLAGS."""
-    rest = flags.FLAGS(list(argv), known_only=True)
-    try:
-        return FLAGS(rest)
-    except flags.Error as e:
-        sys.exit(f"{e}\n\n{FLAGS.get_help()}")
+def cli(argv: Sequence[str]) -> None:
+    """The command line `argv` (program name first), in process."""
+    cli_lib.run_cli(FLAGS, main, argv)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=lambda argv: cli_lib.parse_flags(FLAGS, argv))

@@ -1,0 +1,39 @@
+"""What the command-line entry points share: each keeps its flags in its own `FlagValues`.
+
+absl's global registry holds only absl's own flags (logging, verbosity). The entry points
+(`main`, `sample`, `convert`, `evaluation.sweep`) define flags of the same names (--output,
+--seed, --workdir, ...) and are imported into one process by tests and scripts, so each
+has a private registry, parsed by `parse_flags` and run by `run_cli`, which leaves nothing
+parsed behind: calling an entry point twice in one process behaves as two processes would.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import flags
+
+
+def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+    """argv (program name first) → the positional arguments left; absl's own flags go to the
+    global registry, the rest to `fv`. --help prints `fv`'s flags; a bad flag exits with them."""
+    argv = list(argv)
+    if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+        print(fv.get_help())
+        sys.exit(0)
+    rest = flags.FLAGS(argv, known_only=True)
+    try:
+        return fv(rest)
+    except flags.Error as e:
+        sys.exit(f"{e}\n\n{fv.get_help()}")
+
+
+def run_cli(fv: flags.FlagValues, main: Callable[[list[str]], Any], argv: Sequence[str]) -> Any:
+    """Parses argv into `fv`, runs `main` on the positional arguments, and unparses `fv` again."""
+    fv.unparse_flags()
+    try:
+        return main(parse_flags(fv, argv))
+    finally:
+        fv.unparse_flags()
