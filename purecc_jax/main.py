@@ -88,6 +88,10 @@ def cli(argv: Sequence[str]) -> Any:
     return cli_lib.run_cli(fv, lambda rest: main(rest, fv), argv)
 
 
+def _app_main(argv: Sequence[str], fv: flags.FlagValues) -> None:
+    main(argv, fv)  # app.run exits with what its main returns: the run's result is not an exit status
+
+
 if __name__ == "__main__":
     _FLAGS = make_flags(sys.argv)
-    app.run(lambda argv: main(argv, _FLAGS), flags_parser=lambda argv: cli_lib.parse_flags(_FLAGS, argv))
+    app.run(lambda argv: _app_main(argv, _FLAGS), flags_parser=lambda argv: cli_lib.parse_flags(_FLAGS, argv))
