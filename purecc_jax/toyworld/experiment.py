@@ -54,6 +54,10 @@ def methods(config) -> list[Method]:
         Method("purecc_fixed1", "PureCC, fixed λ = 1", fixed(1.0), "lcc"),
         Method("purecc_fixed3", "PureCC, fixed λ = 3", fixed(3.0), "lcc"),
         Method("purecc_sg", "PureCC, no gradient through v_b", {"objective.stop_grad_original": True}, "lcc"),
+        Method("lcc_layerwise", "L_CC only, layer-wise embedding", {"method": "dreambooth",
+                                                                    "concept_embedding": "layerwise"}),
+        Method("purecc_layerwise", "PureCC, layer-wise embedding (the paper's)", {"concept_embedding": "layerwise"},
+               "lcc_layerwise"),
     ]
     out += [Method(f"purecc_eta{eta:g}", f"PureCC, η = {eta:g}", {"objective.eta": eta}, "lcc")
             for eta in config.toy.etas]

@@ -1,4 +1,7 @@
-"""report.json (everything), report.md (the table and what it shows), report.png (plots)."""
+"""report.json (everything), report.md (the table and what it shows), report.png (plots).
+
+`python -m purecc_jax.toyworld.report W` writes report.md and report.png again from W/report.json.
+"""
 
 from __future__ import annotations
 
@@ -70,6 +73,90 @@ def comparison(results: dict[str, Any], floor: dict[str, float]) -> list[str]:
     return lines
 
 
+def _rate(results: dict[str, Any], name: str, key: str) -> tuple[float, float] | None:
+    v = (results.get(name) or {}).get("scores", {}).get(key)
+    if v is None:
+        return None
+    return (v["rate"], v.get("se") or 0.0) if isinstance(v, dict) else (float(v), 0.0)
+
+
+def _versus(results: dict[str, Any], floor: dict[str, float], a: str, b: str, key: str) -> str | None:
+    """'0.30 vs 0.14 (+0.16, beyond / within the noise)' for method a against method b."""
+    ra, rb = _rate(results, a, key), _rate(results, b, key)
+    if ra is None or rb is None:
+        return None
+    margin = max(floor.get(key, 0.0), 2 * float(np.hypot(ra[1], rb[1])))
+    verdict = "beyond" if abs(ra[0] - rb[0]) > margin else "within"
+    return f"{ra[0]:.2f} vs {rb[0]:.2f} ({ra[0] - rb[0]:+.2f}, {verdict} the noise of {margin:.2f})"
+
+
+def findings(results: dict[str, Any], floor: dict[str, float]) -> list[str]:
+    """What the numbers say, computed from them (no sentence is written for a run that is missing)."""
+    out = []
+    curves = (results.get("purecc") or {}).get("curves") or []
+    lam, lp, lc = _final(curves, "lambda_mean"), _final(curves, "l_pure"), _final(curves, "l_cc")
+    if lam is not None and lp is not None and lc:
+        out.append(
+            f"- **Why adaptive PureCC behaves like L_CC here.** At the end of stage B, λ* averages {lam:.3f} and "
+            f"L_PureCC is {lp / lc:.1%} of L_CC. With the least-squares λ*, L_PureCC = ‖R_learn − λ*·R_tar‖² is the "
+            "part of the learned concept direction R_learn = v(complete) − v(base) orthogonal to the extractor's "
+            "R_tar = v_θ1('sks square') − v_θ1(''). R_tar is the whole conditional direction of the target text "
+            "(class, colours, background), R_learn only what the identifier adds, so the projection coefficient "
+            "is small and the term mostly shrinks R_learn's off-axis part: "
+            + ("a regulariser too weak next to L_CC to change what is learned." if lp / lc < 0.1 else
+               "a regulariser of noticeable size."))
+    for name, lam_text in (("purecc_fixed1", "1"), ("purecc_fixed3", "3")):
+        other = _versus(results, floor, name, "lcc", "fidelity_other")
+        leak = _versus(results, floor, name, "lcc", "class_prior_striped")
+        if other and leak:
+            out.append(f"- **Fixed λ = {lam_text}** (L_PureCC pulls v_c towards v_b + {lam_text}·R_tar, so it "
+                       f"carries the extractor's guidance): concept on other backgrounds {other} against L_CC; "
+                       f"leak into 'a square' {leak}.")
+    sg = _versus(results, floor, "purecc_sg", "purecc", "class_prior_striped")
+    sg_fid = _versus(results, floor, "purecc_sg", "purecc", "fidelity_ref")
+    if sg and sg_fid:
+        lower = _rate(results, "purecc_sg", "class_prior_striped")[0] < _rate(results, "purecc", "class_prior_striped")[0]
+        why = ("Through v_b, L_PureCC also moves the base text's prediction towards the complete text's, i.e. "
+               "towards the concept")
+        out.append(f"- **Gradient through v_b** (the default, as the authors' code): with it stopped, the leak "
+                   f"of the concept into 'a square' is {sg} against adaptive PureCC, and fidelity on the "
+                   f"reference background {sg_fid}."
+                   + ("" if not lower else f" {why}." if "beyond" in sg else
+                      f" The direction fits one explanation ({why[0].lower() + why[1:]}), but the difference is "
+                      "within the noise."))
+    etas = [n for n in results if n.startswith("purecc_eta")]
+    eta_lines = [f"{n.removeprefix('purecc_eta')}: {_versus(results, floor, n, 'purecc', 'fidelity_other')}"
+                 for n in etas if _versus(results, floor, n, "purecc", "fidelity_other")]
+    if eta_lines:
+        out.append("- **η** (concept on other backgrounds against η = 1): " + "; ".join(eta_lines) + ".")
+    lw = _versus(results, floor, "purecc_layerwise", "lcc_layerwise", "fidelity_other")
+    lw_leak = _versus(results, floor, "purecc_layerwise", "lcc_layerwise", "class_prior_striped")
+    if lw and lw_leak:
+        out.append(f"- **Layer-wise embedding** (the paper's): PureCC against L_CC, both layer-wise: concept on "
+                   f"other backgrounds {lw}; leak into 'a square' {lw_leak}.")
+    methods = [n for n in results if n != "base"]
+    gaps = [(_rate(results, n, "fidelity_ref"), _rate(results, n, "fidelity_other")) for n in methods]
+    gaps = [(a[0], b[0]) for a, b in gaps if a and b]
+    if gaps:
+        every = all(b < a - floor.get("fidelity_other", 0.0) for a, b in gaps)
+        out.append(f"- **{'The background is absorbed by every method' if every else 'Background'}.** Over all "
+                   f"runs the concept appears on the references' gray background in {min(a for a, _ in gaps):.2f}-"
+                   f"{max(a for a, _ in gaps):.2f} of samples and on the other backgrounds in "
+                   f"{min(b for _, b in gaps):.2f}-{max(b for _, b in gaps):.2f}"
+                   + (": none of them separates the concept from its background, which is the gap PureCC "
+                      "claims to close." if every else "."))
+    base_all = _rate(results, "base", "world_all")
+    after = [_rate(results, n, "world_all") for n in methods]
+    after = [a[0] for a in after if a]
+    if base_all and after:
+        damaged = max(after) < base_all[0] - max(floor.get("world_all", 0.0), 2 * base_all[1])
+        out.append(f"- **Preservation.** Concept-free world prompts are all-correct for {base_all[0]:.2f} of the "
+                   f"base model's samples and {min(after):.2f}-{max(after):.2f} after customization"
+                   + (": every method, PureCC included, damages what the base model could do." if damaged
+                      else "."))
+    return out
+
+
 TARGETS = {"world_background": 0.9, "world_colour": 0.9, "world_shape": 0.8}
 
 
@@ -112,6 +199,11 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         *(comparison(results, floor) or ["(needs the lcc, lcc_seed1 and purecc runs)"]),
         "",
+        "## Findings",
+        "Comparisons are against the noise floor above (or twice the combined standard error, if larger).",
+        "",
+        *(findings(results, floor) or ["(needs the lcc, lcc_seed1 and purecc runs)"]),
+        "",
         "## Base model",
         f"Pretraining: {len(base) and base[-1]['step']} steps, final loss {base[-1]['loss']:.4f}." if base else "",
         "",
@@ -146,14 +238,14 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for name, r in results.items():
         curves = r.get("curves") or []
         steps = [c["step"] for c in curves if "lambda_mean" in c]
-        if steps:
+        if steps and "fixed" not in name:  # fixed λ runs are flat lines at their λ
             axes[1].plot(steps, [c["lambda_mean"] for c in curves if "lambda_mean" in c], label=name)
             axes[2].plot(steps, [c["l_pure"] for c in curves if "l_pure" in c], label=f"{name} L_PureCC")
     for name in ("purecc", "lcc"):
         curves = (results.get(name) or {}).get("curves") or []
         if curves:
             axes[2].plot([c["step"] for c in curves], [c["l_cc"] for c in curves], "--", label=f"{name} L_CC")
-    axes[1].set_title("λ* (batch mean) during stage B")
+    axes[1].set_title("adaptive λ* (batch mean) during stage B")
     axes[1].set_xlabel("step")
     axes[2].set_title("loss terms")
     axes[2].set_xlabel("step")
@@ -169,3 +261,20 @@ def write(workdir: Path, summary: dict[str, Any]) -> None:
     (workdir / "report.json").write_text(json.dumps(summary, indent=2, default=float))
     (workdir / "report.md").write_text(markdown(summary))
     plot(summary, workdir / "report.png")
+
+
+def rewrite(workdir: str | Path) -> None:
+    """report.md and report.png again from workdir/report.json (after a change to this module)."""
+    workdir = Path(workdir)
+    path = workdir / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the toy world into {workdir} first")
+    write(workdir, json.loads(path.read_text()))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m purecc_jax.toyworld.report WORKDIR")
+    rewrite(sys.argv[1])
