@@ -25,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dreambench_standin
 import flux_reference
 import pipeline_reference
 from purecc_jax import main as main_lib
@@ -42,7 +43,7 @@ from purecc_jax.weights.safetensors_io import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = ROOT / "configs" / "flux_concept.py"
-DREAMBENCH = ROOT.parent / "shared" / "data" / "dreambench"
+DREAMBENCH = dreambench_standin.root()
 L = 16  # T5 tokens
 PROMPT = "a photo of sks dog"
 
@@ -71,10 +72,6 @@ TINY = {
 }
 
 CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-
-pytestmark = pytest.mark.skipif(not (DREAMBENCH / "prompts_and_classes.txt").is_file(),
-                                reason=f"DreamBench not found at {DREAMBENCH}")
-
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
