@@ -54,6 +54,19 @@ def _features(output: Any):
     return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
+def _embed_images(embedder, images: np.ndarray, features) -> np.ndarray:
+    """(N, D) unit vectors: `features(pixel_values)` over batches of the embedder's preprocessed images."""
+    import torch
+
+    images = to_uint8(images)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), embedder.batch_size):
+            pixels = embedder.processor(images=list(images[i:i + embedder.batch_size]), return_tensors="pt")
+            out.append(_normalize(features(pixels["pixel_values"].to(embedder.device))))
+    return np.concatenate(out)
+
+
 class CLIPEmbedder:
     """Unit-norm CLIP image and text embeddings from a local transformers CLIPModel folder."""
 
@@ -69,16 +82,7 @@ class CLIPEmbedder:
 
     def images(self, images: np.ndarray) -> np.ndarray:
         """(N, D) float64 unit vectors for (N, H, W, 3) images (uint8, or float in [0, 1])."""
-        import torch
-
-        images = to_uint8(images)
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(images), self.batch_size):
-                pixels = self.processor(images=list(images[i:i + self.batch_size]), return_tensors="pt")
-                pixels = pixels["pixel_values"].to(self.device)
-                out.append(_normalize(_features(self.model.get_image_features(pixel_values=pixels))))
-        return np.concatenate(out)
+        return _embed_images(self, images, lambda pixels: _features(self.model.get_image_features(pixel_values=pixels)))
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         """(N, D) float64 unit vectors; texts longer than CLIP's 77 tokens are truncated."""
@@ -109,16 +113,7 @@ class DINOEmbedder:
 
     def images(self, images: np.ndarray) -> np.ndarray:
         """(N, D) float64 unit vectors: the CLS token of the last hidden state."""
-        import torch
-
-        images = to_uint8(images)
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(images), self.batch_size):
-                pixels = self.processor(images=list(images[i:i + self.batch_size]), return_tensors="pt")
-                hidden = self.model(pixel_values=pixels["pixel_values"].to(self.device)).last_hidden_state
-                out.append(_normalize(hidden[:, 0]))
-        return np.concatenate(out)
+        return _embed_images(self, images, lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0])
 
 
 def pairwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

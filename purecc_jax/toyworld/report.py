@@ -115,7 +115,8 @@ def findings(results: dict[str, Any], floor: dict[str, float]) -> list[str]:
     sg = _versus(results, floor, "purecc_sg", "purecc", "class_prior_striped")
     sg_fid = _versus(results, floor, "purecc_sg", "purecc", "fidelity_ref")
     if sg and sg_fid:
-        lower = _rate(results, "purecc_sg", "class_prior_striped")[0] < _rate(results, "purecc", "class_prior_striped")[0]
+        leak_rate = {n: _rate(results, n, "class_prior_striped")[0] for n in ("purecc_sg", "purecc")}
+        lower = leak_rate["purecc_sg"] < leak_rate["purecc"]
         why = ("Through v_b, L_PureCC also moves the base text's prediction towards the complete text's, i.e. "
                "towards the concept")
         out.append(f"- **Gradient through v_b** (the default, as the authors' code): with it stopped, the leak "
