@@ -259,3 +259,23 @@ def test_scene_validation():
         world.Scene("square", "red", "gray", 0.5, 0.5, 0.5, stripe_colours=("yellow", "red"))
     with pytest.raises(ValueError, match="equals background"):
         world.Scene("square", "red", "white", 0.5, 0.5, 0.5, stripe_colours=("red", "white"))
+
+
+def test_world_scores_per_asked_shape():
+    from purecc_jax.toyworld import evaluate
+
+    items = [p for p in evaluate.prompts(30) if p.set == "world"]
+
+    def render(shape_of):
+        return np.stack([world.render(world.Scene(shape_of(p), p.colour, p.background, 0.55, 0.5, 0.5))
+                         for p in items]).astype(np.float32) / 255
+
+    right = evaluate.score(render(lambda p: p.shape), items)
+    assert right["world_shape"]["rate"] == 1.0 and right["world_all"]["rate"] == 1.0
+    assert all(right[f"world_shape_{s}"]["rate"] == 1.0 for s in world.SHAPES)
+    # every square drawn as a circle: only the square rate drops
+    wrong = evaluate.score(render(lambda p: "circle" if p.shape == "square" else p.shape), items)
+    assert wrong["world_shape_square"]["rate"] == 0.0
+    assert wrong["world_shape_circle"]["rate"] == 1.0 and wrong["world_shape_cross"]["rate"] == 1.0
+    n = {s: wrong[f"world_shape_{s}"]["n"] for s in world.SHAPES}
+    assert sum(n.values()) == len(items) and min(n.values()) > 0

@@ -70,18 +70,16 @@ def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | N
         if p.set in ("world", "class_prior"):
             row["shape_ok"] = a.shape == p.shape and not a.striped
         if p.set == "world":
+            row["shape"] = p.shape
             row["colour_ok"] = a.colour == p.colour
             row["all_ok"] = row["background_ok"] and row["colour_ok"] and row["shape_ok"]
         if reference is not None:
             row["drift"] = float(np.mean((img - reference[i]) ** 2))
         rows.append(row)
 
-    def rate(name, key):
-        vals = [r[key] for r in rows if r["set"] == name and key in r]
-        if not vals:
-            return None
-        p = float(np.mean(vals))
-        return {"rate": p, "se": float(np.sqrt(max(p * (1 - p), 1e-12) / len(vals))), "n": len(vals)}
+    def rate(name, key, shape=None):
+        return _binomial([r[key] for r in rows if r["set"] == name and key in r
+                          and (shape is None or r.get("shape") == shape)])
 
     def mean(name, key):
         vals = [r[key] for r in rows if r["set"] == name and key in r]
@@ -94,7 +92,6 @@ def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | N
         "stripes_ref": rate("concept_ref", "stripes"),
         "stripes_other": rate("concept_other", "stripes"),
         "background_other": rate("concept_other", "background_ok"),
-        "fidelity_and_background_other": None,
         "plain_gray": {"rate": float(np.mean([b == world.CONCEPT_BACKGROUND for b in plain])), "n": len(plain)}
         if plain else None,
         "class_prior_striped": rate("class_prior", "striped"),
@@ -104,12 +101,18 @@ def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | N
         "world_background": rate("world", "background_ok"),
         "world_colour": rate("world", "colour_ok"),
         "world_shape": rate("world", "shape_ok"),
+        **{f"world_shape_{shape}": rate("world", "shape_ok", shape) for shape in world.SHAPES},
         "drift_world": mean("world", "drift"),
         "drift_class_prior": mean("class_prior", "drift"),
     }
-    both = [r["concept"] and r["background_ok"] for r in rows if r["set"] == "concept_other"]
-    if both:
-        p = float(np.mean(both))
-        out["fidelity_and_background_other"] = {"rate": p, "se": float(np.sqrt(max(p * (1 - p), 1e-12) / len(both))),
-                                                "n": len(both)}
+    out["fidelity_and_background_other"] = _binomial(
+        [r["concept"] and r["background_ok"] for r in rows if r["set"] == "concept_other"])
     return out
+
+
+def _binomial(vals: Sequence[bool]) -> dict[str, float] | None:
+    """Rate of a list of outcomes with its binomial standard error (None for no outcomes)."""
+    if not vals:
+        return None
+    p = float(np.mean(vals))
+    return {"rate": p, "se": float(np.sqrt(max(p * (1 - p), 1e-12) / len(vals))), "n": len(vals)}

@@ -168,6 +168,9 @@ def base_accuracy(scores: dict[str, Any]) -> list[str]:
         v = scores.get(key)
         if v is not None:
             rows.append(f"| {key.removeprefix('world_')} | {_cell(v)} | ≥ {target:.2f} |")
+    for key, v in scores.items():  # shape accuracy per asked shape
+        if key.startswith("world_shape_") and v is not None:
+            rows.append(f"| shape, when asked for a {key.removeprefix('world_shape_')} | {_cell(v)} | |")
     return rows if len(rows) > 2 else []
 
 
