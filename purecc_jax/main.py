@@ -14,7 +14,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import Any
 
 from absl import app, flags
