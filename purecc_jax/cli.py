@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import flags
+from absl import app, flags
 
 
 def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
@@ -37,3 +37,14 @@ def run_cli(fv: flags.FlagValues, main: Callable[[list[str]], Any], argv: Sequen
         return main(parse_flags(fv, argv))
     finally:
         fv.unparse_flags()
+
+
+def mesh_from_flag(sizes: Sequence[str] | None):
+    """A --mesh=DATA,FSDP,TENSOR flag's value as a device mesh (None when the flag is unset)."""
+    if not sizes:
+        return None
+    if len(sizes) != 3:
+        raise app.UsageError(f"--mesh={','.join(sizes)} must give three sizes DATA,FSDP,TENSOR")
+    from purecc_jax import sharding
+
+    return sharding.make_mesh(*(int(x) for x in sizes))

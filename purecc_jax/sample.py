@@ -32,8 +32,6 @@ import numpy as np
 from absl import app, flags, logging
 
 from purecc_jax import cli as cli_lib
-
-from purecc_jax import sharding
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models.flux import ConceptInjection
 from purecc_jax.pipeline.codec import ImageCodec
@@ -290,14 +288,6 @@ def write_images(images: np.ndarray, output: str | Path) -> list[Path]:
     return paths
 
 
-def _mesh_from_flag(sizes: Sequence[str] | None):
-    if not sizes:
-        return None
-    if len(sizes) != 3:
-        raise ValueError(f"--mesh={','.join(sizes)} must give three sizes DATA,FSDP,TENSOR")
-    return sharding.make_mesh(*(int(x) for x in sizes))
-
-
 def main(argv: Sequence[str]) -> None:
     """The CLI (flags in this module's FLAGS, parsed by `cli_lib.parse_flags`)."""
     if len(argv) > 1:
@@ -317,7 +307,7 @@ def main(argv: Sequence[str]) -> None:
     init_latents = None if _INIT_LATENTS.value is None else np.load(_INIT_LATENTS.value)
 
     pretrained = _PRETRAINED.value or workdir_pretrained(_WORKDIR.value)
-    parts = load_pipeline(pretrained, mesh=_mesh_from_flag(_MESH.value), dtype=_DTYPE.value,
+    parts = load_pipeline(pretrained, mesh=cli_lib.mesh_from_flag(_MESH.value), dtype=_DTYPE.value,
                           param_dtype=_PARAM_DTYPE.value)
     trained = None
     if _WORKDIR.value:

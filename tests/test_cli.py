@@ -3,7 +3,7 @@
 import pytest
 from absl import app
 
-from purecc_jax import convert, sample
+from purecc_jax import cli, convert, sample
 from purecc_jax import main as main_lib
 from purecc_jax.evaluation import sweep
 
@@ -41,3 +41,11 @@ def test_unknown_flag_exits_with_the_entry_points_help(capsys):
         sample.cli(["sample", "--help"])
     assert e.value.code == 0
     assert "--prompt" in capsys.readouterr().out
+
+
+def test_mesh_flag():
+    assert cli.mesh_from_flag(None) is None and cli.mesh_from_flag([]) is None
+    mesh = cli.mesh_from_flag(["2", "4", "1"])
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(app.UsageError, match="--mesh=2,4 must give three sizes"):
+        cli.mesh_from_flag(["2", "4"])

@@ -36,10 +36,9 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
-
-from purecc_jax import cli as cli_lib
 from PIL import Image
 
+from purecc_jax import cli as cli_lib
 from purecc_jax.data import tfds_dreambench as tdb
 from purecc_jax.sample import SampleSettings, generate, load_trained, trained_overrides, workdir_pretrained
 
@@ -321,11 +320,7 @@ def main(argv: Sequence[str]) -> None:
         tdb.prepare(source, data_dir, _REF_RES.value)
     load_options = dict(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value)
     if _MESH.value:
-        from purecc_jax import sharding
-
-        if len(_MESH.value) != 3:
-            raise app.UsageError(f"--mesh={','.join(_MESH.value)} must give three sizes DATA,FSDP,TENSOR")
-        load_options["mesh"] = sharding.make_mesh(*(int(x) for x in _MESH.value))
+        load_options["mesh"] = cli_lib.mesh_from_flag(_MESH.value)
     scorer = Scorer(_CLIP.value, _DINO.value, _TORCH_DEVICE.value) if (_CLIP.value or _DINO.value) else None
     settings = SampleSettings(_HEIGHT.value, _WIDTH.value, _STEPS.value, _GUIDANCE.value, _MAX_SEQ.value)
     seeds = [_SEED.value + i for i in range(_SEEDS.value)]
