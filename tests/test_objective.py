@@ -73,7 +73,7 @@ def test_gradients_follow_method():
 
     g_c, g_b, g_r = grads(ObjectiveConfig())
     assert float(jnp.abs(g_r).max()) == 0.0  # the extractor's guidance is a constant
-    # λ* is stop-gradient: d/dv_b is exactly the derivative of the L_PureCC term through v_pure.
+    # d/dv_b is the derivative of the L_PureCC term through v_pure with λ* held constant.
     lam = adaptive_lambda(v_c - v_b, r_tar)[:, None, None]
     n = v_c[0].size
     expected_b = 2.0 * (v_b + lam * r_tar - v_c) / (n * v_c.shape[0])
@@ -83,11 +83,34 @@ def test_gradients_follow_method():
     assert float(jnp.abs(g_c).max()) > 0.0
 
 
+def test_lambda_is_a_constant_to_autodiff():
+    """λ* carries no gradient (Eq. 12's stop-gradient).
+
+    At the least-squares λ* the loss is flat in λ, so the loss's gradients are the same with or
+    without the stop-gradient and `test_gradients_follow_method` cannot tell them apart. Two checks
+    that can: λ* itself has zero gradient, and with a large `eps` λ* is no longer the minimiser
+    (the loss is not flat in λ there), where only the stop-gradient gives the λ-constant gradient.
+    """
+    v_c, v_b, r_tar, x0, x1 = (jnp.asarray(a) for a in _arrays(5))
+    g_learn, g_tar = jax.grad(lambda a, b: jnp.sum(adaptive_lambda(a, b) ** 2), argnums=(0, 1))(v_c - v_b, r_tar)
+    assert float(jnp.abs(g_learn).max()) == 0.0 and float(jnp.abs(g_tar).max()) == 0.0
+
+    eps = float(jnp.sum(r_tar[0] ** 2))  # shrinks λ* about twofold: far from the least-squares value
+    cfg = ObjectiveConfig(eps=eps)
+    g_c, g_b = jax.grad(lambda c, b: purecc_loss(c, b, r_tar, x0, x1, cfg)[0], argnums=(0, 1))(v_c, v_b)
+    lam = adaptive_lambda(v_c - v_b, r_tar, eps)[:, None, None]
+    n, b = v_c[0].size, v_c.shape[0]
+    residual = v_b + lam * r_tar - v_c
+    np.testing.assert_allclose(g_b, 2.0 * residual / (n * b), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(g_c, 2.0 * ((v_c - (x1 - x0)) - residual) / (n * b), rtol=1e-4, atol=1e-9)
+
+
 def test_flow_loss_and_noising():
     x0, x1 = jnp.ones((2, 3, 4)), jnp.zeros((2, 3, 4))
     t = jnp.array([0.25, 1.0])
     xt = flow.noisy(x0, x1, t)
-    np.testing.assert_allclose(xt[0], 0.75) and np.testing.assert_allclose(xt[1], 0.0)
+    np.testing.assert_allclose(xt[0], 0.75)
+    np.testing.assert_allclose(xt[1], 0.0)
     assert float(flow_loss(x1 - x0, x0, x1)) == 0.0
 
 
