@@ -32,8 +32,14 @@ def make_flags(argv: Sequence[str]) -> flags.FlagValues:
                                     lock_config=True, sys_argv=list(argv))
     flags.DEFINE_string("workdir", None, "where checkpoints, samples, logs and exports go (required)",
                         flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "multi-host run: call jax.distributed.initialize() first",
-                      flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "multi-host run: call jax.distributed.initialize() first (on a TPU "
+                      "slice or under SLURM it finds the other hosts itself)", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "with --distributed elsewhere (GPU nodes): HOST:PORT of "
+                        "process 0, the same on every process", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "with --coordinator_address: how many processes take part",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "with --coordinator_address: this process's rank, 0 .. "
+                         "num_processes - 1", flag_values=fv)
     flags.DEFINE_bool("compilation_cache", True, "keep compiled XLA programs in WORKDIR/jax_cache, so a resumed "
                       "or repeated run skips recompiling", flag_values=fv)
     return fv
@@ -74,7 +80,9 @@ def main(argv: Sequence[str], fv: flags.FlagValues) -> Any:
     import jax
 
     if fv.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+    elif fv.coordinator_address or fv.num_processes is not None or fv.process_id is not None:
+        raise app.UsageError("--coordinator_address, --num_processes and --process_id need --distributed")
     if fv.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(Path(fv.workdir).absolute() / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
