@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import ml_dtypes
 import numpy as np
 import optax
 
@@ -34,6 +33,7 @@ from purecc_jax.pipeline.folder import FluxParts
 from purecc_jax.pipeline.text import TextEmbeddings, _encode  # the jitted pure function, for in-step use
 from purecc_jax.purecc import embeddings as emb_lib
 from purecc_jax.purecc import flow, loop
+from purecc_jax.purecc import texts as texts_lib
 from purecc_jax.purecc.objective import ObjectiveConfig
 from purecc_jax.purecc.step import StepConfig, init_state, make_optimizer, make_train_step
 
@@ -51,6 +51,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.concept_embedding={config.concept_embedding!r} is not none|token|layerwise")
     if not config.concept.path:
         raise ValueError("config.concept.path is empty: give a folder of 3-5 images or a DreamBench subject name")
+    texts_lib.check_identifier(config.concept.identifier, config.concept.class_word)
     for name in ("stage_a", "stage_b"):
         st = config[name]
         if st.steps < 0 or st.batch_size < 1:
@@ -118,8 +119,12 @@ class Trainer:
             c.path, identifier=c.identifier, class_word=c.class_word, template=c.template,
             dreambench_root=c.dreambench_root or None)
         self.token_mode = config.concept_embedding == "token"
-        if self.token_mode and self.concept.identifier not in self.parts.tokenizers.concept_words:
-            self.parts.tokenizers.add_concept_token(self.concept.identifier)
+        ident, tokenizers = self.concept.identifier, self.parts.tokenizers
+        tokenizers.check_identifier(ident, config.concept_embedding)
+        if self.token_mode:
+            _check_whole_word_identifier(self.concept)
+            if ident not in tokenizers.concept_words:
+                tokenizers.add_concept_token(ident)
         self.max_len = config.model.max_sequence_length
         self.cache = self._build_cache()
         self.cache_device = jax.device_put(self.cache.arrays, sharding.replicated(self.mesh))
@@ -212,7 +217,7 @@ class Trainer:
                                      self.concept.identifier, embeddings)
 
     def _sample_fn(self, lcfg: lora_lib.LoRAConfig | None, frozen: dict[str, Any]):
-        from purecc_jax.sample import SampleSettings, generate
+        from purecc_jax.pipeline.generate import SampleSettings, generate
 
         s = self.config.sample
         prompts = self.sample_prompts()
@@ -305,6 +310,17 @@ class Trainer:
         return final
 
 
+def _check_whole_word_identifier(concept: concept_lib.Concept) -> None:
+    """A concept token is matched inside longer words too (as in diffusers): "masks" would carry `sks`."""
+    for t in concept.texts:
+        for text in (t.complete, t.base, t.target):
+            if inside := texts_lib.words_containing(text, concept.identifier):
+                raise ValueError(
+                    f"concept {concept.name}: the text {text!r} has the identifier {concept.identifier!r} inside "
+                    f"{inside}; with concept_embedding=token the tokenizers (and diffusers after loading the "
+                    "export) read the learned token there too: rephrase the caption or choose another identifier")
+
+
 def loop_config(config, steps: int) -> loop.LoopConfig:
     return loop.LoopConfig(steps=steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                            keep_checkpoints=config.keep_checkpoints, sample_every=config.sample.every,
@@ -314,65 +330,16 @@ def loop_config(config, steps: int) -> loop.LoopConfig:
 # ----------------------------------------------------------------------------- export
 
 def export(stage: Stage, trainer: Trainer, folder: Path) -> Path:
-    """diffusers-format weights of the final stage + concept embeddings + a README on loading them."""
-    from purecc_jax.weights import flux_io, lora_export
-    from purecc_jax.weights.safetensors_io import save_file
+    """The final stage in the default format (diffusers LoRA, or a transformer/ folder for full weights),
+    with the concept embeddings and a model card: the same writer as `python -m purecc_jax.export`."""
+    from purecc_jax import trained as trained_lib
+    from purecc_jax.weights.formats import dtype_named
 
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = trainer.parts.transformer_config
-    name = trainer.config.export.dtype
-    out_dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-    files = []
-    if "lora" in stage.trainable:
-        files.append(lora_export.save(stage.trainable["lora"], stage.lora, cfg,
-                                      folder / "pytorch_lora_weights.safetensors", out_dtype))
-    else:
-        files += flux_io.export_diffusers(stage.trainable["params"], cfg, folder / "transformer", dtype=out_dtype)
-    emb = stage.trainable.get("embeddings")
-    ident = trainer.concept.identifier
-    if emb is not None and trainer.token_mode:
-        for key, name in (("clip", "concept_clip_l.safetensors"), ("t5", "concept_t5.safetensors")):
-            save_file({ident: np.asarray(emb[key], np.float32)}, folder / name)
-            files.append(folder / name)
-    elif emb is not None:
-        save_file({k: np.asarray(v, np.float32) for k, v in emb.items()}, folder / "concept_layerwise.safetensors")
-        files.append(folder / "concept_layerwise.safetensors")
-    meta = dict(identifier=ident, class_word=trainer.concept.class_word,
-                concept_embedding=trainer.config.concept_embedding, method=trainer.config.method,
-                stage=stage.name, files=[str(f.relative_to(folder)) for f in files])
-    (folder / "purecc.json").write_text(json.dumps(meta, indent=2))
-    (folder / "README.md").write_text(_export_readme(meta, str(trainer.config.pretrained), folder))
-    return folder
-
-
-def _export_readme(meta: dict[str, Any], pretrained: str, folder: Path) -> str:
-    """How to load an export in diffusers (and with purecc_jax.sample)."""
-    ident, kind = meta["identifier"], meta["concept_embedding"]
-    prompt = f"a photo of {ident} {meta['class_word']}"
-    code = ["import torch", "from diffusers import FluxPipeline", "",
-            f'export = "{folder.absolute()}"  # this folder',
-            f'pipe = FluxPipeline.from_pretrained("{pretrained}", torch_dtype=torch.bfloat16)']
-    if "transformer" in {Path(f).parts[0] for f in meta["files"]}:
-        code.append('pipe.transformer = type(pipe.transformer).from_pretrained(f"{export}/transformer", '
-                    'torch_dtype=torch.bfloat16)')
-    else:
-        code.append("pipe.load_lora_weights(export)")
-    if kind == "token":
-        code += [f'pipe.load_textual_inversion(f"{{export}}/concept_clip_l.safetensors", token="{ident}",',
-                 "                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
-                 f'pipe.load_textual_inversion(f"{{export}}/concept_t5.safetensors", token="{ident}",',
-                 "                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
-                 "# FLUX's CLIP config pools at the largest token id (legacy eos_token_id=2), now the concept",
-                 "# token's; training pooled at the end-of-text token, as this line restores",
-                 "# (transformers 5; on 4.x set pipe.text_encoder.text_model.eos_token_id).",
-                 "pipe.text_encoder.eos_token_id = pipe.tokenizer.eos_token_id"]
-    code.append(f'image = pipe("{prompt}", guidance_scale=3.5).images[0]')
-    lines = [f"# PureCC export: `{ident} {meta['class_word']}` ({meta['method']}, {meta['stage']})", ""]
-    if kind == "layerwise":
-        lines += ["The layer-wise concept vectors (concept_layerwise.safetensors) have no diffusers loader:",
-                  "sample with this package. In diffusers, only the weights load:", ""]
-    else:
-        lines += ["In diffusers:", ""]
-    command = f'python -m purecc_jax.sample --workdir={folder.parent.absolute()} --prompt="{prompt}" --output=out.png'
-    lines += ["```python", *code, "```", "", "With this package:", "", "```", command, "```", ""]
-    return "\n".join(lines)
+    c = trainer.config
+    step = c[stage.name].steps
+    info = trained_lib.ConceptInfo(trainer.concept.identifier, trainer.concept.class_word, c.concept_embedding,
+                                   c.method, stage.name, step, str(c.pretrained), json.loads(c.to_json_best_effort()))
+    grid = stage.directory / "samples" / f"{step:06d}.png"
+    return trained_lib.write_export(folder, info, stage.trainable, stage.lora,
+                                    trainer.parts.transformer_config, dtype=dtype_named(c.export.dtype),
+                                    sample_grid=grid if grid.is_file() else None)

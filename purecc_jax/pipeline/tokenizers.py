@@ -4,11 +4,32 @@
 tokenizer's `model_max_length` (77), T5 to `max_sequence_length`, both with
 `padding="max_length", truncation=True` and no attention mask.
 
-Concept tokens (PureCC's identifier): `add_concept_token(word)` adds `word` to both
-tokenizers as a new whole-word token. The tokenizers give it the next free id, which
-the encoders' embedding tables need not start at (T5-XXL's table has 32128 rows, its
-tokenizer 32100 entries), so `tokenize` remaps the j-th concept token to
-`encoder_vocab_size + j`: row j of the encoders' `extra_embeddings` (models/text_common).
+The identifier (PureCC's `sks`) and the two kinds of concept embedding:
+
+- `token` (the default): `add_concept_token(word)` adds the identifier itself to both
+  tokenizers as a new *added token*, exactly as diffusers' `load_textual_inversion(file,
+  token=word)` does (`tokenizer.add_tokens(word)`). Added tokens are matched before the
+  BPE / unigram model runs, so `sks`, which is already one token of CLIP-L's vocabulary
+  (`sks</w>`), now maps to a new id whose embedding row is learned, and the user types the
+  same prompt ("a photo of sks dog") in training, in `purecc_jax.sample` and in diffusers.
+  Because the token is added the same way, every prompt tokenizes the same here as in
+  diffusers after loading (like any textual-inversion token there, it is also matched
+  inside longer words: "masks" becomes "ma" + `sks`). The tokenizers give the token the
+  next free id, which the encoders' tables need not start at (T5-XXL's table has 32128
+  rows, its tokenizer 32100 entries; diffusers' loader resizes the table to 32101 and uses
+  id 32100), so `tokenize` remaps the j-th concept token to `encoder_vocab_size + j`: row j
+  of the encoders' `extra_embeddings` (models/text_common). The ids differ from diffusers'
+  for T5, the embedding rows and so the encoder outputs do not.
+  diffusers refuses a token that is already an entry of the vocabulary (`sks` is not:
+  CLIP's entry is `sks</w>`, T5's `▁sks`), and a tokenizer whose normaliser changes the
+  word (CLIP lowercases) would never match it: both are refused here, when training
+  starts, rather than when the export is loaded.
+- `none` / `layerwise`: the identifier stays a plain word (the DreamBooth way), read by the
+  encoders as whatever its tokens mean; it may be one token or several.
+
+`check_identifier` refuses, naming the word and the tokenizer, identifiers that no design
+above can use: empty or with spaces, characters the T5 tokenizer reads as `<unk>`, and for
+`none` a word of more than MAX_PLAIN_PIECES tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +44,9 @@ from absl import logging
 
 Which = Literal["clip", "t5"]
 MAX_T5_LENGTH = 512  # FluxPipeline refuses longer T5 sequences
+# DreamBooth's identifiers are sequences of 1-3 rare tokens: a longer plain identifier is a
+# phrase of common sub-words whose meaning the concept has to overwrite.
+MAX_PLAIN_PIECES = 3
 
 
 class Tokenizers:
@@ -73,27 +97,69 @@ class Tokenizers:
             raise ValueError(f"max_sequence_length={max_sequence_length} must be in [1, {MAX_T5_LENGTH}]")
         return self._ids(prompts, "clip", self.clip_max_length), self._ids(prompts, "t5", max_sequence_length)
 
-    def add_concept_token(self, word: str) -> int:
-        """Adds `word` to both tokenizers as one new token; returns its extra-embedding row j.
+    def _name(self, which: Which) -> str:
+        return f"{which} tokenizer ({type(self._tok(which)).__name__})"
 
-        Raises ValueError naming the word if a tokenizer already has it as a single entry.
+    def check_identifier(self, word: str, kind: str = "token") -> None:
+        """Raises ValueError, naming `word`, the tokenizer and what to do, if `kind` cannot use `word`.
+
+        `kind` is the concept embedding: token | none | layerwise (see the module docstring).
         """
-        from transformers import AddedToken
+        if not word or any(c.isspace() for c in word):
+            raise ValueError(f"identifier {word!r} must be one non-empty word without spaces (e.g. 'sks')")
+        t5 = self._tok("t5")
+        ids = t5(word, add_special_tokens=False).input_ids
+        if t5.unk_token_id is not None and t5.unk_token_id in ids:
+            pieces = t5.convert_ids_to_tokens(ids)
+            raise ValueError(f"identifier {word!r}: the {self._name('t5')} reads characters of it as "
+                             f"{t5.unk_token!r} ({pieces}): without its learned token (the LoRA alone, or "
+                             "concept_embedding=none) T5 could not tell it from other unknown text; use letters "
+                             "and digits (e.g. 'sks')")
+        if kind == "none":
+            for which in ("clip", "t5"):
+                pieces = self._tok(which).tokenize(word)
+                if len(pieces) > MAX_PLAIN_PIECES:
+                    raise ValueError(
+                        f"identifier {word!r} is {len(pieces)} tokens of the {self._name(which)} ({pieces}); with "
+                        f"concept_embedding=none it stays a plain word, and more than {MAX_PLAIN_PIECES} common "
+                        "sub-words carry meaning the concept must overwrite: choose a rare word of 1-3 tokens "
+                        "(e.g. 'sks', 'ohwx') or use concept_embedding=token")
+        elif kind == "token" and word not in self.concept_words:
+            for which in ("clip", "t5"):
+                tok = self._tok(which)
+                if word in tok.get_vocab():
+                    raise ValueError(
+                        f"identifier {word!r} is already an entry of the {self._name(which)}'s vocabulary; "
+                        "diffusers' load_textual_inversion refuses such a token, so the exported concept token "
+                        "could not be loaded: choose another identifier (e.g. 'sks', 'ohwx') or use "
+                        "concept_embedding=none")
+                normalizer = tok.backend_tokenizer.normalizer
+                seen = normalizer.normalize_str(word) if normalizer is not None else word
+                if seen != word:
+                    raise ValueError(f"identifier {word!r}: the {self._name(which)} reads prompts as {seen!r}, "
+                                     f"so a concept token {word!r} would never match; use {seen!r}")
 
-        if not word or word.strip() != word or " " in word:
-            raise ValueError(f"concept word {word!r} must be one non-empty word without spaces")
+    def add_concept_token(self, word: str) -> int:
+        """Adds `word` to both tokenizers as one new token, as diffusers' `load_textual_inversion`
+        does; returns its extra-embedding row j.
+
+        Raises ValueError naming the word if it is already a concept token or `check_identifier`
+        refuses it for `token` embeddings.
+        """
+        if word in self.concept_words:
+            raise ValueError(f"identifier {word!r} is already a concept token of these tokenizers")
+        self.check_identifier(word, "token")
         for which in ("clip", "t5"):
-            tok = self._tok(which)
-            ids = tok(word, add_special_tokens=False).input_ids
-            if len(ids) == 1 and ids[0] != tok.unk_token_id:
-                raise ValueError(f"concept word {word!r} is already a single token of the {which} tokenizer "
-                                 f"({tok.convert_ids_to_tokens(ids)[0]!r}); choose a word it splits")
-        for which in ("clip", "t5"):
-            # Whole words only ("asks" keeps its pieces); matched after normalisation
-            # (CLIP lowercases), as the tokenizer's own words are.
-            self._tok(which).add_tokens([AddedToken(word, single_word=True, normalized=True)])
+            # A plain string, as diffusers adds it: the same AddedToken flags, so every prompt
+            # tokenizes the same here and in diffusers after loading the export.
+            self._tok(which).add_tokens(word)
         self.concept_words.append(word)
-        return len(self.concept_words) - 1
+        j = len(self.concept_words) - 1
+        for which in ("clip", "t5"):
+            if self.word_ids(word, which) != [self.vocab_size[which] + j]:
+                raise ValueError(f"identifier {word!r}: the {self._name(which)} does not read it as the added token "
+                                 f"({self._tok(which).tokenize(word)}); choose a lowercase word of letters and digits")
+        return j
 
     def word_ids(self, word: str, tokenizer: Which = "t5") -> list[int]:
         """The (remapped) ids `word` tokenizes to on its own, without special tokens."""

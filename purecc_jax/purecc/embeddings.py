@@ -1,13 +1,17 @@
 """Learned concept embeddings (METHOD.md §3).
 
-    none       no embedding; the identifier is whatever its tokens mean to the encoders
-    token      one new row in the CLIP-L and one in the T5 embedding table for the identifier
+    none       no embedding; the identifier is a plain word, whatever its tokens mean to the
+               encoders (one token or a few)
+    token      the identifier becomes one added token of both tokenizers
+               (`Tokenizers.add_concept_token`, as diffusers' textual-inversion loader adds
+               it) with one new row in the CLIP-L and one in the T5 embedding table
                ({"clip": (1, D_clip), "t5": (1, D_t5)}), read through the encoders'
                `extra_embeddings`; initialised from the class word's token embeddings
     layerwise  one vector per transformer block ({"double": (depth, D), "single":
-               (depth_single, D)}) written into the context stream at the identifier's token
-               positions at each block's input; initialised from the pretrained model's own
-               context stream there, so training starts from the pretrained behaviour
+               (depth_single, D)}) written into the context stream at the identifier's T5
+               token positions (all of its tokens when the plain word is several) at each
+               block's input; initialised from the pretrained model's own context stream
+               there, so training starts from the pretrained behaviour
 """
 
 from __future__ import annotations
