@@ -37,7 +37,9 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
         raise ValueError("mean_sd: no values")
     n = len(values)
     m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    if max(values) == min(values):  # exactly 0, not the round-off of m = sum / n
+        return m, 0.0
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
     return m, sd
 
 
