@@ -13,33 +13,30 @@ as float32 (B, H, W, 3) in [0, 1]. Image i of a prompt starts from the noise of 
 
 A PureCC training run is sampled with `--workdir=W`: the LoRA (or fine-tuned weights) and
 the concept embeddings of `W/export/` on top of the pretrained pipeline it was trained
-from (`--pretrained` defaults to `W/config.json`'s):
+from (`--pretrained` defaults to `W/config.json`'s); `--export=DIR` samples any export
+folder (`purecc_jax.export`). `--lora=FILE` adds an existing FLUX LoRA (diffusers/PEFT or
+kohya file) at `--lora_scale`:
 
     python -m purecc_jax.sample --workdir=runs/dog --prompt="a photo of sks dog" --output=/tmp/sks.png
+    python -m purecc_jax.sample --pretrained=/models/FLUX.1-dev --lora=style.safetensors --lora_scale=0.8 ...
+
+The library half is `purecc_jax.pipeline.generate` (sampling) and `purecc_jax.trained`
+(reading what a run adds).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
 from purecc_jax import cli as cli_lib
-from purecc_jax.models import lora as lora_lib
-from purecc_jax.models.flux import ConceptInjection
-from purecc_jax.pipeline.codec import ImageCodec
-from purecc_jax.pipeline.folder import FluxParts, load_pipeline
-from purecc_jax.pipeline.sampler import SampleOutput, Transformer, initial_noise, sample
-from purecc_jax.pipeline.schedule import flux_sigmas
-from purecc_jax.pipeline.text import PromptCache, TextEmbeddings
-from purecc_jax.purecc import embeddings as emb_lib
+from purecc_jax import trained as trained_lib
+from purecc_jax.pipeline.folder import load_pipeline
+from purecc_jax.pipeline.generate import SampleSettings, generate, write_images
+from purecc_jax.weights import formats
 
 # Flags live in their own FlagValues (see purecc_jax.cli).
 FLAGS = flags.FlagValues()
@@ -47,6 +44,12 @@ _PRETRAINED = flags.DEFINE_string("pretrained", None, "diffusers FLUX pipeline f
                                   "with --workdir, defaults to the one it was trained from", flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string("workdir", None, "a PureCC training workdir: sample its export/ (LoRA or weights and "
                                "concept embeddings)", flag_values=FLAGS)
+_EXPORT = flags.DEFINE_string("export", None, "an export folder (purecc_jax.export) to sample on top of --pretrained",
+                              flag_values=FLAGS)
+_LORA = flags.DEFINE_string("lora", None, "a FLUX LoRA file (diffusers/PEFT or kohya layout) to sample with",
+                            flag_values=FLAGS)
+_LORA_SCALE = flags.DEFINE_float("lora_scale", 1.0, "strength of --lora (and of a workdir's or export's LoRA)",
+                                 flag_values=FLAGS)
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt (repeat the flag for several)", flag_values=FLAGS)
 _HEIGHT = flags.DEFINE_integer("height", 1024, "image height in pixels (multiple of 16)", flag_values=FLAGS)
 _WIDTH = flags.DEFINE_integer("width", 1024, "image width in pixels (multiple of 16)", flag_values=FLAGS)
@@ -71,223 +74,6 @@ _MESH = flags.DEFINE_list("mesh", None, "DATA,FSDP,TENSOR mesh sizes (one may be
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a per-step progress bar", flag_values=FLAGS)
 
 
-@dataclasses.dataclass(frozen=True)
-class SampleSettings:
-    """FluxPipeline's sampling arguments."""
-
-    height: int = 1024
-    width: int = 1024
-    steps: int = 28
-    guidance: float = 3.5
-    max_sequence_length: int = 512
-    negative_prompt: str | None = None
-    true_cfg_scale: float = 1.0
-
-
-def _per_image(x: Any, prompts: int, per_prompt: int, what: str) -> Any:
-    """`x` with one row per image (prompt-major) from one row per image, per prompt, or for all."""
-    if x is None or x.shape[0] == prompts * per_prompt:
-        return x
-    if x.shape[0] == prompts:
-        return jnp.repeat(x, per_prompt, axis=0)
-    if x.shape[0] == 1:
-        return jnp.repeat(x, prompts * per_prompt, axis=0)
-    raise ValueError(f"{what} has {x.shape[0]} rows; expected 1, {prompts} (one per prompt) or "
-                     f"{prompts * per_prompt} (one per image)")
-
-
-def generate(
-    parts: FluxParts,
-    prompts: Sequence[str] | None,
-    settings: SampleSettings = SampleSettings(),
-    *,
-    seeds: Sequence[int] = (0,),
-    init_latents: np.ndarray | jax.Array | None = None,
-    text: TextEmbeddings | None = None,
-    negative_text: TextEmbeddings | None = None,
-    lora: Any = None,
-    concept: ConceptInjection | None = None,
-    cache: PromptCache | None = None,
-    codec: ImageCodec | None = None,
-    progress: bool = False,
-) -> SampleOutput:
-    """Images (P * S, H, W, 3) in [0, 1] for P prompts x S seeds (prompt-major) and the final latents.
-
-    `text` / `negative_text`: precomputed embeddings instead of encoding `prompts` /
-    `settings.negative_prompt` (through `cache`, a fresh one by default); like the concept
-    mask and `init_latents` (packed (.., N, 4C), replacing the seeds' noise) they have one
-    row for all images, one per prompt, or one per image. Without prompts, each row of
-    `text` counts as a prompt. `lora`: a `lora` collection for the transformer; `concept`:
-    layer-wise concept vectors. `codec`: decodes the latents (default: the pipeline's VAE).
-    """
-    s = settings
-    codec = codec or parts.codec
-    f = codec.downsample_factor
-    for name, value in (("height", s.height), ("width", s.width)):
-        if value <= 0 or value % (2 * f):
-            raise ValueError(f"{name}={value} must be a positive multiple of {2 * f}")
-    cache = cache or PromptCache(parts.text)
-    if text is None:
-        if not prompts:
-            raise ValueError("generate needs prompts or precomputed text embeddings")
-        text = cache(prompts, s.max_sequence_length)
-    n_prompts, n_seeds = len(prompts) if prompts else text.t5.shape[0], len(seeds)
-    if negative_text is None and s.negative_prompt is not None and s.true_cfg_scale > 1:
-        negative_text = cache([s.negative_prompt], s.max_sequence_length)
-    text = TextEmbeddings(*(_per_image(x, n_prompts, n_seeds, "text embeddings") for x in text))
-    if negative_text is not None:
-        negative_text = TextEmbeddings(*(_per_image(x, n_prompts, n_seeds, "negative embeddings")
-                                         for x in negative_text))
-    if concept is not None:
-        concept = concept._replace(mask=_per_image(jnp.asarray(concept.mask), n_prompts, n_seeds, "concept mask"))
-
-    if init_latents is None:
-        noise = initial_noise(seeds, s.height, s.width, codec.latent_channels, f)
-        latents = jnp.tile(noise, (n_prompts, 1, 1))
-    else:
-        latents = _per_image(jnp.asarray(init_latents, jnp.float32), n_prompts, n_seeds, "init_latents")
-    image_seq_len = (s.height // (2 * f)) * (s.width // (2 * f))
-    sigmas = flux_sigmas(s.steps, image_seq_len, parts.scheduler)
-    model = Transformer(parts.transformer_config, parts.transformer_params, lora)
-    return sample(model, codec, text, latents, sigmas, height=s.height, width=s.width, guidance=s.guidance,
-                  negative=negative_text, true_cfg_scale=s.true_cfg_scale, concept=concept, mesh=parts.mesh,
-                  rules=parts.rules, progress=progress)
-
-
-@dataclasses.dataclass(frozen=True)
-class Trained:
-    """What a PureCC export (`workdir/export/`) adds to the pretrained pipeline."""
-
-    identifier: str
-    class_word: str
-    concept_embedding: str  # none | token | layerwise
-    lora: Any  # a `lora` collection (models.lora.variables), or None (full fine-tune or none)
-    embeddings: dict[str, Any] | None  # token rows {"clip", "t5"} or layer-wise {"double", "single"}
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {what}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def workdir_pretrained(workdir: str | Path) -> str:
-    """The pretrained pipeline folder a training workdir was started with (`config.json`)."""
-    path = Path(workdir) / "config.json"
-    pretrained = _read_json(path, "is --workdir a PureCC training workdir?").get("pretrained")
-    if not pretrained:
-        raise ValueError(f"{path} names no pretrained folder; pass --pretrained")
-    return str(Path(pretrained).expanduser())
-
-
-def _tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, jax.Array]:
-    """The named float32 tensors of a safetensors file, each checked against its expected shape."""
-    from purecc_jax.weights.safetensors_io import SafetensorsFile
-
-    st = SafetensorsFile(path)
-    out = {}
-    for key, shape in expected.items():
-        if key not in st.entries:
-            raise ValueError(f"{path}: no tensor {key!r} (has {sorted(st.keys())})")
-        out[key] = jnp.asarray(np.asarray(st.get(key), np.float32))
-        if out[key].shape != shape:
-            raise ValueError(f"{path}: {key!r} has shape {out[key].shape}; this pipeline needs {shape}")
-    return out
-
-
-def load_trained(workdir: str | Path, parts: FluxParts) -> tuple[FluxParts, Trained]:
-    """Reads `workdir/export/` (purecc.json, the LoRA or transformer weights, concept embeddings).
-
-    Returns `parts` (with the fine-tuned transformer if the export holds full weights) and
-    the `Trained` additions. With token embeddings the identifier is added to `parts`'
-    tokenizers (in place), as in training.
-    """
-    export = Path(workdir) / "export"
-    meta = _read_json(export / "purecc.json", "has the training run finished and exported?")
-    ident, kind = meta["identifier"], meta["concept_embedding"]
-    cfg = parts.transformer_config
-    adapter = None
-    if (export / "pytorch_lora_weights.safetensors").is_file():
-        from purecc_jax.weights import lora_export
-
-        tree, lcfg = lora_export.load(export / "pytorch_lora_weights.safetensors", cfg, scanned=cfg.scan_layers)
-        adapter = lora_lib.variables(jax.tree_util.tree_map(jnp.asarray, tree), lcfg)
-    elif (export / "transformer").is_dir():
-        from purecc_jax.weights import flux_io
-
-        runtime = {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention")}
-        cfg, params = flux_io.load_transformer(export / "transformer", mesh=parts.mesh, rules=parts.rules, **runtime)
-        parts = dataclasses.replace(parts, transformer_config=cfg, transformer_params=params)
-    embeddings = None
-    if kind == "token":
-        text = parts.text
-        embeddings = {
-            "clip": _tensors(export / "concept_clip_l.safetensors", {ident: (1, text.clip_config.hidden_size)})[ident],
-            "t5": _tensors(export / "concept_t5.safetensors", {ident: (1, text.t5_config.d_model)})[ident],
-        }
-        if ident not in parts.tokenizers.concept_words:
-            parts.tokenizers.add_concept_token(ident)
-    elif kind == "layerwise":
-        embeddings = _tensors(export / "concept_layerwise.safetensors",
-                              {"double": (cfg.depth, cfg.hidden_size), "single": (cfg.depth_single, cfg.hidden_size)})
-    elif kind != "none":
-        raise ValueError(f"{export / 'purecc.json'}: unknown concept_embedding {kind!r}")
-    return parts, Trained(ident, meta["class_word"], kind, adapter, embeddings)
-
-
-def trained_overrides(parts: FluxParts, prompts: Sequence[str], settings: SampleSettings,
-                      trained: Trained | None = None) -> dict[str, Any]:
-    """Extra `generate` keyword arguments for a trained PureCC model (`load_trained`).
-
-    The `lora` collection, the layer-wise `concept` injection, and `text` (and
-    `negative_text`) embeddings computed with the learned concept tokens. Sampling the
-    pretrained model (`trained=None`) adds nothing.
-    """
-    if trained is None:
-        return {}
-
-    def embed(texts):
-        return emb_lib.embed_prompts(parts.text, texts, settings.max_sequence_length, trained.concept_embedding,
-                                     trained.identifier, trained.embeddings)
-
-    text, concept = embed(prompts)
-    out = dict(text=text, lora=trained.lora, concept=concept)
-    if settings.negative_prompt is not None and settings.true_cfg_scale > 1:
-        negative, negative_concept = embed([settings.negative_prompt])
-        if negative_concept is not None and bool(jnp.any(negative_concept.mask)):
-            raise ValueError(f"the negative prompt {settings.negative_prompt!r} names the concept "
-                             f"{trained.identifier!r}; layer-wise concept vectors apply to the positive prompts only")
-        out["negative_text"] = negative
-    return out
-
-
-def output_paths(output: str | Path, count: int) -> list[Path]:
-    """PNG paths for `count` images: `output` itself for one, else stem_i with output's suffix."""
-    output = Path(output)
-    if count == 1:
-        return [output]
-    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
-
-
-def write_images(images: np.ndarray, output: str | Path) -> list[Path]:
-    """Writes (B, H, W, 3) images in [0, 1]: one .npy (float32) or PNGs (see `output_paths`)."""
-    from PIL import Image
-
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    images = np.asarray(images, np.float32)
-    if output.suffix == ".npy":
-        np.save(output, images)
-        return [output]
-    paths = output_paths(output, images.shape[0])
-    for image, path in zip(images, paths):
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(path)
-    return paths
-
-
 def main(argv: Sequence[str]) -> None:
     """The CLI (flags in this module's FLAGS, parsed by `cli_lib.parse_flags`)."""
     if len(argv) > 1:
@@ -295,8 +81,10 @@ def main(argv: Sequence[str]) -> None:
     for flag in (_PROMPT, _OUTPUT):
         if not flag.value:
             raise app.UsageError(f"--{flag.name} is required")
-    if not _PRETRAINED.value and not _WORKDIR.value:
-        raise app.UsageError("--pretrained (or --workdir of a training run) is required")
+    if not (_PRETRAINED.value or _WORKDIR.value or _EXPORT.value):
+        raise app.UsageError("--pretrained (or --workdir of a training run, or --export) is required")
+    if _WORKDIR.value and _EXPORT.value:
+        raise app.UsageError("--workdir samples the run's export/; give --export only without it")
     settings = SampleSettings(_HEIGHT.value, _WIDTH.value, _STEPS.value, _GUIDANCE.value, _MAX_SEQ.value,
                               _NEGATIVE.value, _TRUE_CFG.value)
     for name, value in (("height", settings.height), ("width", settings.width)):
@@ -306,16 +94,28 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"--num_images={_NUM_IMAGES.value} must be at least 1")
     init_latents = None if _INIT_LATENTS.value is None else np.load(_INIT_LATENTS.value)
 
-    pretrained = _PRETRAINED.value or workdir_pretrained(_WORKDIR.value)
+    pretrained = _PRETRAINED.value
+    if not pretrained and _EXPORT.value:
+        pretrained = trained_lib.read_meta(_EXPORT.value).get("pretrained")
+        if not pretrained:
+            raise app.UsageError(f"{_EXPORT.value}/purecc.json names no pretrained folder: pass --pretrained")
+    pretrained = pretrained or trained_lib.workdir_pretrained(_WORKDIR.value)
     parts = load_pipeline(pretrained, mesh=cli_lib.mesh_from_flag(_MESH.value), dtype=_DTYPE.value,
                           param_dtype=_PARAM_DTYPE.value)
     trained = None
     if _WORKDIR.value:
-        parts, trained = load_trained(_WORKDIR.value, parts)
+        parts, trained = trained_lib.load_trained(_WORKDIR.value, parts, _LORA_SCALE.value)
+    elif _EXPORT.value:
+        parts, trained = trained_lib.load_export(_EXPORT.value, parts, _LORA_SCALE.value)
     prompts = list(_PROMPT.value)
+    overrides = trained_lib.trained_overrides(parts, prompts, settings, trained)
+    if _LORA.value:
+        if overrides.get("lora") is not None:
+            raise app.UsageError(f"--lora={_LORA.value}: the trained run already brings a LoRA; "
+                                 "sample one LoRA at a time")
+        overrides["lora"] = formats.lora_variables(_LORA.value, parts, _LORA_SCALE.value)
     out = generate(parts, prompts, settings, seeds=[_SEED.value + i for i in range(_NUM_IMAGES.value)],
-                   init_latents=init_latents, progress=_PROGRESS.value,
-                   **trained_overrides(parts, prompts, settings, trained))
+                   init_latents=init_latents, progress=_PROGRESS.value, **overrides)
     for path in write_images(np.asarray(jax.device_get(out.images)), _OUTPUT.value):
         logging.info("wrote %s", path)
 

@@ -17,6 +17,7 @@ from PIL import Image
 import pipeline_reference
 from purecc_jax import main as main_lib
 from purecc_jax import sample as sample_cli
+from purecc_jax import trained as trained_lib
 from purecc_jax.data import tfds_dreambench as tdb
 from purecc_jax.evaluation import metrics
 from purecc_jax.evaluation import sweep
@@ -203,7 +204,7 @@ def png(path: Path) -> np.ndarray:
 
 def test_sweep_images_are_the_sample_clis(swept, workdir, tmp_path):
     """Prompt 1's customized images = `sample --workdir` of its complete text, base = `sample --pretrained`."""
-    pretrained = sample_cli.workdir_pretrained(workdir)
+    pretrained = trained_lib.workdir_pretrained(workdir)
     for args, kind, text in (([f"--workdir={workdir}"], "customized", "a sks dog on the beach"),
                              ([f"--pretrained={pretrained}"], "base", "a dog on the beach")):
         run_cli(sample_cli, [*args, f"--prompt={text}", f"--num_images={SEEDS}", "--seed=0", "--noprogress",

@@ -31,6 +31,7 @@ import pipeline_reference
 from purecc_jax import main as main_lib
 from purecc_jax import sample as sample_cli
 from purecc_jax import sharding, train
+from purecc_jax import trained as trained_lib
 from purecc_jax.models import lora
 from purecc_jax.models.flux import ConceptInjection, FluxConfig, FluxTransformer
 from purecc_jax.pipeline.folder import load_pipeline
@@ -182,9 +183,9 @@ def test_cli_runs_stage_a_then_stage_b_and_exports(cli_run):
 
     export = w / "export"
     meta = json.loads((export / "purecc.json").read_text())
-    assert meta == dict(identifier="sks", class_word="dog", concept_embedding="token", method="purecc",
-                        stage="stage_b", files=["pytorch_lora_weights.safetensors", "concept_clip_l.safetensors",
-                                                "concept_t5.safetensors"])
+    assert {k: meta[k] for k in ("identifier", "class_word", "concept_embedding", "method", "stage", "files")} == dict(
+        identifier="sks", class_word="dog", concept_embedding="token", method="purecc", stage="stage_b",
+        files=["pytorch_lora_weights.safetensors", "concept_clip_l.safetensors", "concept_t5.safetensors"])
     assert all((export / f).is_file() for f in meta["files"])
     assert "load_textual_inversion" in (export / "README.md").read_text()
     rows = tensors(export / "concept_clip_l.safetensors")["sks"]
@@ -478,7 +479,7 @@ def test_sample_workdir_reads_full_weights(folder, tmp_path):
     (tmp_path / "export" / "purecc.json").write_text(json.dumps(dict(
         identifier="sks", class_word="dog", concept_embedding="none", method="dreambooth", stage="stage_a",
         files=["transformer/diffusion_pytorch_model.safetensors"])))
-    parts, trained = sample_cli.load_trained(tmp_path, load_pipeline(sample_cli.workdir_pretrained(tmp_path)))
+    parts, trained = trained_lib.load_trained(tmp_path, load_pipeline(trained_lib.workdir_pretrained(tmp_path)))
     assert trained.lora is None and trained.embeddings is None
     for got, want in zip(jax.tree_util.tree_leaves(parts.transformer_params), jax.tree_util.tree_leaves(tuned)):
         np.testing.assert_array_equal(np.asarray(got), want)

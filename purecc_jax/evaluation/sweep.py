@@ -40,7 +40,8 @@ from PIL import Image
 
 from purecc_jax import cli as cli_lib
 from purecc_jax.data import tfds_dreambench as tdb
-from purecc_jax.sample import SampleSettings, generate, load_trained, trained_overrides, workdir_pretrained
+from purecc_jax.pipeline.generate import SampleSettings, generate
+from purecc_jax.trained import load_trained, trained_overrides, workdir_pretrained
 
 FLAGS = flags.FlagValues()
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "trained PureCC workdirs, each of one DreamBench subject",

@@ -32,12 +32,14 @@ def module_names(cfg: FluxConfig, scanned: bool) -> dict[tuple[tuple[str, ...], 
     return out
 
 
-def _is_scanned(adapter: Any) -> bool:
+def is_scanned(adapter: Any) -> bool:
+    """Whether an adapter tree holds stacked (scanned) blocks."""
     return any(p[0] in ("double_blocks", "single_blocks") for p in traverse_util.flatten_dict(adapter))
 
 
 def to_diffusers(adapter: Any, lora_cfg: LoRAConfig, cfg: FluxConfig, dtype=np.float32) -> dict[str, np.ndarray]:
-    scanned = _is_scanned(adapter)
+    """diffusers key -> tensor of an adapter (alpha / rank folded into lora_B)."""
+    scanned = is_scanned(adapter)
     names = module_names(cfg, scanned)
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(adapter).items()}
     out = {}
@@ -63,37 +65,68 @@ def save(adapter: Any, lora_cfg: LoRAConfig, cfg: FluxConfig, path: str | Path, 
 
 
 def load(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[Any, LoRAConfig]:
-    """A diffusers FLUX LoRA file -> (adapter tree, LoRAConfig with scale 1). Strict on names and ranks."""
+    """A diffusers/PEFT FLUX LoRA file -> (adapter tree, LoRAConfig with scale 1).
+
+    Keys are `transformer.<module>.lora_A.weight` / `.lora_B.weight` (PEFT's
+    `base_model.model.` prefix or no prefix are accepted too), with an optional
+    `<module>.alpha` (scale alpha / rank, folded into B). Any other key, or a module this
+    FLUX config does not have, is an error naming it.
+    """
     st = SafetensorsFile(path)
     by_name = {v: k for k, v in module_names(cfg, scanned).items()}
-    groups: dict[tuple[str, ...], dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
-    ranks = set()
+    modules: dict[str, dict[str, str]] = {}
     for key in st.keys():
-        if not key.endswith(".lora_A.weight"):
-            if not key.endswith(".lora_B.weight"):
-                raise ValueError(f"{path}: unexpected tensor {key!r} (only lora_A / lora_B are understood)")
-            continue
-        module = key[len(PREFIX): -len(".lora_A.weight")] if key.startswith(PREFIX) else None
-        if module not in by_name:
-            raise ValueError(f"{path}: {key!r} names no linear layer of this FLUX config")
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        if b_key not in st.entries:
-            raise ValueError(f"{path}: {key!r} has no matching {b_key!r}")
-        our_path, layer = by_name[module]
-        a, b = np.asarray(st.get(key), np.float32).T, np.asarray(st.get(b_key), np.float32).T
-        ranks.add(a.shape[1])
-        groups.setdefault(our_path, {})[layer] = (a, b)
-    if len(ranks) != 1:
-        raise ValueError(f"{path}: expected one LoRA rank, found {sorted(ranks)}")
+        for part in ("lora_A.weight", "lora_B.weight", "alpha"):
+            if key.endswith("." + part):
+                module = key[: -len(part) - 1]
+                break
+        else:
+            raise ValueError(f"{path}: unexpected tensor {key!r} (a diffusers LoRA holds only "
+                             "<module>.lora_A.weight, .lora_B.weight and .alpha)")
+        for prefix in (PREFIX, "base_model.model.", ""):
+            if module.startswith(prefix) and module[len(prefix):] in by_name:
+                module = module[len(prefix):]
+                break
+        else:
+            raise ValueError(f"{path}: {key!r} names no linear layer of this FLUX transformer "
+                             "(text-encoder LoRAs are not supported)")
+        modules.setdefault(module, {})[part] = key
+    pieces = {}
+    for module, keys in modules.items():
+        if "lora_A.weight" not in keys or "lora_B.weight" not in keys:
+            raise ValueError(f"{path}: module {module!r} lacks its lora_A or lora_B weight (has {sorted(keys.values())})")
+        a = np.asarray(st.get(keys["lora_A.weight"]), np.float32).T
+        b = np.asarray(st.get(keys["lora_B.weight"]), np.float32).T
+        if "alpha" in keys:
+            b = b * float(np.asarray(st.get(keys["alpha"]), np.float32)) / a.shape[1]
+        pieces[by_name[module]] = (a, b)
+    return assemble(pieces, cfg, path)
+
+
+def assemble(pieces: dict[tuple[tuple[str, ...], int | None], tuple[np.ndarray, np.ndarray]], cfg: FluxConfig,
+             where: Any) -> tuple[Any, LoRAConfig]:
+    """An adapter tree (scale 1) from per-module (A (in, r), B (r, out)) pieces, keyed as `module_names`.
+
+    Layers of a scanned stack without a LoRA get zero adapters, and ranks that differ
+    between layers are padded with zeros: both leave the product A @ B exact.
+    """
+    if not pieces:
+        raise ValueError(f"{where}: holds no LoRA tensors")
+    depth = {"double_blocks": cfg.depth, "single_blocks": cfg.depth_single}
+    groups: dict[tuple[str, ...], dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
+    for (our_path, layer), ab in pieces.items():
+        groups.setdefault(our_path, {})[layer] = ab
     flat = {}
     for our_path, per_layer in groups.items():
+        rank = max(a.shape[1] for a, _ in per_layer.values())
+        pad = lambda a, b: (np.pad(a, ((0, 0), (0, rank - a.shape[1]))), np.pad(b, ((0, rank - b.shape[0]), (0, 0))))
         if None in per_layer:
             flat[our_path + ("a",)], flat[our_path + ("b",)] = per_layer[None]
-        else:
-            n = max(per_layer) + 1
-            if sorted(per_layer) != list(range(n)):
-                raise ValueError(f"{path}: LoRA covers only some layers of {'/'.join(our_path)}")
-            flat[our_path + ("a",)] = np.stack([per_layer[i][0] for i in range(n)])
-            flat[our_path + ("b",)] = np.stack([per_layer[i][1] for i in range(n)])
-    rank = ranks.pop()
+            continue
+        a0, b0 = next(iter(per_layer.values()))
+        zeros = (np.zeros((a0.shape[0], rank), np.float32), np.zeros((rank, b0.shape[1]), np.float32))
+        layers = [pad(*per_layer[i]) if i in per_layer else zeros for i in range(depth[our_path[0]])]
+        flat[our_path + ("a",)] = np.stack([a for a, _ in layers])
+        flat[our_path + ("b",)] = np.stack([b for _, b in layers])
+    rank = max(v.shape[-1] for k, v in flat.items() if k[-1] == "a")
     return traverse_util.unflatten_dict(flat), LoRAConfig(rank=rank, alpha=float(rank), targets=())
