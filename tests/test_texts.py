@@ -27,3 +27,21 @@ def test_caption_file(tmp_path):
     f.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         texts.read_caption_file(f, "sks", "dog")
+
+
+def test_identifier_rules():
+    for identifier, class_word in (("dog", "dog"), ("Dog", "dog"), ("bear", "teddy bear")):
+        with pytest.raises(ValueError, match=f"identifier {identifier!r} is a word of the class word"):
+            texts.check_identifier(identifier, class_word)
+    texts.check_identifier("sks", "sks-like dog")  # a word of its own, not a word of the class
+    for bad in ("", " sks", "sks dog", "sks\tdog"):
+        with pytest.raises(ValueError, match="one non-empty word without spaces"):
+            texts.check_identifier(bad, "dog")
+    with pytest.raises(ValueError, match="is a word of the class word 'toy robot'"):
+        texts.derive("a photo of robot toy robot", "robot", "toy robot")
+
+
+def test_words_containing_the_identifier():
+    assert texts.words_containing("a sks dog wearing masks near SKS-desks", "sks") == ["masks", "desks"]
+    assert texts.words_containing("a photo of sks dog", "sks") == []
+    assert texts.words_containing("sks_dog", "sks") == ["sks_dog"]

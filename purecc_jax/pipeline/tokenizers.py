@@ -166,11 +166,27 @@ class Tokenizers:
         ids = self._tok(tokenizer)(word, add_special_tokens=False).input_ids
         return self._remap(np.asarray(ids, np.int64), tokenizer).tolist()
 
+    def _word_edges(self, ids: np.ndarray, which: Which) -> np.ndarray:
+        """(B, L) bool: T5, whether each token starts a word (`▁...`); CLIP, whether it ends one
+        (`...</w>`). Special and concept tokens are words of their own: both."""
+        tok = self._tok(which)
+        special = set(tok.all_special_ids)
+        edge = {}
+        for i in np.unique(ids).tolist():
+            if i >= self._base[which] or i in special:
+                edge[i] = True
+            else:
+                piece = tok.convert_ids_to_tokens(i)
+                edge[i] = piece.startswith("▁") if which == "t5" else piece.endswith("</w>")
+        return np.vectorize(edge.__getitem__, otypes=[bool])(ids)
+
     def word_mask(self, ids: np.ndarray, word: str, tokenizer: Which = "t5") -> np.ndarray:
-        """(B, L) bool: the positions of every occurrence of `word`'s tokens in `ids` (B, L).
+        """(B, L) bool: the positions of every occurrence of the word `word` in `ids` (B, L).
 
         An occurrence is the token sequence `word` has on its own (`word_ids`), which is how
-        a space-separated word is tokenized inside a prompt. Rows without it are all False.
+        a space-separated word is tokenized inside a prompt, that is a whole word there: with
+        real vocabularies "sks" is also the first piece of T5's "sksdog" (`▁sks d og`) and the
+        last of CLIP's "redsks" (`red sks</w>`), which are not it. Rows without it are all False.
         """
         ids = np.asarray(ids)
         pattern = np.asarray(self.word_ids(word, tokenizer))
@@ -182,6 +198,13 @@ class Tokenizers:
             return mask
         windows = np.lib.stride_tricks.sliding_window_view(ids, n, axis=1)
         hits = np.all(windows == pattern, axis=-1)  # (B, L - n + 1): an occurrence starts here
+        edges = self._word_edges(ids, tokenizer)
+        bounded = np.ones_like(hits)
+        if tokenizer == "t5":  # the next token starts a new word
+            bounded[:, :length - n] = edges[:, n:]
+        else:  # the previous token ended one
+            bounded[:, 1:] = edges[:, :length - n]
+        hits &= bounded
         for k in range(n):
             mask[:, k:k + hits.shape[1]] |= hits
         return mask
