@@ -28,6 +28,7 @@ import flux_reference
 import pipeline_reference
 import real_tokenizers
 from purecc_jax import main as main_lib
+from purecc_jax import train
 from purecc_jax.models import lora
 from purecc_jax.models.flux import FluxTransformer
 from purecc_jax.pipeline.folder import load_pipeline
@@ -358,3 +359,54 @@ def test_export_loads_in_diffusers_with_the_same_prompt(run, folder, request):
         **{k: None if v is None else jnp.asarray(v) for k, v in inputs.items()} | {"txt": ours.t5,
                                                                                    "pooled": ours.pooled})
     assert np.abs(np.asarray(got) - want).max() <= 1e-4 * np.abs(want).max()
+
+
+# ----------------------------------------------------------------------------- errors fire early
+
+
+def flux_config(folder: Path, photos_folder: Path, **overrides):
+    """configs/flux_concept.py with the tiny folder, `photos_folder`, TINY and `overrides` (dotted keys)."""
+    spec = importlib.util.spec_from_file_location("flux_concept", CONFIG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    values = {"pretrained": str(folder), "concept.path": str(photos_folder), "concept.class_word": "dog", **TINY}
+    for key, value in {**values, **overrides}.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize("overrides, caption, message", [
+    ({}, "a photo of sks dog wearing masks", r"'sks' inside \['masks'\]; with concept_embedding=token"),
+    ({"concept.identifier": "Tks"}, None, "reads prompts as 'tks'"),
+    ({"concept.identifier": "zqxjvkwy", "concept_embedding": "none"}, None, "more than 3"),
+    ({"concept.identifier": "photo"}, None, "already an entry of the clip tokenizer"),
+])
+def test_trainer_refuses_identifiers_before_encoding_anything(folder, tmp_path_factory, monkeypatch, overrides,
+                                                              caption, message):
+    concept = photos(tmp_path_factory)
+    if caption:
+        (concept / sorted(concept.iterdir())[0].with_suffix(".txt").name).write_text(caption)
+
+    def build_cache(self):
+        raise AssertionError("the concept cache was built before the identifier was checked")
+
+    monkeypatch.setattr(train.Trainer, "_build_cache", build_cache)
+    with pytest.raises(ValueError, match=message):
+        main_lib.run(flux_config(folder, concept, **overrides), tmp_path_factory.mktemp("refused"))
+
+
+def test_identifier_equal_to_the_class_word_fails_before_loading(folder, tmp_path_factory, monkeypatch):
+    from purecc_jax.pipeline import folder as folder_lib
+
+    def load_pipeline(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the config was validated")
+
+    monkeypatch.setattr(folder_lib, "load_pipeline", load_pipeline)
+    config = flux_config(folder, photos(tmp_path_factory), **{"concept.identifier": "dog"})
+    with pytest.raises(ValueError, match="identifier 'dog' is a word of the class word 'dog'"):
+        main_lib.run(config, tmp_path_factory.mktemp("refused"))
