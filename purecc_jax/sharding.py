@@ -55,6 +55,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("relpos_buckets", None),
     ("positions", None),  # learned absolute position tables (CLIP text)
+    ("projection", None),  # CLIP's text projection output (SD3's pooled text)
     ("lora_rank", None),
     ("conv_height", None),
     ("conv_width", None),

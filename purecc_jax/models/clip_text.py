@@ -1,6 +1,8 @@
 """CLIP text encoder (transformers `CLIPTextModel`) in Flax Linen.
 
-FLUX uses its pooled output: the final-LayerNorm hidden state at the EOS position.
+FLUX uses its pooled output: the final-LayerNorm hidden state at the EOS position. SD3 uses
+`CLIPTextModelWithProjection` (config `projection_dim` set): the pooled output projected by
+`text_projection`, and the penultimate layer's hidden states (`penultimate=True`).
 Pre-LN transformer with a causal mask, learned positions and no padding mask (FluxPipeline
 passes none). `weights/clip_rules.py` maps the parameters to transformers' names.
 
@@ -49,6 +51,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
+    projection_dim: int | None = None  # CLIPTextModelWithProjection: pooled output projected to this width
 
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -77,6 +80,7 @@ class CLIPTextConfig:
         if not isinstance(eos, int):
             raise ValueError(f"CLIP text config: eos_token_id must be one integer, got {eos!r}")
         d = cls()
+        with_projection = "CLIPTextModelWithProjection" in (cfg.get("architectures") or ())
         return cls(
             vocab_size=cfg.get("vocab_size", d.vocab_size),
             hidden_size=cfg.get("hidden_size", d.hidden_size),
@@ -87,23 +91,28 @@ class CLIPTextConfig:
             hidden_act=cfg.get("hidden_act", d.hidden_act),
             layer_norm_eps=cfg.get("layer_norm_eps", d.layer_norm_eps),
             eos_token_id=eos,
+            projection_dim=cfg.get("projection_dim", 512) if with_projection else None,
             **runtime,
         )
 
     def to_hf(self) -> dict[str, Any]:
         """transformers CLIPTextConfig json (the inverse of `from_hf`)."""
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": self.vocab_size,
+        architecture = "CLIPTextModel" if self.projection_dim is None else "CLIPTextModelWithProjection"
+        return {"architectures": [architecture], "model_type": "clip_text_model", "vocab_size": self.vocab_size,
                 "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
                 "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
                 "max_position_embeddings": self.max_positions, "hidden_act": self.hidden_act,
                 "layer_norm_eps": self.layer_norm_eps, "eos_token_id": self.eos_token_id,
-                "projection_dim": self.hidden_size}
+                "projection_dim": self.projection_dim or self.hidden_size}
 
 
 PRESETS: dict[str, CLIPTextConfig] = {
     # openai/clip-vit-large-patch14 text tower as FLUX's text_encoder/config.json has it.
     "clip-l": CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
                              eos_token_id=LEGACY_EOS_ID),
+    # OpenCLIP ViT-bigG/14 text tower with projection, as SD3's text_encoder_2/config.json has it.
+    "clip-g": CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, hidden_act="gelu",
+                             projection_dim=1280, eos_token_id=LEGACY_EOS_ID),
     "tiny": CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                            max_positions=16, eos_token_id=99),
 }
@@ -136,13 +145,18 @@ class LayerNorm(nn.Module):
 
 
 class CLIPLayer(nn.Module):
-    """Pre-LN block: x + attn(ln1(x)) (causal), then x + mlp(ln2(x))."""
+    """Pre-LN block: x + attn(ln1(x)) (causal), then x + mlp(ln2(x)).
+
+    The carry is (hidden, the previous block's input); the second member ends as the penultimate
+    hidden states SD3 reads.
+    """
 
     config: CLIPTextConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array):
+    def __call__(self, carry: tuple[jax.Array, jax.Array]):
         c = self.config
+        x = layer_input = carry[0]
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         split = lambda y: constrain(y.reshape(*y.shape[:2], c.num_heads, c.head_dim), BTHD)
 
@@ -160,7 +174,7 @@ class CLIPLayer(nn.Module):
         h = Dense(c.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(h)
         h = checkpoint_name(constrain(ACTIVATIONS[c.hidden_act](h), BTM), "mlp_hidden")
         x = x + Dense(c.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)
-        return constrain(x, BTD), None
+        return (constrain(x, BTD), layer_input), None
 
 
 def pool_positions(input_ids: jax.Array, vocab_size: int, eos_token_id: int) -> jax.Array:
@@ -175,11 +189,13 @@ class CLIPTextEncoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, input_ids: jax.Array, extra_embeddings: jax.Array | None = None
+        self, input_ids: jax.Array, extra_embeddings: jax.Array | None = None, *, penultimate: bool = False
     ) -> tuple[jax.Array, jax.Array]:
-        """(last_hidden_state (B, L, width), pooled (B, width)) for token ids (B, L).
+        """(last_hidden_state (B, L, width), pooled (B, width or projection_dim)) for token ids (B, L).
 
-        `extra_embeddings` (n_extra, width): rows read by ids >= vocab_size.
+        `extra_embeddings` (n_extra, width): rows read by ids >= vocab_size. `penultimate`: return
+        transformers' `hidden_states[-2]` (the second-to-last block's output, no final LayerNorm) instead
+        of the last hidden state.
         """
         c = self.config
         length = input_ids.shape[1]
@@ -193,11 +209,14 @@ class CLIPTextEncoder(nn.Module):
         x = embed_tokens(table, input_ids, extra_embeddings) + positions[None, :length]
         x = constrain(x.astype(c.dtype), BTD)
 
-        x = layer_stack(CLIPLayer, c, c.num_layers, "layers", 0)(x)
+        x, before_last = layer_stack(CLIPLayer, c, c.num_layers, "layers", 0)((x, x))
         x = LayerNorm(c.layer_norm_eps, c.param_dtype, name="final_ln")(x)
         pos = pool_positions(input_ids, c.vocab_size, c.eos_token_id)
         pooled = jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
-        return x, pooled
+        if c.projection_dim is not None:
+            pooled = Dense(c.projection_dim, ("embed", "projection"), use_bias=False, dtype=c.dtype,
+                           param_dtype=c.param_dtype, name="text_projection")(pooled)
+        return (before_last if penultimate else x), pooled
 
 
 def init_fn(config: CLIPTextConfig, rng: jax.Array, batch: int = 1, length: int | None = None):

@@ -47,6 +47,8 @@ def clip_rules(cfg: CLIPTextConfig, scanned: bool | None = None, prefix: str = P
         r += linear(f"{t}.mlp.fc1", b("fc1"))
         r += linear(f"{t}.mlp.fc2", b("fc2"))
     r += _layer_norm(f"{prefix}final_layer_norm", Leaf(("final_ln",)))
+    if cfg.projection_dim is not None:  # CLIPTextModelWithProjection keeps it outside `text_model.`
+        r += linear("text_projection", Leaf(("text_projection",)), bias=False)
     return r
 
 
@@ -57,7 +59,7 @@ def load_clip(
     rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
     **runtime,
 ) -> tuple[CLIPTextConfig, Any]:
-    """(config, params) from a transformers CLIPTextModel folder (config.json + safetensors).
+    """(config, params) from a transformers CLIPTextModel or CLIPTextModelWithProjection folder.
 
     `runtime`: CLIPTextConfig runtime fields (dtype, param_dtype, scan_layers, ...).
     With `mesh`, every parameter is placed in its logical sharding; otherwise on device 0.
