@@ -29,6 +29,9 @@ def concept_config() -> ml_collections.ConfigDict:
     c.method = "purecc"  # purecc (stage A then B) | dreambooth (L_CC only, one stage)
     c.concept_embedding = "token"  # none | token | layerwise
     c.train_embeddings_in_stage_b = False
+    # A FLUX LoRA file (diffusers/PEFT or kohya) to use as stage B's extractor θ1 instead of training
+    # stage A; with it the identifier is a plain word (concept_embedding=none).
+    c.extractor_lora = ""
 
     c.concept = ml_collections.ConfigDict(dict(
         path="",  # folder of images, or a DreamBench subject name

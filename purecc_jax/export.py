@@ -80,8 +80,8 @@ def restore_trainable(directory: Path, step: int | None = None) -> tuple[dict[st
     if step not in steps:
         raise ValueError(f"{directory / 'checkpoints'} has no step {step}; it has {steps}")
     path = directory / "checkpoints" / str(step) / "default"
+    tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
     with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.metadata(path).item_metadata.tree
         item = {"trainable": tree["trainable"]}
         restore_args = {"trainable": _numpy_args(tree["trainable"])}
         restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,

@@ -52,6 +52,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.concept.path:
         raise ValueError("config.concept.path is empty: give a folder of 3-5 images or a DreamBench subject name")
     texts_lib.check_identifier(config.concept.identifier, config.concept.class_word)
+    if config.get("extractor_lora"):
+        if config.method != "purecc":
+            raise ValueError(f"config.extractor_lora is stage B's extractor; method={config.method!r} has no stage B")
+        if config.concept_embedding != "none":
+            raise ValueError("config.extractor_lora replaces stage A, which learns the concept embedding: "
+                             f"set concept_embedding=none (not {config.concept_embedding!r})")
+        if not Path(config.extractor_lora).expanduser().is_file():
+            raise FileNotFoundError(f"config.extractor_lora={config.extractor_lora!r} is not a file")
     for name in ("stage_a", "stage_b"):
         st = config[name]
         if st.steps < 0 or st.batch_size < 1:
@@ -270,6 +278,18 @@ class Trainer:
         trained = self.run_stage("stage_a", st, step_cfg, trainable, frozen, lcfg)
         return Stage("stage_a", trained, lcfg, self.workdir / "stage_a")
 
+    def imported_extractor(self) -> Stage:
+        """Stage A's result taken from an existing LoRA file (`config.extractor_lora`), placed like the model."""
+        from purecc_jax.weights import formats
+
+        path = Path(self.config.extractor_lora).expanduser()
+        params, cfg = self.parts.transformer_params, self.parts.transformer_config
+        tree, lcfg = formats.read_lora(path, cfg, scanned=cfg.scan_layers)
+        formats.check_fits(tree, params, path)
+        placed = jax.device_put(tree, lora_lib.shardings(tree, jax.tree_util.tree_map(lambda x: x.sharding, params)))
+        log.info("stage A skipped: the extractor is the LoRA of %s (rank %d)", path, lcfg.rank)
+        return Stage("extractor_lora", {"lora": placed}, lcfg, path)
+
     def stage_b(self, a: Stage) -> Stage:
         cfg = self.config
         st = cfg.stage_b
@@ -304,7 +324,7 @@ class Trainer:
 
     def run(self) -> Stage:
         save_config(self.config, self.workdir)
-        a = self.stage_a()
+        a = self.imported_extractor() if self.config.get("extractor_lora") else self.stage_a()
         final = a if self.config.method == "dreambooth" else self.stage_b(a)
         export(final, self, self.workdir / "export")
         return final

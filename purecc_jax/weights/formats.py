@@ -165,17 +165,22 @@ def read_lora(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[
     return module.load(path, cfg, scanned)
 
 
+def check_fits(adapter: Any, params: Any, where: Any) -> None:
+    """Raises ValueError naming the module if an adapter does not fit the transformer's kernels."""
+    flat = traverse_util.flatten_dict(params)
+    for key, value in traverse_util.flatten_dict(adapter).items():
+        kernel = flat[key[:-1] + ("kernel",)].shape
+        want, got = (kernel[:-1], value.shape[:-1]) if key[-1] == "a" else (kernel[-1:], value.shape[-1:])
+        if got != want:
+            raise ValueError(f"{where}: the LoRA of {'/'.join(key[:-1])} has {key[-1]} of shape {value.shape}, "
+                             f"which does not fit its kernel {kernel}: a LoRA for another FLUX size?")
+
+
 def lora_variables(path: str | Path, parts: FluxParts, scale: float = 1.0) -> Any:
     """The `lora` collection of a LoRA file for `parts`' transformer, times `scale`; shapes checked."""
     cfg = parts.transformer_config
     tree, lcfg = read_lora(path, cfg, scanned=cfg.scan_layers)
-    params = traverse_util.flatten_dict(parts.transformer_params)
-    for key, value in traverse_util.flatten_dict(tree).items():
-        kernel = params[key[:-1] + ("kernel",)].shape
-        dims = (kernel[-2],) if key[-1] == "a" else (kernel[-1],)
-        if (value.shape[-2] if key[-1] == "a" else value.shape[-1],) != dims:
-            raise ValueError(f"{path}: the LoRA of {'/'.join(key[:-1])} has {key[-1]} of shape {value.shape}, "
-                             f"which does not fit the kernel {kernel}: a LoRA for another FLUX size?")
+    check_fits(tree, parts.transformer_params, path)
     flat = traverse_util.flatten_dict(lora_lib.variables(tree, lcfg))
     return traverse_util.unflatten_dict({k: jnp.asarray(v * scale if k[-1] == "b" else v) for k, v in flat.items()})
 

@@ -8,6 +8,7 @@ alpha / rank is folded into lora_B: the file needs no alpha and loads with scale
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ def load(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[Any, 
             raise ValueError(f"{path}: {key!r} names no linear layer of this FLUX transformer "
                              "(text-encoder LoRAs are not supported)")
         modules.setdefault(module, {})[part] = key
+    peft_scale = _peft_scale(st, path)
     pieces = {}
     for module, keys in modules.items():
         if "lora_A.weight" not in keys or "lora_B.weight" not in keys:
@@ -99,8 +101,25 @@ def load(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[Any, 
         b = np.asarray(st.get(keys["lora_B.weight"]), np.float32).T
         if "alpha" in keys:
             b = b * float(np.asarray(st.get(keys["alpha"]), np.float32)) / a.shape[1]
+        elif peft_scale is not None:
+            b = b * peft_scale(a.shape[1])
         pieces[by_name[module]] = (a, b)
     return assemble(pieces, cfg, path)
+
+
+def _peft_scale(st: SafetensorsFile, path: Any):
+    """rank -> scale from the PEFT LoraConfig diffusers stores in the file's metadata, or None if absent."""
+    raw = st.metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    meta = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    for key in ("alpha_pattern", "rank_pattern"):
+        if meta.get(key):
+            raise ValueError(f"{path}: its PEFT config has a per-module {key}, which this reader does not apply")
+    if "lora_alpha" not in meta:
+        return None
+    alpha = float(meta["lora_alpha"])
+    return (lambda r: alpha / np.sqrt(r)) if meta.get("use_rslora") else (lambda r: alpha / r)
 
 
 def assemble(pieces: dict[tuple[tuple[str, ...], int | None], tuple[np.ndarray, np.ndarray]], cfg: FluxConfig,

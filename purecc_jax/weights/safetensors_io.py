@@ -167,7 +167,7 @@ def write_streaming(
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype in specs:
-            arr = np.ascontiguousarray(produce(name), dtype=np.dtype(dtype))
+            arr = np.asarray(produce(name), dtype=np.dtype(dtype))  # ascontiguousarray makes 0-d 1-d
             if arr.shape != tuple(shape):
                 raise ValueError(f"{name!r}: produced shape {arr.shape}, declared {tuple(shape)}")
             f.write(arr.tobytes())
