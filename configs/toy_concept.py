@@ -56,12 +56,22 @@ def get_config() -> ml_collections.ConfigDict:
         transformer=dict(num_heads=2, head_dim=64, axes_dim=(16, 24, 24), depth=2, depth_single=2, theta=1000.0),
         clip=dict(width=64, mlp=128, layers=2, heads=2),
         t5=dict(d_model=64, d_kv=32, d_ff=128, layers=2, heads=2),
-        base=dict(steps=2500, batch_size=32, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, b2=0.999,
-                  drop_prob=0.15, empty_prob=0.1, ema_decay=0.995, timestep_shift=3.0),
+        # The shipped base's recipe (--config.toy.pretrain_base=True): the learning rate follows a
+        # schedule of schedule_steps; training stops at `steps`.
+        base=dict(steps=12000, schedule_steps=1500, checkpoint_every=100, batch_size=32, learning_rate=2e-3,
+                  warmup_steps=50, weight_decay=0.0, b2=0.999, drop_prob=0.15, empty_prob=0.1, ema_decay=0.995,
+                  timestep_sampler="uniform", timestep_shift=3.0),
         sampling=dict(steps=20, cfg_scale=3.0, shift=3.0),
         evaluation=dict(samples=50, chunk=125),
-        etas=(0.5, 2.0),
-        methods=(),  # a subset of the methods to run (names as in toyworld/experiment.py); empty: all
+        seeds=(0, 1, 2),  # training seeds of every method (same evaluation prompts and noise for all)
+        alpha=0.05,  # level of the two-sided t-tests across seeds in the report
+        pretrain_base=False,  # pretrain a base into workdir/base instead of loading the shipped one
+        base_only=False,  # stop after evaluating the base (with pretrain_base: how the shipped base is made)
+        quick=False,  # fewer steps, samples and sampling steps (toyworld/experiment.py QUICK)
+        ablations=False,  # also stop-grad through v_b, fixed λ, layer-wise embedding, large η ± stop-grad
+        fixed_lambdas=(1.0, 3.0, 5.0),
+        etas=(20.0, 100.0),
+        methods=(),  # names of methods to run (any of toyworld/experiment.py's, ablations included)
         references=4,
     ))
     return c

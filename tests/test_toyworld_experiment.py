@@ -1,4 +1,4 @@
-"""The toy world end to end at a tiny size: base pretraining -> concept runs -> evaluation -> report."""
+"""The toy world end to end at a tiny size: base pretraining -> concept runs per seed -> evaluation -> report."""
 
 import importlib.util
 import json
@@ -25,6 +25,8 @@ def tiny_config():
     t.sampling.steps = 3
     t.evaluation.samples, t.evaluation.chunk = 3, 8
     t.methods = ("lcc", "purecc")
+    t.seeds = (0, 1)
+    t.pretrain_base = True  # a tiny base of its own, not the shipped one
     for st in (c.stage_a, c.stage_b):
         st.steps = 3
     c.checkpoint_every = 3
@@ -45,26 +47,37 @@ def test_every_stage_runs_and_the_report_is_written(run):
     assert parts.codec.downsample_factor == config.toy.patch // 2
     assert sorted((workdir / "concept").glob("*.png")) and sorted((workdir / "concept").glob("*.txt"))
     for name in ("lcc", "purecc"):
-        assert (workdir / "runs" / name / "export" / "pytorch_lora_weights.safetensors").exists()
-        assert (workdir / "samples" / f"{name}.png").exists()
-    assert (workdir / "runs" / "purecc" / "stage_b" / "metrics.jsonl").exists()
-    assert (workdir / "runs" / "purecc" / "stage_a").is_symlink()  # PureCC reuses the L_CC run's stage A
+        for seed in (0, 1):
+            assert (workdir / "runs" / name / f"seed{seed}" / "export" / "pytorch_lora_weights.safetensors").exists()
+            assert (workdir / "samples" / f"{name}_seed{seed}.png").exists()
+    assert (workdir / "runs" / "purecc" / "seed1" / "stage_b" / "metrics.jsonl").exists()
+    stage_a = workdir / "runs" / "purecc" / "seed1" / "stage_a"
+    assert stage_a.is_symlink() and stage_a.resolve() == (workdir / "runs" / "lcc" / "seed1" / "stage_a").resolve()
     for ext in ("md", "json", "png"):
         assert (workdir / f"report.{ext}").stat().st_size > 0
     report = json.loads((workdir / "report.json").read_text())
     assert set(report["results"]) == {"base", "lcc", "purecc"}
-    scores = report["results"]["purecc"]["scores"]
+    runs = report["results"]["purecc"]["runs"]
+    assert set(runs) == {"0", "1"}
+    scores = runs["1"]["scores"]
     assert scores["fidelity_ref"]["n"] == config.toy.evaluation.samples
     assert np.isfinite(scores["drift_world"])
-    assert any("lambda_mean" in row for row in report["results"]["purecc"]["curves"])
-    assert "| PureCC, adaptive λ* |" in (workdir / "report.md").read_text()
+    assert any("lambda_mean" in row for row in runs["1"]["curves"])
+    # seeds train differently: the LoRA weights of the two L_CC runs differ
+    lora = [(workdir / "runs" / "lcc" / f"seed{s}" / "export" / "pytorch_lora_weights.safetensors").read_bytes()
+            for s in (0, 1)]
+    assert lora[0] != lora[1]
+    md = (workdir / "report.md").read_text()
+    assert "| PureCC, adaptive λ* |" in md and "Welch's" in md and "pretrained in this workdir (sha256" in md
+    assert report["machine"]["jax"] and report["machine"]["cpu"]
+    assert any(key.startswith("purecc vs lcc: ") for key in report["tests"])
 
 
 def test_rerun_reuses_everything(run):
     workdir, config, first = run
     again = experiment.run(config, workdir)
     assert again["timings"]["base"] < 5  # the cached base folder is reused
-    assert again["results"]["purecc"]["scores"] == first["results"]["purecc"]["scores"]
+    assert again["results"]["purecc"]["runs"] == first["results"]["purecc"]["runs"]
 
 
 def test_unknown_method_is_refused():
@@ -72,3 +85,25 @@ def test_unknown_method_is_refused():
     c.toy.methods = ("lcc", "magic")
     with pytest.raises(ValueError, match="unknown methods"):
         experiment.methods(c)
+
+
+def test_method_sets():
+    c = tiny_config()
+    c.toy.methods = ()
+    assert [m.name for m in experiment.methods(c)] == ["lcc", "purecc"]
+    c.toy.ablations = True
+    names = [m.name for m in experiment.methods(c)]
+    assert {"purecc_sg", "purecc_fixed1", "purecc_fixed3", "purecc_fixed5", "lcc_layerwise", "purecc_layerwise",
+            "purecc_eta20", "purecc_eta20_sg", "purecc_eta100", "purecc_eta100_sg"} <= set(names)
+    c.toy.ablations = False
+    c.toy.methods = ("purecc_eta100_sg", "lcc")  # any method by name, in the canonical order
+    chosen = experiment.methods(c)
+    assert [m.name for m in chosen] == ["lcc", "purecc_eta100_sg"]
+    assert chosen[1].overrides == {"objective.eta": 100.0, "objective.stop_grad_original": True}
+
+
+def test_one_seed_is_refused(tmp_path):
+    c = tiny_config()
+    c.toy.seeds = (0,)
+    with pytest.raises(ValueError, match="need >= 2 training seeds"):
+        experiment.run(c, tmp_path)

@@ -177,16 +177,24 @@ def pretrain(toy, workdir: Path, progress: bool = True) -> Path:
         "clip": sharding.unbox(jax.jit(clip_text.init_fn(clip_cfg, keys[1]))()),
         "t5": sharding.unbox(jax.jit(t5.init_fn(t5_cfg, keys[2]))()),
     }
-    sched = optax.warmup_cosine_decay_schedule(0.0, b.learning_rate, b.warmup_steps, b.steps, b.learning_rate * 0.1)
+    # The schedule has its own length, so a run stopped at b.steps < b.schedule_steps is the same
+    # trajectory as a longer one (the shipped base is such a prefix; see configs/toy_concept.py).
+    decay_steps = b.schedule_steps or b.steps
+    sched = optax.warmup_cosine_decay_schedule(0.0, b.learning_rate, b.warmup_steps, decay_steps,
+                                               b.learning_rate * 0.1)
     tx = make_optimizer({k: sched for k in trainable}, b2=b.b2, weight_decay=b.weight_decay, grad_clip=1.0)
     state = jax.jit(lambda tr: init_state(tr, tx, toy.seed))(trainable)
     state = state.replace(opt_state={"opt": state.opt_state, "ema": jax.tree_util.tree_map(jnp.copy, trainable)})
     data = BaseData(toy, tokenizers, toy.max_sequence_length)
     f = codec(toy).downsample_factor
     img_ids = latent_image_ids(toy.image_size // f, toy.image_size // f)
-    step = jax.jit(make_step(*configs, tx, flow.TimestepConfig(shift=b.timestep_shift), img_ids, b.ema_decay), donate_argnums=(0,))
+    # Uniform t with shift 3 keeps most steps at high noise, where a shape is chosen, but trains the
+    # low-noise end (a square's corners) far more than a logit-normal with the same shift.
+    timesteps = flow.TimestepConfig(sampler=b.timestep_sampler, shift=b.timestep_shift)
+    step = jax.jit(make_step(*configs, tx, timesteps, img_ids, b.ema_decay), donate_argnums=(0,))
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    cfg = loop.LoopConfig(steps=b.steps, log_every=25, checkpoint_every=max(b.steps // 4, 1), keep_checkpoints=1,
+    cfg = loop.LoopConfig(steps=b.steps, log_every=25, checkpoint_every=b.checkpoint_every or max(b.steps // 4, 1),
+                          keep_checkpoints=1,
                           progress=progress)
     state = loop.run_stage("base", workdir / "base_training", cfg, state, shardings, step, {}, data.batch)
     write_folder(folder, jax.device_get(state.opt_state["ema"]), configs, toy)

@@ -28,11 +28,11 @@ from PIL import Image
 from purecc_jax import train
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.pipeline.folder import load_pipeline
+from purecc_jax.pipeline.generate import SampleSettings, generate
 from purecc_jax.pipeline.sampler import initial_noise
 from purecc_jax.pipeline.text import TextEmbeddings
 from purecc_jax.purecc import loop
-from purecc_jax.sample import SampleSettings, generate
-from purecc_jax.toyworld import base, evaluate, report, world
+from purecc_jax.toyworld import base, evaluate, machine, report, shipped, world
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +46,41 @@ class Method:
 
 
 def methods(config) -> list[Method]:
+    """The methods to run: L_CC only and adaptive PureCC by default; the ablations with
+    `toy.ablations`; `toy.methods` picks any subset of all of them by name."""
+    toy = config.toy
     fixed = lambda lam: {"objective.lambda_mode": "fixed", "objective.fixed_lambda": lam}
-    out = [
+    sg = {"objective.stop_grad_original": True}
+    default = [
         Method("lcc", "L_CC only (DreamBooth-LoRA)", {"method": "dreambooth"}),
-        Method("lcc_seed1", "L_CC only, seed 1 (noise floor)", {"method": "dreambooth", "seed": 1}),
         Method("purecc", "PureCC, adaptive λ*", {}, "lcc"),
-        Method("purecc_fixed1", "PureCC, fixed λ = 1", fixed(1.0), "lcc"),
-        Method("purecc_fixed3", "PureCC, fixed λ = 3", fixed(3.0), "lcc"),
-        Method("purecc_sg", "PureCC, no gradient through v_b", {"objective.stop_grad_original": True}, "lcc"),
+    ]
+    ablations = [Method("purecc_sg", "PureCC, no gradient through v_b", sg, "lcc")]
+    ablations += [Method(f"purecc_fixed{lam:g}", f"PureCC, fixed λ = {lam:g}", fixed(lam), "lcc")
+                  for lam in toy.fixed_lambdas]
+    ablations += [
         Method("lcc_layerwise", "L_CC only, layer-wise embedding", {"method": "dreambooth",
                                                                     "concept_embedding": "layerwise"}),
         Method("purecc_layerwise", "PureCC, layer-wise embedding (the paper's)", {"concept_embedding": "layerwise"},
                "lcc_layerwise"),
     ]
-    out += [Method(f"purecc_eta{eta:g}", f"PureCC, η = {eta:g}", {"objective.eta": eta}, "lcc")
-            for eta in config.toy.etas]
-    if config.toy.methods:
-        unknown = set(config.toy.methods) - {m.name for m in out}
+    for eta in toy.etas:
+        ablations += [Method(f"purecc_eta{eta:g}", f"PureCC, η = {eta:g}", {"objective.eta": eta}, "lcc"),
+                      Method(f"purecc_eta{eta:g}_sg", f"PureCC, η = {eta:g}, no gradient through v_b",
+                             {"objective.eta": eta, **sg}, "lcc")]
+    out = default + ablations if toy.ablations else default
+    if toy.methods:
+        every = default + ablations
+        unknown = set(toy.methods) - {m.name for m in every}
         if unknown:
-            raise ValueError(f"config.toy.methods names unknown methods {sorted(unknown)}; known: {[m.name for m in out]}")
-        out = [m for m in out if m.name in config.toy.methods]
+            raise ValueError(f"config.toy.methods names unknown methods {sorted(unknown)}; known: "
+                             f"{[m.name for m in every]}")
+        out = [m for m in every if m.name in toy.methods]
     return out
+
+
+# `--config.toy.quick=True`: the same comparison at a size that fits in a few minutes.
+QUICK = {"stage_a.steps": 250, "stage_b.steps": 250, "toy.evaluation.samples": 20, "toy.sampling.steps": 12}
 
 
 def _apply(config, overrides: dict[str, Any]):
@@ -126,12 +140,46 @@ def _grid(images: np.ndarray, items, path: Path, per_set: int = 8) -> None:
     Image.fromarray(picture).save(path)
 
 
+def _base_folder(config, workdir: Path) -> tuple[Path, str]:
+    """(pipeline folder, where it came from): the shipped base, or one pretrained in workdir/base."""
+    if config.toy.pretrain_base:
+        folder = base.pretrain(config.toy, workdir, progress=config.progress)
+        return folder, f"pretrained in this workdir (sha256 {shipped.digest(folder)})"
+    return shipped.base_folder(), f"shipped with the package (sha256 {shipped.SHA256})"
+
+
+def _train_and_score(config, m: Method, seed: int, workdir: Path, concept_dir: Path, parts, sampler, items,
+                     negative, base_images, names: set[str]) -> dict[str, Any]:
+    mcfg = _apply(config, {**m.overrides, "seed": seed, "concept.path": str(concept_dir)})
+    run_dir = workdir / "runs" / m.name / f"seed{seed}"
+    if m.stage_a_from in names and not (run_dir / "stage_a").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.symlink(workdir / "runs" / m.stage_a_from / f"seed{seed}" / "stage_a", run_dir / "stage_a")
+    trainer = train.Trainer(mcfg, run_dir, parts)
+    final = trainer.run()
+    emb = final.trainable.get("embeddings")
+    text, injection = trainer.embed_prompts([p.text for p in items], emb)
+    adapter = lora_lib.variables(final.trainable["lora"], final.lora)
+    images = sampler(text, negative, lora=adapter, concept=injection)
+    _grid(images, items, workdir / "samples" / f"{m.name}_seed{seed}.png")
+    stage = "stage_a" if m.overrides.get("method") == "dreambooth" else "stage_b"
+    return {"scores": evaluate.score(images, items, base_images), "curves": loop.read_metrics(run_dir / stage)}
+
+
 def run(config, workdir: str | Path) -> dict[str, Any]:
+    """The whole comparison into `workdir`; returns the report's summary (also in report.json)."""
+    if config.toy.quick:
+        config = _apply(config, QUICK)
     workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
     toy = config.toy
+    if not toy.base_only and len(toy.seeds) < 2:
+        raise ValueError(f"config.toy.seeds={tuple(toy.seeds)}: the report's tests need >= 2 training seeds "
+                         "per method (3 by default)")
+    started = machine.describe()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    folder = base.pretrain(toy, workdir, progress=config.progress)
+    folder, origin = _base_folder(config, workdir)
     timings["base"] = time.perf_counter() - t0
     ident, cls = config.concept.identifier, config.concept.class_word
     concept_dir = write_concept(workdir / "concept", toy, ident, cls)
@@ -147,36 +195,24 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
     base_text = parts.text.encode_prompts([p.text for p in items], max_len)
     base_images = sampler(base_text, negative)
     results = {"base": {"label": "base model (no customization)",
-                        "scores": evaluate.score(base_images, items)}}
+                        "runs": {"base": {"scores": evaluate.score(base_images, items)}}}}
     _grid(base_images, items, workdir / "samples" / "base.png")
     timings["evaluate_base"] = time.perf_counter() - t
 
-    for m in methods(config):
-        t = time.perf_counter()
-        mcfg = _apply(config, {**m.overrides, "concept.path": str(concept_dir)})
-        run_dir = workdir / "runs" / m.name
-        if m.stage_a_from and not (run_dir / "stage_a").exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            os.symlink(workdir / "runs" / m.stage_a_from / "stage_a", run_dir / "stage_a")
-        trainer = train.Trainer(mcfg, run_dir, parts)
-        final = trainer.run()
-        timings[f"train_{m.name}"] = time.perf_counter() - t
-        t = time.perf_counter()
-        emb = final.trainable.get("embeddings")
-        text, injection = trainer.embed_prompts([p.text for p in items], emb)
-        adapter = lora_lib.variables(final.trainable["lora"], final.lora)
-        images = sampler(text, negative, lora=adapter, concept=injection)
-        _grid(images, items, workdir / "samples" / f"{m.name}.png")
-        results[m.name] = {
-            "label": m.label,
-            "scores": evaluate.score(images, items, base_images),
-            "curves": loop.read_metrics(run_dir / "stage_b") if m.overrides.get("method") != "dreambooth"
-            else loop.read_metrics(run_dir / "stage_a"),
-        }
-        timings[f"evaluate_{m.name}"] = time.perf_counter() - t
+    todo = [] if toy.base_only else methods(config)
+    names = {m.name for m in todo}
+    for m in todo:
+        results[m.name] = {"label": m.label, "runs": {}}
+        for seed in toy.seeds:
+            t = time.perf_counter()
+            results[m.name]["runs"][str(seed)] = _train_and_score(
+                config, m, seed, workdir, concept_dir, parts, sampler, items, negative, base_images, names)
+            timings[f"{m.name}_seed{seed}"] = time.perf_counter() - t
+            log.info("%s seed %d: %.0f s", m.name, seed, timings[f"{m.name}_seed{seed}"])
 
     timings["total"] = time.perf_counter() - t0
-    summary = {"config": json.loads(config.to_json_best_effort()), "results": results, "timings": timings,
-               "base_training": loop.read_metrics(workdir / "base_training")}
+    summary = {"config": json.loads(config.to_json_best_effort()), "base_origin": origin, "results": results,
+               "timings": timings, "machine": {**started, "load_end": machine.load()},
+               "base_training": loop.read_metrics(workdir / "base_training") if toy.pretrain_base else []}
     report.write(workdir, summary)
     return summary
