@@ -131,9 +131,9 @@ def findings(results: dict[str, Any], alpha: float) -> list[str]:
         out.append(
             f"- **Why adaptive PureCC behaves like L_CC here.** At the end of stage B, λ* averages {lam:.3f} and "
             f"L_PureCC is {lp / lc:.1%} of L_CC (means over seeds). With the least-squares λ*, L_PureCC = "
-            "‖R_learn − λ*·R_tar‖² is the part of the learned concept direction "
-            "R_learn = v(complete) − v(base) orthogonal to the extractor's R_tar = v_θ1('sks square') − v_θ1(''). "
-            "R_tar is the whole conditional direction of the target text (class, colours, background), R_learn only what the identifier adds, "
+            "‖R_learn − λ*·R_tar‖² is the part of the learned concept direction R_learn = v(complete) − v(base) "
+            "orthogonal to the extractor's R_tar = v_θ1('sks square') − v_θ1(''). R_tar is the whole conditional "
+            "direction of the target text (class, colours, background), R_learn only what the identifier adds, "
             "so the projection coefficient is small and the term mostly shrinks R_learn's off-axis part: "
             + ("a regulariser too weak next to L_CC to change what is learned." if lp / lc < 0.1 else
                "a regulariser of noticeable size."))
