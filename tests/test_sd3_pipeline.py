@@ -1,0 +1,117 @@
+"""A tiny StableDiffusion3Pipeline folder sampled by diffusers and by purecc_jax: same prompt encoding,
+same schedule, same images (CFG on, fixed latents); the CLI dispatches on model_index.json."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline_reference import clip_tokenizer, t5_tokenizer
+from purecc_jax.pipeline import sd3 as sd3_pipeline
+from sd3_reference import build_torch
+
+PROMPTS = ["a photo of a red dog", "a blue cat sitting on the grass"]
+NEGATIVE = ["blurry", "ugly"]
+HEIGHT, WIDTH, STEPS, GUIDANCE, T5_LENGTH = 32, 48, 3, 4.5, 10
+CLIP_L, CLIP_G, T5_WIDTH = 16, 24, 48  # CLIP widths sum below T5's: the pipeline zero-pads them
+
+
+def _clip(tokenizer, width: int, projection: int, eos: int, act: str):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=projection,
+        eos_token_id=eos, bos_token_id=0, pad_token_id=1)).eval()
+
+
+def build_pipeline(seed: int = 0):
+    """StableDiffusion3Pipeline of tiny random models (float32, eval): CLIP-L-like (legacy eos 2, quick_gelu),
+    CLIP-G-like (real eos id, gelu), T5, a 16-channel VAE with SD3's factors, an MMDiT-X transformer."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok_l, tok_g, tok_t5 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
+    clip_l = _clip(tok_l, CLIP_L, 12, 2, "quick_gelu")
+    clip_g = _clip(tok_g, CLIP_G, 20, len(tok_g) - 1, "gelu")
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tok_t5), d_model=T5_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0)).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.5305, shift_factor=0.0609).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    transformer = build_torch(dict(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_WIDTH, caption_projection_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"), seed=seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
+                                    tokenizer=tok_l, text_encoder_2=clip_g, tokenizer_2=tok_g, text_encoder_3=t5,
+                                    tokenizer_3=tok_t5)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd3") / "pipeline"
+    pipe = build_pipeline()
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe, folder
+
+
+@pytest.fixture(scope="module")
+def parts(saved):
+    return sd3_pipeline.load_sd3_pipeline(saved[1])
+
+
+def test_schedule_matches_scheduler(saved):
+    pipe, _ = saved
+    for steps in (1, 3, 28):
+        pipe.scheduler.set_timesteps(steps)
+        np.testing.assert_array_equal(sd3_pipeline.sd3_sigmas(steps, dict(pipe.scheduler.config)),
+                                      pipe.scheduler.sigmas.numpy())
+
+
+def test_prompt_encoding_matches(saved, parts):
+    pipe, _ = saved
+    with torch.no_grad():
+        ref = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True, negative_prompt=NEGATIVE,
+                                 max_sequence_length=T5_LENGTH)
+    context, pooled = parts.text.encode_prompts(PROMPTS, T5_LENGTH)
+    neg_context, neg_pooled = parts.text.encode_prompts(NEGATIVE, T5_LENGTH)
+    for ours, theirs in zip((context, neg_context, pooled, neg_pooled), ref):
+        theirs = theirs.numpy()
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5 * np.abs(theirs).max())
+    assert context.shape == (2, 77 + T5_LENGTH, T5_WIDTH)
+
+
+def test_sampled_images_match_diffusers(saved, parts):
+    pipe, _ = saved
+    latents = np.random.default_rng(3).standard_normal((2, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = pipe(prompt=PROMPTS, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH,
+                        num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=torch.from_numpy(latents),
+                        output_type="np", max_sequence_length=T5_LENGTH).images
+    ours = sd3_pipeline.sample_sd3(parts, PROMPTS, negative_prompts=NEGATIVE, height=HEIGHT, width=WIDTH,
+                                   steps=STEPS, guidance=GUIDANCE, init_latents=latents,
+                                   max_sequence_length=T5_LENGTH)
+    assert ours.shape == expected.shape == (2, HEIGHT, WIDTH, 3)
+    assert expected.std() > 0.01
+    assert np.abs(ours - expected).max() < 1e-3
+    # The guidance matters: without it the same latents give another image.
+    unguided = sd3_pipeline.sample_sd3(parts, PROMPTS, height=HEIGHT, width=WIDTH, steps=STEPS, guidance=1.0,
+                                       init_latents=latents, max_sequence_length=T5_LENGTH)
+    assert np.abs(unguided - expected).max() > 1e-2
+
+
+def test_vae_has_sd3_factors(parts):
+    assert (parts.codec.config.scaling_factor, parts.codec.config.shift_factor) == (1.5305, 0.0609)
+    assert parts.codec.config.latent_channels == 16
