@@ -115,3 +115,21 @@ def test_sampled_images_match_diffusers(saved, parts):
 def test_vae_has_sd3_factors(parts):
     assert (parts.codec.config.scaling_factor, parts.codec.config.shift_factor) == (1.5305, 0.0609)
     assert parts.codec.config.latent_channels == 16
+
+
+def test_sample_cli_dispatches_on_model_index(saved, tmp_path):
+    """`python -m purecc_jax.sample --pretrained=SD3_FOLDER ...` samples as StableDiffusion3Pipeline."""
+    from purecc_jax import sample
+
+    pipe, folder = saved
+    latents = np.random.default_rng(4).standard_normal((2, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    with torch.no_grad():
+        expected = pipe(prompt=PROMPTS, negative_prompt=["blurry"] * 2, height=HEIGHT, width=WIDTH,
+                        num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=torch.from_numpy(latents),
+                        output_type="np", max_sequence_length=T5_LENGTH).images
+    sample.cli(["sample", f"--pretrained={folder}", *(f"--prompt={p}" for p in PROMPTS), "--negative_prompt=blurry",
+                f"--height={HEIGHT}", f"--width={WIDTH}", f"--steps={STEPS}", f"--guidance={GUIDANCE}", "--seed=0",
+                f"--max_sequence_length={T5_LENGTH}", f"--init_latents={tmp_path / 'latents.npy'}",
+                f"--output={tmp_path / 'out.npy'}", "--noprogress"])
+    assert np.abs(np.load(tmp_path / "out.npy") - expected).max() < 1e-3
