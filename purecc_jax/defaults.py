@@ -28,6 +28,8 @@ def concept_config() -> ml_collections.ConfigDict:
 
     c.method = "purecc"  # purecc (stage A then B) | dreambooth (L_CC only, one stage)
     c.concept_embedding = "token"  # none | token | layerwise
+    # True: stage B trains a copy of stage A's concept embedding with its LoRA. The extractor θ1 keeps
+    # stage A's embedding either way (θ1 is frozen in the paper), so R_tar does not follow the copy.
     c.train_embeddings_in_stage_b = False
     # A FLUX LoRA file (diffusers/PEFT or kohya) to use as stage B's extractor θ1 instead of training
     # stage A; with it the identifier is a plain word (concept_embedding=none).
@@ -60,7 +62,7 @@ def concept_config() -> ml_collections.ConfigDict:
         stop_grad_original=False, extractor_uses_stage_a_lora=True,
     ))
     c.timesteps = ml_collections.ConfigDict(dict(sampler="logit_normal", logit_mean=0.0, logit_std=1.0, shift=1.0))
-    c.train_guidance = 1.0  # FLUX.1-dev's embedded guidance during training
+    c.train_guidance = 1.0  # FLUX.1-dev's embedded guidance during training; 0 for a model without (FLUX.1-schnell)
 
     c.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip=1.0))
 
@@ -68,6 +70,8 @@ def concept_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
     c.progress = True
+    c.max_nonfinite_steps = 10  # stop after this many skipped (NaN/Inf loss or gradient) updates in a row
+    c.force_resume = False  # True: continue a workdir whose config.json differs from this config
 
     c.sample = ml_collections.ConfigDict(dict(
         every=100,  # 0: only at the end of each stage

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,13 +55,15 @@ def run(config, workdir: str | Path):
         return experiment.run(config, workdir)
 
     from purecc_jax import sharding, train
-    from purecc_jax.pipeline.folder import check_folder, load_pipeline
+    from purecc_jax.pipeline.folder import check_folder, check_guidance, load_pipeline
 
     train.validate(config)
     if not config.pretrained:
         raise ValueError("config.pretrained is empty: point it at a diffusers FLUX.1-dev folder "
                          "(huggingface-cli download black-forest-labs/FLUX.1-dev --local-dir DIR)")
     check_folder(os.path.expanduser(config.pretrained))
+    check_guidance(os.path.expanduser(config.pretrained), config.train_guidance)
+    train.check_resume(config, workdir)
     mesh = sharding.make_mesh(**config.mesh)
     rules = sharding.rules_from_config(config.axis_rules)
     m = config.model
@@ -86,7 +90,16 @@ def main(argv: Sequence[str], fv: flags.FlagValues) -> Any:
     if fv.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(Path(fv.workdir).absolute() / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    return run(fv.config, fv.workdir)
+    from purecc_jax.purecc import loop
+
+    # SIGTERM (preemption, `kill`, a scheduler's stop): finish the current step, checkpoint it, exit.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, loop.request_stop) if in_main_thread else None
+    try:
+        return run(fv.config, fv.workdir)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def cli(argv: Sequence[str]) -> Any:
@@ -95,8 +108,17 @@ def cli(argv: Sequence[str]) -> Any:
     return cli_lib.run_cli(fv, lambda rest: main(rest, fv), argv)
 
 
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
 def _app_main(argv: Sequence[str], fv: flags.FlagValues) -> None:
-    main(argv, fv)  # app.run exits with what its main returns: the run's result is not an exit status
+    from purecc_jax.purecc import loop
+
+    try:
+        main(argv, fv)  # app.run exits with what its main returns: the run's result is not an exit status
+    except loop.Preempted as e:
+        logging.getLogger(__name__).error("%s", e)
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

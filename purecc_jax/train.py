@@ -60,12 +60,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
                              f"set concept_embedding=none (not {config.concept_embedding!r})")
         if not Path(config.extractor_lora).expanduser().is_file():
             raise FileNotFoundError(f"config.extractor_lora={config.extractor_lora!r} is not a file")
+    runs = {"stage_a": not config.get("extractor_lora"), "stage_b": config.method == "purecc"}
     for name in ("stage_a", "stage_b"):
         st = config[name]
-        if st.steps < 0 or st.batch_size < 1:
-            raise ValueError(f"config.{name}: steps={st.steps} and batch_size={st.batch_size} must be >= 0 and >= 1")
+        if st.steps < int(runs[name]) or st.batch_size < 1:
+            raise ValueError(f"config.{name}: steps={st.steps} and batch_size={st.batch_size} must be >= "
+                             f"{int(runs[name])} and >= 1")
         if st.schedule not in ("constant", "cosine", "linear"):
             raise ValueError(f"config.{name}.schedule={st.schedule!r} is not constant|cosine|linear")
+        if st.grad_accum < 1 or st.steps % st.grad_accum:
+            raise ValueError(f"config.{name}.grad_accum={st.grad_accum} must be >= 1 and divide steps={st.steps} "
+                             "(the micro-steps of an unfinished last update would be dropped)")
+        if not 0 <= st.warmup_steps <= st.steps:
+            raise ValueError(f"config.{name}.warmup_steps={st.warmup_steps} must be in [0, steps={st.steps}]")
+    try:
+        concept_lib.parse_resolution(config.concept.resolution)
+    except ValueError as e:
+        raise ValueError(f"config.concept.resolution: {e}") from None
+    if config.sample.prompts and (config.sample.height % 16 or config.sample.width % 16):
+        raise ValueError(f"config.sample.height={config.sample.height} and width={config.sample.width} must be "
+                         "multiples of 16")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        if config[key] < 1:
+            raise ValueError(f"config.{key}={config[key]} must be >= 1")
+    if config.get("max_nonfinite_steps", 0) < 0:
+        raise ValueError(f"config.max_nonfinite_steps={config.max_nonfinite_steps} must be >= 0 (0: never stop)")
     ObjectiveConfig(**_objective_kwargs(config))
     flow.TimestepConfig(**config.timesteps)
 
@@ -84,6 +103,9 @@ def lora_config(stage_cfg) -> lora_lib.LoRAConfig:
 
 
 def schedule(stage_cfg, lr: float) -> optax.Schedule:
+    """The learning rate per optimizer update. `steps` and `warmup_steps` count micro-steps (loop
+    steps); with `grad_accum` k the optimizer advances its schedule once per k of them, so update u
+    gets the micro-step schedule's value at step u * k."""
     warm, total = stage_cfg.warmup_steps, max(stage_cfg.steps, 1)
     if stage_cfg.schedule == "constant":
         main = optax.constant_schedule(lr)
@@ -91,12 +113,43 @@ def schedule(stage_cfg, lr: float) -> optax.Schedule:
         main = optax.cosine_decay_schedule(lr, max(total - warm, 1))
     else:
         main = optax.linear_schedule(lr, 0.0, max(total - warm, 1))
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm]) if warm else main
+    per_step = optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm]) if warm else main
+    k = stage_cfg.get("grad_accum", 1)
+    return per_step if k == 1 else (lambda update: per_step(update * k))
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    if not multihost.is_main():
+        return
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+# Config keys (and groups) that change how a run reports or exports, not the parameters it trains.
+RESUME_IGNORES = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps",
+                  "force_resume", "sample", "export")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()} or {prefix: {}}
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """Refuses a workdir that holds a run of a different config (its config.json), unless
+    `config.force_resume`: resuming it would mix two runs' checkpoints."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file() or config.get("force_resume"):
+        return
+    saved, now = _flat(json.loads(path.read_text())), _flat(json.loads(config.to_json_best_effort()))
+    keys = sorted(k for k in saved.keys() | now.keys()
+                  if k.rstrip(".").split(".")[0] not in RESUME_IGNORES and saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    if keys:
+        diffs = "\n  ".join(f"{k.rstrip('.')}: {saved.get(k, '<unset>')!r} there, {now.get(k, '<unset>')!r} now"
+                            for k in keys)
+        raise ValueError(f"workdir {workdir} holds a run of a different config ({path}):\n  {diffs}\n"
+                         "Use a new --workdir, or pass --config.force_resume=True to continue that run with this config.")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -196,7 +249,7 @@ class Trainer:
         tx = make_optimizer(lrs, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                             grad_clip=o.grad_clip or None, grad_accum=stage_cfg.grad_accum)
         main_lr = lrs.get("lora", lrs.get("params"))
-        step = make_train_step(self.model, step_cfg, tx, main_lr, self._encode_fn())
+        step = make_train_step(self.model, step_cfg, tx, main_lr, self._encode_fn(), stage_cfg.grad_accum)
         seed = self.config.seed + (0 if name == "stage_a" else 1)
         with sharding.activate(self.mesh, self.rules):
             state = jax.jit(lambda tr: init_state(tr, tx, seed))(trainable)
@@ -305,6 +358,9 @@ class Trainer:
             frozen["embeddings"] = learned
         if self.token_mode and train_emb:
             frozen["text"] = self.text_params()
+        if train_emb:
+            # θ1 is frozen, its concept embedding included: the extractor keeps stage A's while stage B's move.
+            frozen["extractor_embeddings"] = learned
         extractor_lora = None
         if cfg.objective.extractor_uses_stage_a_lora:
             if "lora" in a.trainable:
@@ -323,6 +379,7 @@ class Trainer:
         return Stage("stage_b", trained, lcfg, self.workdir / "stage_b")
 
     def run(self) -> Stage:
+        check_resume(self.config, self.workdir)
         save_config(self.config, self.workdir)
         a = self.imported_extractor() if self.config.get("extractor_lora") else self.stage_a()
         final = a if self.config.method == "dreambooth" else self.stage_b(a)
@@ -344,7 +401,7 @@ def _check_whole_word_identifier(concept: concept_lib.Concept) -> None:
 def loop_config(config, steps: int) -> loop.LoopConfig:
     return loop.LoopConfig(steps=steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                            keep_checkpoints=config.keep_checkpoints, sample_every=config.sample.every,
-                           progress=config.progress)
+                           progress=config.progress, max_nonfinite_steps=config.get("max_nonfinite_steps", 10))
 
 
 # ----------------------------------------------------------------------------- export

@@ -269,3 +269,66 @@ def test_cache_batches_are_deterministic_in_seed_and_step():
     assert any(o != a["image"].tolist() for o in others)
     big = cache.batch(0, 10, seed=0)["image"]  # more than the views: drawn with replacement
     assert big.shape == (10,) and big.min() >= 0 and big.max() < m
+
+
+# ----------------------------------------------------------------------------- strict inputs
+
+
+def test_truncated_image_is_refused_by_name(tmp_path):
+    halves((64, 64), RED, BLUE).save(tmp_path / "whole.jpg", quality=95)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    with pytest.raises(ValueError, match=r"(?i)cannot read image .*cut\.jpg.*truncated.*Replace it"):
+        concept_lib.load_image(tmp_path / "cut.jpg", (32, 32))
+    (tmp_path / "text.png").write_text("a text file named like an image")
+    with pytest.raises(ValueError, match=r"cannot read image .*text\.png"):
+        concept_lib.load_image(tmp_path / "text.png", (32, 32))
+
+
+def test_files_that_are_not_images_or_captions_are_refused(tmp_path):
+    folder = folder_of(tmp_path, {"a.png": halves((32, 32), RED, BLUE)}, {"a.txt": "a sks dog", "notes.txt": "x"})
+    (folder / ".DS_Store").write_bytes(b"\0")  # hidden files are not the user's photos
+    (folder / "sub").mkdir()
+    assert [p.name for p in concept_lib.find(str(folder), class_word="dog").images] == ["a.png"]
+    (folder / "b.heic").write_bytes(b"\0")
+    (folder / "c.gif").write_bytes(b"\0")
+    with pytest.raises(ValueError, match=r"neither images .*nor captions.*\['b\.heic', 'c\.gif'\].*Convert"):
+        concept_lib.find(str(folder), class_word="dog")
+
+
+def test_image_smaller_than_the_resolution_is_refused(tmp_path):
+    halves((48, 24), RED, BLUE).save(tmp_path / "small.png")
+    assert concept_lib.load_image(tmp_path / "small.png", (16, 32)).shape == (16, 32, 3)  # downscaled: fine
+    with pytest.raises(ValueError, match=r"small\.png is 48x24.*smaller than the training resolution 32x32.*"
+                                         r"concept\.resolution"):
+        concept_lib.load_image(tmp_path / "small.png", (32, 32))
+
+
+def test_cmyk_and_16_bit_rgb_are_converted(tmp_path):
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
+    cmyk.save(tmp_path / "cmyk.jpg", quality=100)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    assert np.abs(concept_lib.load_image(tmp_path / "cmyk.jpg", (16, 16)) - to_unit(RED)).max() < 0.05
+
+    rgb16 = np.zeros((16, 16, 3), np.uint16)
+    rgb16[..., 2] = 200 * 257  # blue at 200/255 in 16 bits
+    path = tmp_path / "rgb16.png"
+    _write_png16(path, rgb16)
+    np.testing.assert_allclose(concept_lib.load_image(path, (16, 16)), np.broadcast_to(to_unit((0, 0, 200)),
+                               (16, 16, 3)), atol=1e-6)
+
+
+def _write_png16(path: Path, rgb: np.ndarray) -> None:
+    """A 48-bit RGB PNG written by hand (PIL writes none), big-endian rows with filter byte 0."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\0" + rgb[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))

@@ -138,3 +138,135 @@ def test_step_on_mesh_equals_single_device(setup):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
     q_a = state.trainable["lora"]["double_blocks"]["img_attn"]["q"]["a"]
     assert q_a.addressable_shards[0].data.shape[1] == cfg.hidden_size // 4  # LoRA follows the fsdp kernel
+
+
+def test_extractor_reads_its_own_embeddings(setup):
+    """With `extractor_embeddings` (stage A's) the extractor ignores the embeddings stage B trains."""
+    cfg, params, cache, extractor, trainable = setup
+    model = FluxTransformer(cfg)
+    scfg = StepConfig(trainable_lora=LCFG, extractor_lora=LCFG, concept_embedding="layerwise")
+    keys = jax.random.split(jax.random.key(7), 4)
+    stage_a = dict(double=jax.random.normal(keys[0], (cfg.depth, cfg.hidden_size)),
+                   single=jax.random.normal(keys[1], (cfg.depth_single, cfg.hidden_size)))
+    moving = dict(double=jax.random.normal(keys[2], (cfg.depth, cfg.hidden_size)),
+                  single=jax.random.normal(keys[3], (cfg.depth_single, cfg.hidden_size)))
+    frozen = dict(params=params, cache=cache, extractor_lora=extractor, extractor_embeddings=stage_a)
+    b, rng = batch(), jax.random.key(3)
+    (_, m), _ = jax.jit(jax.value_and_grad(make_loss_fn(model, scfg), has_aux=True))(
+        {"lora": trainable, "embeddings": moving}, frozen, b, rng)
+
+    def reference(extractor_emb):
+        """Eq. 8-15 with the trainable model on `moving` and the extractor on `extractor_emb`."""
+        x0 = cache["latents"][b["image"]]
+        noise_rng, t_rng = jax.random.split(rng)
+        x1 = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+        t = flow.sample_timesteps(t_rng, x0.shape[0], scfg.timesteps)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
+        txt_ids = jnp.zeros((cache["t5"].shape[1], 3))
+
+        def v(adapter, kind, emb):
+            inj = ConceptInjection(cache["ident_mask"][b[kind]], emb["double"], emb["single"])
+            return model.apply({"params": params, "lora": lora.variables(adapter, LCFG)}, xt, cache["t5"][b[kind]],
+                               cache["pooled"][b[kind]], t, cache["img_ids"], txt_ids, jnp.ones(2), inj)
+
+        r_tar = v(extractor, "target", extractor_emb) - v(extractor, "null", extractor_emb)
+        r_learn = v(trainable, "complete", moving) - v(trainable, "base", moving)
+        return jnp.sum(r_learn * r_tar, axis=(1, 2)) / (jnp.sum(r_tar**2, axis=(1, 2)) + 1e-8)
+
+    want, swapped = jax.jit(reference)(stage_a), jax.jit(reference)(moving)
+    np.testing.assert_allclose([m["lambda_min"], m["lambda_max"]], [want.min(), want.max()], rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(swapped) - np.asarray(want)).max() > 1e-2  # the check can tell the two apart
+
+
+def test_nonfinite_step_is_skipped(setup):
+    """A NaN in the batch's latents: parameters and optimizer state stay bit-identical, the skip is
+    counted, the next finite step updates again and ends the streak."""
+    cfg, params, cache, extractor, trainable = setup
+    model = FluxTransformer(cfg)
+    scfg = StepConfig(trainable_lora=LCFG, extractor_lora=LCFG)
+    tx = make_optimizer({"lora": 1e-2})
+    poisoned = dict(cache, latents=cache["latents"].at[0, 0, 0].set(jnp.nan))
+    frozen = dict(params=params, cache=poisoned, extractor_lora=extractor)
+    step = jax.jit(make_train_step(model, scfg, tx))
+    state = step(init_state({"lora": trainable}, tx, seed=0), frozen, dict(batch(), image=jnp.asarray([1, 2])))[0]
+    before = jax.tree_util.tree_map(np.array, (state.trainable, state.opt_state))
+
+    bad = dict(batch(), image=jnp.asarray([0, 1], jnp.int32))
+    for i in range(2):
+        state, m = step(state, frozen, bad)
+        assert not np.isfinite(float(m["loss"]))
+        assert (int(m["nonfinite_skipped"]), int(m["nonfinite_streak"])) == (i + 1, i + 1)
+    after = jax.tree_util.tree_map(np.array, (state.trainable, state.opt_state))
+    for x, y in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+        np.testing.assert_array_equal(x, y)
+    assert int(state.step) == 3 and all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(after))
+
+    state, m = step(state, frozen, dict(batch(), image=jnp.asarray([1, 2], jnp.int32)))
+    assert (int(m["nonfinite_skipped"]), int(m["nonfinite_streak"])) == (2, 0) and np.isfinite(float(m["loss"]))
+    moved = jax.tree_util.tree_leaves(state.trainable)
+    assert any(not np.array_equal(np.asarray(a), b) for a, b in zip(moved, jax.tree_util.tree_leaves(after[0])))
+
+
+def test_learning_rate_counts_updates_with_grad_accum(setup):
+    """grad_accum=2, 8 micro-steps, linear decay to 0: the 4 updates use lr(0), lr(2), lr(4), lr(6) of the
+    micro-step schedule (1, .75, .5, .25), not its first half. Adam with a constant gradient moves each
+    parameter by about its learning rate, so the steps read the schedule back."""
+    import ml_collections
+
+    from purecc_jax import train
+
+    stage = ml_collections.ConfigDict(dict(steps=8, warmup_steps=0, schedule="linear", grad_accum=2))
+    tx = make_optimizer({"w": train.schedule(stage, 1.0)}, weight_decay=0.0, grad_clip=None, grad_accum=2)
+    params = {"w": jnp.zeros(3)}
+    opt_state = tx.init(params)
+    deltas = []
+    for _ in range(8):
+        updates, opt_state = tx.update({"w": jnp.ones(3)}, opt_state, params)
+        new = optax.apply_updates(params, updates)
+        deltas.append(float(params["w"][0] - new["w"][0]))
+        params = new
+    np.testing.assert_allclose(deltas, [0, 1.0, 0, 0.75, 0, 0.5, 0, 0.25], atol=1e-4)
+
+    # The logged learning rate is the one of the update a micro-step belongs to.
+    cfg, params_, cache, extractor, trainable = setup
+    sched = train.schedule(stage, 1e-3)
+    tx = make_optimizer({"lora": sched}, grad_accum=2)
+    step = jax.jit(make_train_step(FluxTransformer(cfg), StepConfig(trainable_lora=LCFG, extractor_lora=LCFG),
+                                   tx, sched, grad_accum=2))
+    state = init_state({"lora": trainable}, tx, seed=0)
+    frozen = dict(params=params_, cache=cache, extractor_lora=extractor)
+    logged = []
+    for i in range(4):
+        state, m = step(state, frozen, batch(seed=i))
+        logged.append(float(m["learning_rate"]))
+    np.testing.assert_allclose(logged, [1e-3, 1e-3, 0.75e-3, 0.75e-3], rtol=1e-6)
+
+
+def test_bfloat16_step_follows_float32(setup):
+    """The default compute path (bf16 weights and matmuls) against float32, same LoRA and batch.
+
+    bf16 keeps 8 significant bits (relative rounding 2^-9 per value) and the tiny model's ~20
+    matmuls and norms compound that to about 1% on its velocities. So: loss and L_CC within 2%,
+    gradients within 10% of their norm (relative error of the whole gradient vector) and
+    aligned (cosine > 0.99). λ* is a ratio of sums computed in float32 from bf16 velocities; R_learn
+    is a difference of two close velocities, so it is held to 0.1 in absolute terms.
+    """
+    cfg, params, cache, extractor, trainable = setup
+    cfg16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+    params16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    scfg = StepConfig(trainable_lora=LCFG, extractor_lora=LCFG)
+    b, rng = batch(), jax.random.key(3)
+    out = {}
+    for name, c, p in (("f32", cfg, params), ("bf16", cfg16, params16)):
+        fn = jax.jit(jax.value_and_grad(make_loss_fn(FluxTransformer(c), scfg), has_aux=True))
+        out[name] = fn({"lora": trainable}, dict(params=p, cache=cache, extractor_lora=extractor), b, rng)
+    (loss, m), g = out["f32"]
+    (loss16, m16), g16 = out["bf16"]
+    assert loss16.dtype == jnp.float32 and m16["lambda_mean"].dtype == jnp.float32
+    np.testing.assert_allclose(float(loss16), float(loss), rtol=2e-2)
+    np.testing.assert_allclose(float(m16["l_cc"]), float(m["l_cc"]), rtol=2e-2)
+    np.testing.assert_allclose([m16["lambda_min"], m16["lambda_max"]], [m["lambda_min"], m["lambda_max"]], atol=0.1)
+    flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)])
+    flat16 = np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree_util.tree_leaves(g16)])
+    assert np.linalg.norm(flat16 - flat) <= 0.1 * np.linalg.norm(flat), np.linalg.norm(flat16 - flat) / np.linalg.norm(flat)
+    assert flat16 @ flat / (np.linalg.norm(flat16) * np.linalg.norm(flat)) > 0.99

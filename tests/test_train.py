@@ -483,3 +483,74 @@ def test_sample_workdir_reads_full_weights(folder, tmp_path):
     assert trained.lora is None and trained.embeddings is None
     for got, want in zip(jax.tree_util.tree_leaves(parts.transformer_params), jax.tree_util.tree_leaves(tuned)):
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+# ----------------------------------------------------------------------------- stage-B wiring
+
+
+@pytest.fixture(scope="module")
+def wiring_trainer(folder, tmp_path_factory):
+    """One trainer (token embeddings) whose stages are wired under several configs without training."""
+    return make_trainer(make_config(folder, **{"sample.prompts": ()}), tmp_path_factory.mktemp("wiring") / "run")
+
+
+def wire(trainer, folder, **overrides):
+    """Stage A then stage B under `overrides`, each stage's run recorded instead of run; stage A
+    "trains" by adding 0.1 to every leaf, so its result differs from any fresh tree."""
+    trainer.config = make_config(folder, **{"sample.prompts": (), **overrides})
+    calls = {}
+
+    def run_stage(self, name, stage_cfg, step_cfg, trainable, frozen, sample_lora):
+        calls[name] = dict(step_cfg=step_cfg, trainable=trainable, frozen=frozen)
+        return jax.tree_util.tree_map(lambda x: x + 0.1, trainable) if name == "stage_a" else trainable
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.Trainer, "run_stage", run_stage)
+        a = trainer.stage_a()
+        b = trainer.stage_b(a)
+    return a, b, calls["stage_b"]
+
+
+def same(x, y) -> bool:
+    leaves_x, leaves_y = jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)
+    return (jax.tree_util.tree_structure(x) == jax.tree_util.tree_structure(y)
+            and all(np.array_equal(np.asarray(p), np.asarray(q)) for p, q in zip(leaves_x, leaves_y)))
+
+
+def test_stage_b_trains_a_fresh_lora_against_stage_a_extractor(folder, wiring_trainer):
+    a, b, got = wire(wiring_trainer, folder)
+    cfg = wiring_trainer.config
+    fresh = lora.init(jax.random.key(cfg.seed + 1), wiring_trainer.parts.transformer_params,
+                      train.lora_config(cfg.stage_b))
+    assert same(got["trainable"]["lora"], fresh) and not same(got["trainable"]["lora"], a.trainable["lora"])
+    assert same(got["frozen"]["extractor_lora"], a.trainable["lora"]) and got["step_cfg"].extractor_lora == a.lora
+    assert "extractor_params" not in got["frozen"] and "extractor_embeddings" not in got["frozen"]
+    # Stage A's concept embedding is frozen in stage B and handed on to the export.
+    assert set(got["trainable"]) == {"lora"} and same(got["frozen"]["embeddings"], a.trainable["embeddings"])
+    assert same(b.trainable["embeddings"], a.trainable["embeddings"])
+
+
+def test_extractor_without_stage_a_lora_is_the_pretrained_model(folder, wiring_trainer):
+    _, _, got = wire(wiring_trainer, folder, **{"objective.extractor_uses_stage_a_lora": False})
+    assert "extractor_lora" not in got["frozen"] and "extractor_params" not in got["frozen"]
+    assert got["step_cfg"].extractor_lora is None
+
+
+def test_full_finetuning_extractor_is_stage_a_weights(folder, wiring_trainer):
+    a, _, got = wire(wiring_trainer, folder, **{"stage_a.full_finetune": True, "stage_b.full_finetune": True})
+    pretrained = wiring_trainer.parts.transformer_params
+    assert same(got["frozen"]["extractor_params"], a.trainable["params"]) and not same(a.trainable["params"], pretrained)
+    assert same(got["trainable"]["params"], pretrained)  # stage B starts from the pretrained weights again
+    assert "extractor_lora" not in got["frozen"] and got["step_cfg"].extractor_lora is None
+
+
+def test_embeddings_trained_in_stage_b_leave_the_extractor_on_stage_a(folder, wiring_trainer):
+    a, _, got = wire(wiring_trainer, folder, train_embeddings_in_stage_b=True)
+    learned = a.trainable["embeddings"]
+    assert same(got["trainable"]["embeddings"], learned)  # stage B's copy starts from stage A's
+    assert same(got["frozen"]["extractor_embeddings"], learned) and "embeddings" not in got["frozen"]
+    # Token rows reach the extractor through the cached encodings: stage A's rows baked in.
+    trainer = wiring_trainer
+    want = trainer.parts.text.encode(trainer.cache.arrays["clip_ids"], trainer.cache.arrays["t5_ids"],
+                                     learned["clip"], learned["t5"])
+    np.testing.assert_allclose(trainer.cache.arrays["t5"], np.asarray(want.t5), rtol=1e-6, atol=1e-6)

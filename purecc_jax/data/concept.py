@@ -1,8 +1,14 @@
 """A concept: 3-5 photos, an identifier and a class word, and their PureCC texts.
 
-A concept is given as a folder of images (jpg / png / webp, any size or mode; EXIF
-orientation honoured), optionally with a caption file `<image>.txt` per image (see
-`purecc.texts.read_caption_file`), or as the name of a DreamBench subject.
+A concept is given as a folder of images (jpg / png / webp; EXIF orientation honoured),
+optionally with a caption file `<image>.txt` per image (see `purecc.texts.read_caption_file`),
+or as the name of a DreamBench subject.
+
+What is refused, with the file named: any other file in the folder but hidden ones and .txt
+notes (a .heic or .gif photo would otherwise drop out of training unnoticed), unreadable or
+truncated images, and images smaller than the training resolution (upscaled, they would teach
+blur). Converted: palette, grayscale, 16-bit grayscale (scaled, not clipped), CMYK (PIL's
+conversion, no colour profile), transparency (composited on white).
 """
 
 from __future__ import annotations
@@ -54,7 +60,12 @@ def find(
     if not class_word:
         raise ValueError(f"concept {folder}: no class word; set concept.class_word (e.g. 'dog')")
 
-    images = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    images = tuple(sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES))
+    others = sorted(p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES + (".txt",))
+    if others:
+        raise ValueError(f"concept folder {folder} holds files that are neither images ({', '.join(IMAGE_SUFFIXES)}) "
+                         f"nor captions (.txt): {others}. Convert them to jpg/png or move them out of the folder")
     if not images:
         raise FileNotFoundError(f"concept folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     per_image = []
@@ -99,8 +110,13 @@ def load_image(path: Path, size: tuple[int, int], crop: str = "center",
                 im = Image.alpha_composite(canvas, im)  # transparent pixels become white, not black
             im = im.convert("RGB")
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise ValueError(f"cannot read image {path}: {e}. Replace it with a complete jpg/png/webp file or "
+                         "remove it from the concept folder") from None
     h, w = size
+    if im.height < h or im.width < w:
+        raise ValueError(f"image {path} is {im.width}x{im.height} (width x height), smaller than the training "
+                         f"resolution {w}x{h} (concept.resolution, height x width): upscaled, it would teach a blurry "
+                         "concept. Use a larger photo or a smaller concept.resolution")
     scale = max(h / im.height, w / im.width)
     new = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
     im = im.resize(new, Image.Resampling.LANCZOS)

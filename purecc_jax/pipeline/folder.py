@@ -124,6 +124,22 @@ def check_folder(path: str | Path) -> None:
         raise FileNotFoundError(f"FLUX pipeline folder {path} is incomplete; missing:\n  {listing}\n{DOWNLOAD_HINT}")
 
 
+def check_guidance(path: str | Path, train_guidance: float) -> None:
+    """Refuses training with FLUX.1-dev's embedded guidance on a transformer without a guidance
+    embedder (FLUX.1-schnell), read from `transformer/config.json` before any weight is loaded."""
+    config_file = Path(path) / "transformer" / "config.json"
+    try:
+        embeds = bool(json.loads(config_file.read_text()).get("guidance_embeds", False))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e}); download it again") from None
+    if not embeds and train_guidance > 0:
+        raise ValueError(
+            f"{config_file} has guidance_embeds=false: this is a FLUX.1-schnell-like model without FLUX.1-dev's "
+            f"guidance embedder, but config.train_guidance={train_guidance} trains with embedded guidance. Point "
+            "config.pretrained at a FLUX.1-dev folder, or pass --config.train_guidance=0 to train this model "
+            "without embedded guidance.")
+
+
 def _runtime_for(config_cls: type, runtime: dict[str, Any], keys: Sequence[str] | None = None) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(config_cls)}
     return {k: v for k, v in runtime.items() if k in fields and (keys is None or k in keys)}

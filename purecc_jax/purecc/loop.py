@@ -7,6 +7,14 @@ Everything a stage writes lives under its directory:
     samples/<step>.png    sample grids with their prompts
 A stage is finished when its latest checkpoint is at its last step; running it again
 restores that checkpoint and returns at once.
+
+Faults: a run killed at any point resumes from its latest complete checkpoint (orbax writes
+a step to a temporary directory and renames it when complete; leftovers are removed) and,
+since batches, noise and optimizer state are functions of the checkpointed state and the
+step, ends bit-identical to an uninterrupted run. `request_stop` (the SIGTERM handler of
+`main`) makes the loop save a checkpoint after the current step and raise `Preempted`.
+A step whose update was skipped for a non-finite loss or gradient is counted by the step;
+`max_nonfinite_steps` of them in a row raise `NonFiniteError`.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
+
+from purecc_jax import faults
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,27 @@ class LoopConfig:
     async_checkpoints: bool = True
     sample_every: int = 0  # 0: only at the end
     progress: bool = True
+    max_nonfinite_steps: int = 10  # stop after this many skipped (NaN/Inf) updates in a row; 0: never
+
+
+class Preempted(RuntimeError):
+    """The run was asked to stop (SIGTERM); a checkpoint of the last step was saved."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many steps in a row had a NaN/Inf loss or gradient."""
+
+
+_stop = threading.Event()
+
+
+def request_stop(*_: Any) -> None:
+    """Asks a running stage to checkpoint after its current step and raise `Preempted` (a signal handler)."""
+    _stop.set()
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
 
 
 class MetricWriter:
@@ -49,7 +81,14 @@ class MetricWriter:
         from tensorboardX import SummaryWriter
 
         directory.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(directory / "metrics.jsonl", "a", encoding="utf-8")
+        path = directory / "metrics.jsonl"
+        if path.exists():
+            # A run killed while writing leaves a partial last line: cut it, or the next record joins it.
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        self._jsonl = open(path, "a", encoding="utf-8")
         self._tb = SummaryWriter(str(directory / "tensorboard"))
 
     def scalars(self, step: int, metrics: dict[str, float]) -> None:
@@ -107,9 +146,10 @@ def run_stage(
     """Runs (or resumes) a stage to `cfg.steps`; returns the final TrainState."""
     directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpoints, create=True)
+        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpoints, create=True,
+        cleanup_tmp_directories=True)
     manager = ocp.CheckpointManager(directory / "checkpoints", options=options)
-    start = manager.latest_step() or 0
+    start = manager.latest_step() or 0  # complete checkpoints only: a write cut short is never listed
     if start:
         abstract = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
@@ -126,6 +166,7 @@ def run_stage(
         for step in range(start, cfg.steps):
             state, metrics = step_fn(state, frozen, batch_fn(step))
             done = step + 1
+            _check_finite(name, cfg, metrics, done, manager.latest_step())
             if done % cfg.log_every == 0 or done == cfg.steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
@@ -137,17 +178,42 @@ def run_stage(
                     post["λ*"] = f"{values['lambda_mean']:.3f}"
                 bar.set_postfix(post)
             bar.update(1)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            faults.point(f"{name}:step:{done}")
+            saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            if saved:
                 manager.save(done, args=ocp.args.StandardSave(state))
+                faults.point(f"{name}:checkpoint:{done}")
             if sample_fn is not None and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps):
                 images, captions = sample_fn(state)
                 picture = grid(images, captions)
                 (directory / "samples").mkdir(exist_ok=True)
                 Image.fromarray(picture).save(directory / "samples" / f"{done:06d}.png")
                 writer.image(done, f"{name}/samples", picture)
+            if stop_requested() and done < cfg.steps:
+                if not saved:
+                    manager.save(done, args=ocp.args.StandardSave(state))
+                manager.wait_until_finished()
+                raise Preempted(f"{name}: stopped by a signal after step {done}; checkpoint {done} is saved in "
+                                f"{directory / 'checkpoints'}. Run the same command again to resume.")
     finally:
         bar.close()
         writer.close()
         manager.wait_until_finished()
         manager.close()
     return state
+
+
+def _check_finite(name: str, cfg: LoopConfig, metrics: dict[str, Any], done: int, checkpoint: int | None) -> None:
+    """Raises NonFiniteError once `max_nonfinite_steps` updates in a row were skipped.
+
+    Reading the streak waits for the step to finish; a scalar per step is cheap next to a step."""
+    if not cfg.max_nonfinite_steps or "nonfinite_streak" not in metrics:
+        return
+    streak = int(jax.device_get(metrics["nonfinite_streak"]))
+    if streak >= cfg.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"{name}: {streak} steps in a row (up to step {done}) had a NaN or Inf loss or gradient. Their updates "
+            f"were skipped, so the parameters and optimizer state are those before them (latest checkpoint: "
+            f"step {checkpoint or 'none'}). Check the concept images and captions, lower the learning rate "
+            f"(stage_a/stage_b.learning_rate) or use float32 (model.dtype), then run again; "
+            f"max_nonfinite_steps={cfg.max_nonfinite_steps} sets this limit.")

@@ -11,6 +11,8 @@ All predictions share x0, x1, t (hence x_t). Shapes: velocities (B, N, C) packed
 
 Squared norms in the losses are means over a sample's latent elements, then over the batch
 (the same normalisation as L_CC); λ* uses plain inner products, where the normalisation cancels.
+Everything here runs in float32 whatever the model's compute dtype: R_learn is a difference of
+two close velocities and λ* a ratio of sums over ~10^5 elements, which bfloat16 would round away.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def purecc_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L_PCC and its parts. `r_tar` must already be the frozen extractor's guidance (Eq. 8)."""
     r_tar = jax.lax.stop_gradient(r_tar).astype(jnp.float32)
+    v_complete, v_base = v_complete.astype(jnp.float32), v_base.astype(jnp.float32)
     if cfg.stop_grad_original:
         v_base = jax.lax.stop_gradient(v_base)
     l_cc = flow_loss(v_complete, x0, x1)
@@ -75,7 +78,7 @@ def purecc_loss(
     if cfg.lambda_clip is not None:
         lam = jnp.clip(lam, *cfg.lambda_clip)
     lam_b = lam.reshape((-1,) + (1,) * (r_tar.ndim - 1))
-    v_pure = v_base.astype(jnp.float32) + lam_b * r_tar
+    v_pure = v_base + lam_b * r_tar
     l_pure = jnp.mean(per_sample_mse(v_pure, v_complete))
     loss = l_cc + cfg.eta * l_pure
     metrics = dict(loss=loss, l_cc=l_cc, l_pure=l_pure, lambda_mean=jnp.mean(lam),

@@ -1,6 +1,6 @@
 """The one fused train step of both PureCC stages (and of the DreamBooth baseline).
 
-    state  = TrainState(step, trainable, opt_state, rng)      donated, updated
+    state  = TrainState(step, trainable, opt_state, rng, nonfinite_skipped, nonfinite_streak)  donated
     frozen = {"params": pretrained FLUX, "cache": ..., ...}     never donated, stop-gradient
     batch  = {"image": (B,), "complete": (B,), "base": (B,), "target": (B,), "null": (B,)}  indices
 
@@ -14,10 +14,18 @@ computed once, live on device, and are gathered inside the step. The noise x1 an
 timesteps come from `fold_in(state.rng, state.step)`, so a resumed run draws the same
 numbers as an uninterrupted one.
 
+A step whose loss or gradient is not finite changes neither the parameters nor the optimizer
+state (the whole update is selected away inside the step); it is counted in
+`nonfinite_skipped` (in total) and `nonfinite_streak` (in a row), which the loop watches.
+
 trainable: {"lora": LoRA tree} or {"params": full FLUX params}, plus {"embeddings": ...}
 when concept embeddings train in this stage. Embeddings: token -> {"clip": (n, Dclip),
 "t5": (n, Dt5)} extra rows of the text encoders; layerwise -> {"double": (depth, D),
 "single": (depth_single, D)} written into the context stream (`ConceptInjection`).
+
+The extractor reads `frozen["extractor_embeddings"]` when given (stage A's embeddings while
+stage B trains its own; token rows among them must already be baked into the cached
+encodings), else the stage's frozen embeddings, else (constant) the trainable ones.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ class TrainState:
     trainable: Any
     opt_state: Any
     rng: jax.Array  # raw key data (uint32), so it checkpoints like any array
+    nonfinite_skipped: jax.Array  # int32: steps whose update was skipped for a NaN/Inf loss or gradient
+    nonfinite_streak: jax.Array  # int32: of those, how many in a row up to this step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +138,19 @@ def make_loss_fn(model: FluxTransformer, cfg: StepConfig, encode_text: TextEncod
                       injection([batch["complete"], batch["base"]], trainable, frozen))
         v_complete, v_base = v[:b], v[b:]
 
-        # The frozen extractor θ1: pretrained weights (+ stage-A LoRA) as constants.
+        # The frozen extractor θ1: pretrained weights (+ stage-A LoRA and embeddings) as constants.
         frozen_sg = jax.lax.stop_gradient(frozen)
         ext_params = frozen_sg.get("extractor_params", frozen_sg["params"])
-        trainable_sg = jax.lax.stop_gradient(trainable)
-        target = texts("target", batch["target"], trainable_sg, frozen_sg)
-        null = texts("null", batch["null"], trainable_sg, frozen_sg)
+        if "extractor_embeddings" in frozen_sg:
+            ext_trainable, ext_frozen = {}, dict(frozen_sg, embeddings=frozen_sg["extractor_embeddings"])
+        else:
+            ext_trainable, ext_frozen = jax.lax.stop_gradient(trainable), frozen_sg
+        target = texts("target", batch["target"], ext_trainable, ext_frozen)
+        null = texts("null", batch["null"], ext_trainable, ext_frozen)
         r = _velocity(model, ext_params, frozen_sg.get("extractor_lora"), cfg.extractor_lora,
                       jnp.concatenate([xt, xt]), jnp.concatenate([t, t]), cat(target, null), cache, cfg.guidance,
-                      injection([batch["target"], batch["null"]], trainable_sg, frozen_sg))
+                      injection([batch["target"], batch["null"]], ext_trainable, ext_frozen))
+        r = r.astype(jnp.float32)  # R_tar is a difference of close velocities: subtract in float32
         r_tar = jax.lax.stop_gradient(r[:b] - r[b:])
         return purecc_loss(v_complete, v_base, r_tar, x0, x1, cfg.objective)
 
@@ -173,7 +187,16 @@ def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int) -> T
         trainable=trainable,
         opt_state=tx.init(trainable),
         rng=jax.random.key_data(jax.random.key(seed)),
+        nonfinite_skipped=jnp.zeros((), jnp.int32),
+        nonfinite_streak=jnp.zeros((), jnp.int32),
     )
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when every element of every floating leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def make_train_step(
@@ -182,19 +205,33 @@ def make_train_step(
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule | None = None,
     encode_text: TextEncodeFn | None = None,
+    grad_accum: int = 1,
 ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]:
-    """step(state, frozen, batch) -> (new state, metrics); jit it with `jit_train_step`."""
+    """step(state, frozen, batch) -> (new state, metrics); jit it with `jit_train_step`.
+
+    `lr_schedule` (for the logged learning rate) counts optimizer updates, as the optimizer's
+    own schedules do: with `grad_accum` micro-steps per update, step s is in update s // grad_accum.
+    """
     loss_fn = make_loss_fn(model, cfg, encode_text)
 
     def step(state: TrainState, frozen: Any, batch: Any):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch, rng)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        # NaN/Inf anywhere skips the whole update, moments and accumulators included, so a bad
+        # batch can never reach the parameters or a checkpoint.
+        finite = jnp.isfinite(loss) & all_finite(grads)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        skipped = jnp.logical_not(finite).astype(jnp.int32)
+        state = state.replace(
+            step=state.step + 1, trainable=keep(trainable, state.trainable), opt_state=keep(opt_state, state.opt_state),
+            nonfinite_skipped=state.nonfinite_skipped + skipped, nonfinite_streak=(state.nonfinite_streak + 1) * skipped)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), nonfinite_skipped=state.nonfinite_skipped,
+                       nonfinite_streak=state.nonfinite_streak)
         if lr_schedule is not None:
-            metrics["learning_rate"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+            metrics["learning_rate"] = jnp.asarray(lr_schedule((state.step - 1) // grad_accum), jnp.float32)
+        return state, metrics
 
     return step
 

@@ -18,7 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 from purecc_jax.weights.rules import Leaf, Rule, ckpt_shape, swap, to_ckpt, to_flax
-from purecc_jax.weights.safetensors_io import Checkpoint, write_sharded
+from purecc_jax.weights.safetensors_io import FLOAT_DTYPES, Checkpoint, write_sharded
 
 
 class WeightsError(ValueError):
@@ -89,6 +89,9 @@ def check(
             pass
         if expected is not None and tuple(ckpt.shape(rule.ckpt)) != tuple(expected):
             problems.append(f"tensor {rule.ckpt!r} has shape {ckpt.shape(rule.ckpt)}, the model needs {expected}")
+        if ckpt.dtype(rule.ckpt) not in FLOAT_DTYPES:
+            problems.append(f"tensor {rule.ckpt!r} has dtype {ckpt.dtype(rule.ckpt)}, the model needs floating point "
+                            "weights (F32, F16, BF16 or F8)")
 
     patterns = [re.compile(p) for p in ignore]
     for name in ckpt.keys():
@@ -96,7 +99,8 @@ def check(
             problems.append(f"unexpected tensor {name!r} in {ckpt.file_of(name)}")
 
     if problems:
-        head = f"checkpoint {ckpt.path} does not match the model ({len(problems)} problems):\n  "
+        head = (f"checkpoint {ckpt.path} does not match the model ({len(problems)} problems; is it the right model's "
+                f"folder, completely downloaded?):\n  ")
         shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
         raise WeightsError(head + "\n  ".join(shown))
 

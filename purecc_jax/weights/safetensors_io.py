@@ -17,6 +17,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from purecc_jax import faults
+
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -32,6 +34,7 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset(DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
 
 
 class SafetensorsFile:
@@ -44,6 +47,9 @@ class SafetensorsFile:
             if len(head) != 8:
                 raise ValueError(f"{self.path}: not a safetensors file (too short)")
             (n,) = struct.unpack("<Q", head)
+            if 8 + n > self.path.stat().st_size:
+                raise ValueError(f"{self.path} is truncated or not a safetensors file: its header claims {n} bytes, "
+                                 f"the file has {self.path.stat().st_size}; download it again")
             try:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -52,6 +58,22 @@ class SafetensorsFile:
         self.entries = header
         self._data_start = 8 + n
         self._map: np.memmap | None = None
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """A file cut short (an interrupted download) or a header whose byte ranges do not match
+        its shapes fails here, naming the file, before any tensor is read."""
+        size, end = self.path.stat().st_size, 0
+        for name, entry in self.entries.items():
+            start, stop = entry["data_offsets"]
+            want = int(np.prod(entry["shape"], dtype=np.int64)) * (self.dtype(name).itemsize)
+            if stop - start != want:
+                raise ValueError(f"{self.path}: tensor {name!r} ({entry['dtype']} {entry['shape']}) spans "
+                                 f"{stop - start} bytes, its shape needs {want}: the file is damaged; download it again")
+            end = max(end, stop)
+        if size < self._data_start + end:
+            raise ValueError(f"{self.path} is truncated: {size} bytes, its header needs {self._data_start + end}. "
+                             "The download or copy was cut short; download it again")
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -128,6 +150,9 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.files[self.where[name]].shape(name)
 
+    def dtype(self, name: str) -> np.dtype:
+        return self.files[self.where[name]].dtype(name)
+
     def get(self, name: str) -> np.ndarray:
         if name not in self.where:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
@@ -166,7 +191,9 @@ def write_streaming(
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for name, shape, dtype in specs:
+        for i, (name, shape, dtype) in enumerate(specs):
+            if i == len(specs) // 2:
+                faults.point(f"write:{Path(path).name}")
             arr = np.asarray(produce(name), dtype=np.dtype(dtype))  # ascontiguousarray makes 0-d 1-d
             if arr.shape != tuple(shape):
                 raise ValueError(f"{name!r}: produced shape {arr.shape}, declared {tuple(shape)}")
