@@ -50,6 +50,7 @@ def _diffusers_code(meta: dict[str, Any], pretrained: str, folder: Path) -> list
 
 
 def _recipe(config: dict[str, Any] | None, lora: LoRAConfig | None) -> list[str]:
+    """The training recipe in a few lines (`config`: the run's config.json; `lora`: the exported LoRA's)."""
     if not config:
         return []
     lines = [f"- method: {config.get('method')}, concept embedding: {config.get('concept_embedding')}"]
@@ -64,6 +65,8 @@ def _recipe(config: dict[str, Any] | None, lora: LoRAConfig | None) -> list[str]
     if config.get("method") == "purecc" and config.get("objective"):
         o = config["objective"]
         lines.append(f"- objective: eta {o.get('eta')}, lambda {o.get('lambda_mode')}")
+    if config.get("extractor_lora"):
+        lines.append(f"- stage A skipped: the extractor was the LoRA file {config['extractor_lora']}")
     if lora is not None:
         lines.append(f"- exported LoRA: rank {lora.rank} (alpha / rank folded into the weights: load at scale 1)")
     return lines
@@ -80,14 +83,19 @@ def render(meta: dict[str, Any], info: Any, lora: LoRAConfig | None, folder: Pat
              f"- identifier: `{ident}`, class word: `{cls}` — prompt e.g. `a photo of {ident} {cls} on the beach`",
              f"- formats: {', '.join(meta['formats'])}"
              + (" (LoRA merged into the base weights)" if meta.get("merged_lora") else "")
-             + f", {meta['dtype']}", *_recipe(info.config, lora), ""]
+             + f", {meta['dtype']}", *_recipe(info.config, None if meta.get("merged_lora") else lora), ""]
     if grid is not None:
         lines += [f"![last samples of the run]({grid.name})", ""]
     lines += ["## diffusers", ""]
     if kind == "layerwise":
         lines += ["The layer-wise concept vectors (concept_layerwise.safetensors) have no diffusers loader:",
                   "sample with this package. In diffusers, only the weights load:", ""]
-    lines += ["```python", *_diffusers_code(meta, pretrained, folder), "```", "", "## ComfyUI", ""]
+    lines += ["```python", *_diffusers_code(meta, pretrained, folder), "```", ""]
+    if "bfl" in meta["formats"] and "diffusers-full" in meta["formats"]:
+        lines += ["The single file loads the same transformer:", "", "```python",
+                  'transformer = FluxTransformer2DModel.from_single_file(f"{export}/flux1-purecc.safetensors", '
+                  f'config="{pretrained}", subfolder="transformer", torch_dtype=torch.bfloat16)', "```", ""]
+    lines += ["## ComfyUI", ""]
     lines += [f"- {_COMFYUI[f]}" for f in meta["formats"] if f in _COMFYUI]
     if "diffusers-full" in meta["formats"]:
         lines.append("- ComfyUI does not read diffusers folders: export `--format=bfl` for it.")
