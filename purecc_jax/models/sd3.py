@@ -38,6 +38,12 @@ from purecc_jax.models.layers import Dense, MLPEmbedder, RMSNorm, constrain, lay
 from purecc_jax.models.text_common import layer_stack
 
 QK_NORMS = (None, "rms_norm")
+# LoRA targets of the authors' SD3.5 recipe (PEFT target_modules to_q, to_k, to_v, to_out.0, which match
+# the image stream's joint attention and the MMDiT-X second attention): regexes over Dense module paths.
+LORA_TARGETS = (
+    r"^(dual_blocks|joint_blocks|last_block)(_\d+)?/x_attn2?/(q|k|v)$",
+    r"^(dual_blocks|joint_blocks|last_block)(_\d+)?/x_attn2?_out$",
+)
 
 
 @dataclasses.dataclass(frozen=True)
