@@ -4,7 +4,7 @@
 tokenizer's `model_max_length` (77), T5 to `max_sequence_length`, both with
 `padding="max_length", truncation=True` and no attention mask.
 
-The identifier (PureCC's `sks`) and the two kinds of concept embedding:
+The identifier (PureCC's `sks`) under each kind of concept embedding:
 
 - `token` (the default): `add_concept_token(word)` adds the identifier itself to both
   tokenizers as a new *added token*, exactly as diffusers' `load_textual_inversion(file,
@@ -21,7 +21,7 @@ The identifier (PureCC's `sks`) and the two kinds of concept embedding:
   of the encoders' `extra_embeddings` (models/text_common). The ids differ from diffusers'
   for T5, the embedding rows and so the encoder outputs do not.
   diffusers refuses a token that is already an entry of the vocabulary (`sks` is not:
-  CLIP's entry is `sks</w>`, T5's `▁sks`), and a tokenizer whose normaliser changes the
+  CLIP-L's entry is `sks</w>`, and T5's word-initial pieces start with `▁`), and a tokenizer whose normaliser changes the
   word (CLIP lowercases) would never match it: both are refused here, when training
   starts, rather than when the export is loaded.
 - `none` / `layerwise`: the identifier stays a plain word (the DreamBooth way), read by the
