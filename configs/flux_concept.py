@@ -10,6 +10,12 @@ black-forest-labs/FLUX.1-dev --local-dir ~/FLUX.1-dev`, after accepting its lice
 A concept may also be any folder of 3-5 photos: `--config.concept.path=~/my_cat
 --config.concept.class_word=cat`.
 
+The identifier (`--config.concept.identifier`, default `sks`) becomes a new added token of
+both tokenizers with learned CLIP-L and T5 rows (`concept_embedding=token`), the token
+diffusers' `load_textual_inversion(..., token="sks")` adds, so the same prompt works in
+training, sampling and diffusers; `--config.concept_embedding=none` keeps it a plain word
+(pipeline/tokenizers.py says which identifiers are refused and why).
+
 What it does: stage A (400 steps) trains the representation extractor (LoRA rank 4 + a
 learned concept token); stage B (400 steps) trains a fresh LoRA of the pretrained model
 with L_CC + η·L_PureCC guided by the frozen extractor; then writes
