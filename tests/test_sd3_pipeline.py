@@ -133,3 +133,33 @@ def test_sample_cli_dispatches_on_model_index(saved, tmp_path):
                 f"--max_sequence_length={T5_LENGTH}", f"--init_latents={tmp_path / 'latents.npy'}",
                 f"--output={tmp_path / 'out.npy'}", "--noprogress"])
     assert np.abs(np.load(tmp_path / "out.npy") - expected).max() < 1e-3
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])
+def test_lora_export_loads_in_diffusers(saved, tmp_path, scan):
+    """A LoRA on the authors' targets, exported, loaded by StableDiffusion3Pipeline.load_lora_weights: the
+    transformer's output equals ours with the adapter (and differs from the one without)."""
+    import jax
+    from diffusers import StableDiffusion3Pipeline
+
+    from purecc_jax.models import lora as lora_lib
+    from purecc_jax.models import sd3
+    from purecc_jax.weights import sd3_io, sd3_lora
+    from sd3_reference import random_inputs, run_torch
+
+    _, folder = saved
+    cfg, params = sd3_io.load_transformer(folder / "transformer", scan_layers=scan)
+    lcfg = lora_lib.LoRAConfig(rank=4, alpha=8.0, targets=sd3.LORA_TARGETS)
+    adapter = lora_lib.init(jax.random.key(0), params, lcfg)
+    adapter = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), adapter)
+    sd3_lora.save(adapter, lcfg, cfg, tmp_path / "pytorch_lora_weights.safetensors")
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    inputs = random_inputs(cfg, 2, 4, 6, 9, seed=5)
+    without = run_torch(pipe.transformer, inputs)
+    pipe.load_lora_weights(tmp_path)
+    expected = run_torch(pipe.transformer, inputs)
+    ours = sd3.SD3Transformer(cfg).apply({"params": params, "lora": lora_lib.variables(adapter, lcfg)}, **inputs)
+    scale = np.abs(expected).max()
+    assert np.abs(np.asarray(ours) - expected).max() < 1e-4 * scale
+    assert np.abs(expected - without).max() > 1e-2 * scale
