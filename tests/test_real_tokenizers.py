@@ -243,10 +243,11 @@ def test_plain_identifier_mask_with_real_tokenizers(folder):
 def readme_command() -> list[str]:
     """The arguments of the `python -m purecc_jax.main` line in the README's FLUX.1-dev section."""
     text = README.read_text()
-    section = text[text.index("## Customizing FLUX.1-dev"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
-    lines = [line for line in block.splitlines() if line.strip().startswith("python -m purecc_jax.main")]
-    assert len(lines) == 1, f"README's FLUX.1-dev section should have one `python -m purecc_jax.main` line: {block}"
+    start = text.index("## Customizing FLUX.1-dev")
+    section = text[start:text.find("\n## ", start + 1)]
+    blocks = [b.replace("\\\n", " ") for b in re.findall(r"```bash\n(.*?)```", section, re.S)]
+    lines = [line for b in blocks for line in b.splitlines() if line.strip().startswith("python -m purecc_jax.main")]
+    assert len(lines) == 1, f"README's FLUX.1-dev section should have one `python -m purecc_jax.main` line: {lines}"
     args = shlex.split(lines[0], comments=True)
     assert args[:3] == ["python", "-m", "purecc_jax.main"]
     return args[3:]
