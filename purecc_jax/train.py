@@ -360,7 +360,8 @@ class Trainer:
             frozen["text"] = self.text_params()
         if train_emb:
             # θ1 is frozen, its concept embedding included: the extractor keeps stage A's while stage B's move.
-            frozen["extractor_embeddings"] = learned
+            # A copy: the trainable embeddings may share these buffers, and the step donates them.
+            frozen["extractor_embeddings"] = jax.tree_util.tree_map(jnp.copy, learned)
         extractor_lora = None
         if cfg.objective.extractor_uses_stage_a_lora:
             if "lora" in a.trainable:

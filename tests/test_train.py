@@ -549,6 +549,9 @@ def test_embeddings_trained_in_stage_b_leave_the_extractor_on_stage_a(folder, wi
     learned = a.trainable["embeddings"]
     assert same(got["trainable"]["embeddings"], learned)  # stage B's copy starts from stage A's
     assert same(got["frozen"]["extractor_embeddings"], learned) and "embeddings" not in got["frozen"]
+    # Separate buffers: the step donates the trainable ones, which would delete the extractor's.
+    pointers = lambda tree: {x.unsafe_buffer_pointer() for x in jax.tree_util.tree_leaves(tree)}  # noqa: E731
+    assert not pointers(got["frozen"]["extractor_embeddings"]) & pointers(got["trainable"]["embeddings"])
     # Token rows reach the extractor through the cached encodings: stage A's rows baked in.
     trainer = wiring_trainer
     want = trainer.parts.text.encode(trainer.cache.arrays["clip_ids"], trainer.cache.arrays["t5_ids"],
