@@ -123,3 +123,34 @@ def test_full_size_parameter_count_matches_diffusers():
         ref = SD3Transformer2DModel(**{k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"})
     assert ours == sum(p.numel() for p in ref.parameters())
     assert 2.0e9 < ours < 2.6e9
+
+
+def test_export_and_sharded_load(tmp_path):
+    """export_diffusers -> load_transformer on a (data=2, fsdp=2, tensor=2) mesh: parameters land in their
+    logical shardings (matrices split) and the output under the mesh is the unsharded one."""
+    cfg = sd3.preset("tiny")
+    params = jax.jit(lambda: sharding.unbox(sd3.init_fn(cfg, jax.random.key(3))()))()
+    params = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape), params)
+    sd3_io.export_diffusers(params, cfg, tmp_path / "transformer")
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    loaded_cfg, loaded = sd3_io.load_transformer(tmp_path / "transformer", mesh=mesh)
+    assert loaded_cfg == cfg
+    fc1 = loaded["joint_blocks"]["x_mlp"]["fc1"]["kernel"]
+    assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    inputs = random_inputs(cfg, 4, 4, 6, 5, seed=3)
+    expected = SD3Transformer(cfg).apply({"params": params}, **inputs)
+    with sharding.activate(mesh):
+        out = jax.jit(lambda p, x: SD3Transformer(cfg).apply({"params": p}, **x))(loaded, inputs)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="dual_attention_layers"):
+        sd3.preset("tiny", dual_attention_layers=(1,))
+    with pytest.raises(ValueError, match="qk_norm"):
+        sd3.preset("tiny", qk_norm="layer_norm")
+    with pytest.raises(ValueError, match="caption_projection_dim"):
+        sd3.SD3Config.from_diffusers(tiny_config(caption_projection_dim=48))
+    cfg = sd3.preset("tiny")
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        sd3.position_table(cfg, cfg.pos_embed_max_size + 1, 2)
