@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 ASSET = Path(__file__).resolve().parent / "assets" / "base"
-SHA256 = "unset"
+SHA256 = "12290e62d7546e54a1324730e9759614bc3ccf2f489bf82235fa620561c15266"
 # Held-out combinations, toy.evaluation.samples world prompts, the config's sampling settings.
 ACCURACY: dict[str, float] = {}
 
