@@ -2,17 +2,20 @@ r"""The toy world: PureCC tested end to end on a CPU in minutes (the README's ma
 
     python -m purecc_jax.main --config=configs/toy_concept.py --workdir=runs/toy
 
-1. pretrains a tiny FLUX (same transformer, CLIP and T5 modules as FLUX.1, pixel space,
-   32x32 images of one shape on a plain background) and saves it as a diffusers-layout
-   pipeline folder in `workdir/base/` (reused by later runs);
+1. loads the shipped base model (purecc_jax/toyworld/assets/base: a tiny FLUX with the
+   same transformer, CLIP and T5 modules as FLUX.1, in pixel space, pretrained on 32x32 images
+   of one shape on a plain background), after checking its sha256; with
+   `--config.toy.pretrain_base=True` it pretrains one into `workdir/base/` instead;
 2. renders 4 references of a concept the base never saw (a red/yellow striped square, all
    on a gray background) into `workdir/concept/` and customizes the base with each method
-   (L_CC only = DreamBooth-LoRA, PureCC with adaptive λ*, fixed λ, several η), through the
-   same trainer as FLUX.1-dev;
-3. samples every method with the same seeds, reads the images with a deterministic
-   analyser, and writes `workdir/report.{md,json,png}` and sample grids.
+   (L_CC only = DreamBooth-LoRA and PureCC with adaptive λ*; `toy.ablations` adds fixed λ,
+   large η with and without the gradient through v_b, the layer-wise embedding), each from
+   every seed in `toy.seeds`, through the same trainer as FLUX.1-dev;
+3. samples every run with the same prompts and noise, reads the images with a deterministic
+   analyser, tests the differences across seeds, and writes `workdir/report.{md,json,png}`
+   and sample grids.
 
-Expected: about 20 minutes on 2 CPU cores from scratch, under 10 with `workdir/base/` cached.
+Budget: <= 15 minutes on 2 slow CPU cores (`toy.quick`: <= 5); see the README for measurements.
 """
 
 import ml_collections

@@ -1,14 +1,15 @@
 """The toy comparison: base model, concept references, every method, evaluation, report.
 
-    workdir/base/            the pretrained toy FLUX as a diffusers-layout folder (cached)
-    workdir/concept/         the 4 concept references (PNG) with caption files
-    workdir/runs/<method>/   each method's PureCC workdir (stage_a, stage_b, export)
-    workdir/samples/         evaluation grids per method
+    workdir/base/                 with toy.pretrain_base: a base pretrained here (cached);
+                                  otherwise the shipped one (toyworld/shipped.py) is used
+    workdir/concept/              the 4 concept references (PNG) with caption files
+    workdir/runs/<method>/seed<k> each run's PureCC workdir (stage_a, stage_b, export)
+    workdir/samples/              evaluation grids per run
     workdir/report.{md,json,png}
 
-Methods share what they can: every PureCC variant starts from the same stage A (the
-extractor), which is also the L_CC-only (DreamBooth-LoRA) baseline; a second L_CC run with
-another seed measures the noise floor.
+Every method runs once per training seed (toy.seeds); the report tests differences across
+seeds. Runs share what they can: every PureCC variant starts from the stage A of the same
+seed (the extractor), which is also that seed's L_CC-only (DreamBooth-LoRA) baseline.
 """
 
 from __future__ import annotations
