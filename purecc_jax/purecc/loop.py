@@ -20,6 +20,7 @@ A step whose update was skipped for a non-finite loss or gradient is counted by 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import threading
@@ -34,7 +35,7 @@ import orbax.checkpoint as ocp
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from purecc_jax import faults
+from purecc_jax import faults, multihost, paths
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,13 @@ class MetricWriter:
 
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "metrics.jsonl"
-        if path.exists():
+        if not paths.is_remote(path) and path.exists():  # a bucket object is written whole or not at all
             # A run killed while writing leaves a partial last line: cut it, or the next record joins it.
             data = path.read_bytes()
             if data and not data.endswith(b"\n"):
                 with open(path, "r+b") as f:
                     f.truncate(data.rfind(b"\n") + 1)
-        self._jsonl = open(path, "a", encoding="utf-8")
+        self._jsonl = paths.AppendText(path)
         self._tb = SummaryWriter(str(directory / "tensorboard"))
 
     def scalars(self, step: int, metrics: dict[str, float]) -> None:
@@ -105,8 +106,21 @@ class MetricWriter:
         self._tb.close()
 
 
+class _NoWriter:
+    """The MetricWriter of processes other than process 0: logs and images are written once."""
+
+    def scalars(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(directory: Path) -> list[dict[str, float]]:
-    path = Path(directory) / "metrics.jsonl"
+    path = paths.path(directory) / "metrics.jsonl"
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -144,7 +158,7 @@ def run_stage(
     sample_fn: SampleFn | None = None,
 ) -> Any:
     """Runs (or resumes) a stage to `cfg.steps`; returns the final TrainState."""
-    directory = Path(directory).absolute()
+    directory = paths.path(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpoints, create=True,
         cleanup_tmp_directories=True)
@@ -159,8 +173,9 @@ def run_stage(
         manager.close()
         return state
 
-    writer = MetricWriter(directory)
-    bar = tqdm(total=cfg.steps, initial=start, desc=name, disable=not cfg.progress, dynamic_ncols=True)
+    writer = MetricWriter(directory) if multihost.is_main() else _NoWriter()
+    bar = tqdm(total=cfg.steps, initial=start, desc=name, disable=not cfg.progress or not multihost.is_main(),
+               dynamic_ncols=True)
     t_last, n_last = time.perf_counter(), start
     try:
         for step in range(start, cfg.steps):
@@ -184,12 +199,14 @@ def run_stage(
                 manager.save(done, args=ocp.args.StandardSave(state))
                 faults.point(f"{name}:checkpoint:{done}")
             if sample_fn is not None and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps):
-                images, captions = sample_fn(state)
+                images, captions = sample_fn(state)  # in every process: sampling runs on the whole mesh
                 picture = grid(images, captions)
-                (directory / "samples").mkdir(exist_ok=True)
-                Image.fromarray(picture).save(directory / "samples" / f"{done:06d}.png")
+                if multihost.is_main():
+                    png = io.BytesIO()
+                    Image.fromarray(picture).save(png, format="png")
+                    paths.write_bytes(directory / "samples" / f"{done:06d}.png", png.getvalue())
                 writer.image(done, f"{name}/samples", picture)
-            if stop_requested() and done < cfg.steps:
+            if multihost.any_process(stop_requested()) and done < cfg.steps:  # all hosts stop at one step
                 if not saved:
                     manager.save(done, args=ocp.args.StandardSave(state))
                 manager.wait_until_finished()

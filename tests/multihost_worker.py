@@ -1,0 +1,62 @@
+"""One process of tests/test_multihost.py: `python multihost_worker.py DEVICES INTERRUPT -- MAIN_ARGS...`.
+
+Runs `purecc_jax.main` in process on DEVICES virtual CPU devices. It notes in WORKDIR/export_writers which process wrote the export. INTERRUPT > 0 stops the run with an
+exception when stage B asks for the batch of that step, as a kill would (every process at the same step).
+"""
+
+import os
+import sys
+
+devices, interrupt = int(sys.argv[1]), int(sys.argv[2])
+assert sys.argv[3] == "--", sys.argv
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import logging  # noqa: E402
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from purecc_jax import main, train  # noqa: E402
+
+# the tests read "resumed from step N" from the loop's log
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout, force=True)
+
+
+class Interrupted(Exception):
+    pass
+
+
+if interrupt:
+    original = train.Trainer.batch_fn
+
+    def batch_fn(self, batch_size, seed):
+        get = original(self, batch_size, seed)
+
+        def batch(step):
+            if seed == self.config.seed + 1 and step == interrupt:
+                raise Interrupted(f"stage B interrupted at step {step}")
+            return get(step)
+        return batch
+
+    train.Trainer.batch_fn = batch_fn
+
+export = train.export
+
+
+def recorded_export(stage, trainer, folder):
+    """train.export, noting which process called it in WORKDIR/export_writers."""
+    with open(folder.parent / "export_writers", "a") as f:
+        f.write(f"{jax.process_index()}\n")
+    return export(stage, trainer, folder)
+
+
+train.export = recorded_export
+
+try:
+    main.cli(["main", *sys.argv[4:]])
+except Interrupted as e:
+    print(e, flush=True)
+    sys.exit(3)

@@ -1,0 +1,139 @@
+"""Two processes, one global mesh: `python -m purecc_jax.main --distributed` as on a TPU pod slice.
+
+Two CPU processes (4 virtual devices each) join through `jax.distributed` on localhost and run
+the tiny stage A + stage B over one (data=2, fsdp=4) mesh: the batch is split across the
+processes, the weights are sharded within each. The run is interrupted in stage B and run
+again; a one-process run on an 8-device mesh of the same shape is the reference. Checked: the
+losses of every step equal the reference's, every log line, TensorBoard file, sample grid and
+checkpoint exists once, both processes resume from the shared checkpoint, and the export is
+written by process 0 alone and equals the reference's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dreambench_standin
+import pipeline_reference
+from purecc_jax.purecc import loop
+from purecc_jax.weights.safetensors_io import SafetensorsFile
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "multihost_worker.py"
+INTERRUPT = 3  # stage B stops when it asks for its 4th batch: checkpoint 2 is the latest
+TINY = {
+    "concept.path": "dog", "concept.dreambench_root": str(dreambench_standin.root()), "concept.resolution": "32",
+    "model.dtype": "float32", "model.param_dtype": "float32", "model.remat_policy": "none", "model.attention": "xla",
+    "model.max_sequence_length": 16, "stage_a.steps": 4, "stage_b.steps": 4, "stage_a.batch_size": 8,
+    "stage_b.batch_size": 8, "checkpoint_every": 2, "log_every": 1, "progress": False, "sample.every": 0,
+    "sample.steps": 2, "sample.height": 32, "sample.width": 32, "sample.prompts": "('a photo of {identifier} {class_word}',)",
+    "export.dtype": "float32", "mesh.data": 2, "mesh.fsdp": 4,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start(devices: int, interrupt: int, workdir: Path, folder: Path, distributed: tuple[str, ...] = ()):
+    args = [sys.executable, str(WORKER), str(devices), str(interrupt), "--",
+            f"--config={ROOT / 'configs' / 'flux_concept.py'}", f"--workdir={workdir}", f"--config.pretrained={folder}",
+            *(f"--config.{k}={v}" for k, v in TINY.items()), *distributed]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(processes) -> list[tuple[int, str]]:
+    out = []
+    for p in processes:
+        try:
+            text, _ = p.communicate(timeout=1200)
+        except subprocess.TimeoutExpired:
+            for q in processes:
+                q.kill()
+            raise
+        out.append((p.returncode, text))
+    return out
+
+
+def two_processes(interrupt: int, workdir: Path, folder: Path):
+    port = free_port()
+    return [start(4, interrupt, workdir, folder, ("--distributed", f"--coordinator_address=localhost:{port}",
+                                                 "--num_processes=2", f"--process_id={i}")) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_flux")
+    pipeline_reference.save_pipeline(folder, guidance_embeds=True, seed=0)
+    base = tmp_path_factory.mktemp("multihost")
+    reference = start(8, 0, base / "one", folder)
+    interrupted = finish(two_processes(INTERRUPT, base / "two", folder))
+    for code, text in interrupted:
+        assert code == 3, text[-5000:]
+    stopped = {"steps": raw_steps(base / "two" / "stage_b"),
+               "checkpoints": sorted(p.name for p in (base / "two" / "stage_b" / "checkpoints").iterdir())}
+    resumed = finish(two_processes(0, base / "two", folder))
+    (ref_code, ref_log), = finish([reference])
+    assert ref_code == 0, ref_log[-3000:]
+    return dict(one=base / "one", two=base / "two", interrupted=interrupted, stopped=stopped, resumed=resumed)
+
+
+def raw_steps(directory: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_then_resumed_in_both_processes(runs):
+    for _, text in runs["interrupted"]:
+        assert f"stage B interrupted at step {INTERRUPT}" in text, text[-3000:]
+    assert runs["stopped"] == {"steps": [1, 2, 3], "checkpoints": ["2"]}
+    for code, text in runs["resumed"]:
+        assert code == 0, text[-3000:]
+        assert "stage_b: resumed from step 2" in text  # each process restored the one checkpoint
+        assert "stage_a: resumed from step 4" in text
+
+
+def test_written_once(runs):
+    w = runs["two"]
+    assert raw_steps(w / "stage_a") == [1, 2, 3, 4]  # one line per step, not one per process
+    assert raw_steps(w / "stage_b") == [1, 2, 3, 3, 4]  # step 3 again after the resume
+    for stage in ("stage_a", "stage_b"):
+        assert sorted(p.name for p in (w / stage / "checkpoints").iterdir()) == ["2", "4"]
+        assert len(list((w / stage / "tensorboard").iterdir())) == (1 if stage == "stage_a" else 2)  # one per run
+        assert [p.name for p in (w / stage / "samples").iterdir()] == ["000004.png"]
+    assert (w / "export_writers").read_text().split() == ["0"]
+
+
+def test_losses_equal_one_process(runs):
+    for stage in ("stage_a", "stage_b"):
+        got = {r["step"]: r for r in loop.read_metrics(runs["two"] / stage)}
+        want = {r["step"]: r for r in loop.read_metrics(runs["one"] / stage)}
+        assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+        for step, row in want.items():
+            for key in ("loss", "l_cc", "grad_norm") + (("l_pure", "lambda_mean") if stage == "stage_b" else ()):
+                np.testing.assert_allclose(got[step][key], row[key], rtol=1e-5, atol=1e-7, err_msg=f"{stage} {key}")
+
+
+def test_export_equals_one_process(runs):
+    def tensors(w):
+        files = {p.name: SafetensorsFile(p) for p in sorted((w / "export").glob("*.safetensors"))}
+        return {name: {k: np.array(f.get(k)) for k in f.keys()} for name, f in files.items()}
+
+    got, want = tensors(runs["two"]), tensors(runs["one"])
+    assert list(got) == list(want) == ["concept_clip_l.safetensors", "concept_t5.safetensors",
+                                       "pytorch_lora_weights.safetensors"]
+    for name in want:
+        assert got[name].keys() == want[name].keys()
+        for key in want[name]:
+            np.testing.assert_allclose(got[name][key], want[name][key], rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
