@@ -10,7 +10,6 @@ Re-running with the same workdir resumes where the run stopped; finished stages 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -22,7 +21,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from purecc_jax import cli as cli_lib
+from purecc_jax import paths
 
+# What a diffusers FLUX.1 folder holds that the pipeline reads (not the single-file checkpoints beside it).
+PIPELINE_PARTS = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "text_encoder_2",
+                  "tokenizer", "tokenizer_2")
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy_concept.py")
 
 
@@ -61,13 +64,15 @@ def run(config, workdir: str | Path):
     if not config.pretrained:
         raise ValueError("config.pretrained is empty: point it at a diffusers FLUX.1-dev folder "
                          "(huggingface-cli download black-forest-labs/FLUX.1-dev --local-dir DIR)")
-    check_folder(os.path.expanduser(config.pretrained))
-    check_guidance(os.path.expanduser(config.pretrained), config.train_guidance)
+    # A bucket folder is copied once per host (checked, cached) for the readers that need local files.
+    pretrained = str(paths.local_copy(config.pretrained, only=PIPELINE_PARTS))
+    check_folder(pretrained)
+    check_guidance(pretrained, config.train_guidance)
     train.check_resume(config, workdir)
     mesh = sharding.make_mesh(**config.mesh)
     rules = sharding.rules_from_config(config.axis_rules)
     m = config.model
-    parts = load_pipeline(os.path.expanduser(config.pretrained), mesh=mesh, rules=rules, dtype=m.dtype,
+    parts = load_pipeline(pretrained, mesh=mesh, rules=rules, dtype=m.dtype,
                           param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
                           attention=m.attention)
     return train.Trainer(config, workdir, parts).run()
@@ -88,7 +93,7 @@ def main(argv: Sequence[str], fv: flags.FlagValues) -> Any:
     elif fv.coordinator_address or fv.num_processes is not None or fv.process_id is not None:
         raise app.UsageError("--coordinator_address, --num_processes and --process_id need --distributed")
     if fv.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", str(Path(fv.workdir).absolute() / "jax_cache"))
+        jax.config.update("jax_compilation_cache_dir", str(paths.path(fv.workdir) / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from purecc_jax.purecc import loop
 

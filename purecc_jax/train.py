@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from purecc_jax import sharding
+from purecc_jax import multihost, paths, sharding
 from purecc_jax.data import cache as cache_lib
 from purecc_jax.data import concept as concept_lib
 from purecc_jax.models import lora as lora_lib
@@ -139,7 +139,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 def check_resume(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     """Refuses a workdir that holds a run of a different config (its config.json), unless
     `config.force_resume`: resuming it would mix two runs' checkpoints."""
-    path = Path(workdir) / "config.json"
+    path = paths.path(workdir) / "config.json"
     if not path.is_file() or config.get("force_resume"):
         return
     saved, now = _flat(json.loads(path.read_text())), _flat(json.loads(config.to_json_best_effort()))
@@ -170,7 +170,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, parts: FluxParts,
                  concept: concept_lib.Concept | None = None, codec: Any = None):
         validate(config)
-        self.config, self.workdir, self.parts = config, Path(workdir), parts
+        self.config, self.workdir, self.parts = config, paths.path(workdir), parts
         self.mesh = parts.mesh or sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
         self.rules = parts.rules
         self.codec = codec or parts.codec
@@ -204,8 +204,9 @@ class Trainer:
 
     def batch_fn(self, batch_size: int, seed: int):
         def get(step: int):
-            b = self.cache.batch(step, batch_size, seed)
-            return jax.device_put(b, jax.tree_util.tree_map(lambda x: sharding.batch_sharding(self.mesh, x.shape), b))
+            b = self.cache.batch(step, batch_size, seed)  # indices, the same in every process
+            # each process puts only the rows of its own devices
+            return multihost.put(b, jax.tree_util.tree_map(lambda x: sharding.batch_sharding(self.mesh, x.shape), b))
         return get
 
     # --- concept embeddings
@@ -295,7 +296,7 @@ class Trainer:
             adapter = None if "lora" not in tr else lora_lib.variables(tr["lora"], lcfg)
             out = generate(parts, prompts, settings, seeds=(s.seed,), text=text, lora=adapter, concept=injection,
                            codec=self.codec)
-            return np.asarray(out.images), prompts
+            return multihost.to_host(out.images), prompts
         return sample
 
     # --- the two stages
@@ -384,7 +385,9 @@ class Trainer:
         save_config(self.config, self.workdir)
         a = self.imported_extractor() if self.config.get("extractor_lora") else self.stage_a()
         final = a if self.config.method == "dreambooth" else self.stage_b(a)
-        export(final, self, self.workdir / "export")
+        host = dataclasses.replace(final, trainable=multihost.to_host(final.trainable))  # every process gathers
+        if multihost.is_main():
+            export(host, self, self.workdir / "export")
         return final
 
 
@@ -418,6 +421,8 @@ def export(stage: Stage, trainer: Trainer, folder: Path) -> Path:
     info = trained_lib.ConceptInfo(trainer.concept.identifier, trainer.concept.class_word, c.concept_embedding,
                                    c.method, stage.name, step, str(c.pretrained), json.loads(c.to_json_best_effort()))
     grid = stage.directory / "samples" / f"{step:06d}.png"
-    return trained_lib.write_export(folder, info, stage.trainable, stage.lora,
-                                    trainer.parts.transformer_config, dtype=dtype_named(c.export.dtype),
-                                    sample_grid=grid if grid.is_file() else None)
+    # The writers need local files: a bucket folder is written locally, then copied up.
+    with paths.local_folder(folder) as local, paths.local_file(grid) as local_grid:
+        trained_lib.write_export(local, info, stage.trainable, stage.lora, trainer.parts.transformer_config,
+                                 dtype=dtype_named(c.export.dtype), sample_grid=local_grid)
+    return folder

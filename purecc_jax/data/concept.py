@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from purecc_jax import paths
 from purecc_jax.data import dreambench
 from purecc_jax.purecc import texts as texts_lib
 
@@ -43,7 +44,11 @@ def find(
     template: str = texts_lib.DEFAULT_TEMPLATE,
     dreambench_root: str | None = None,
 ) -> Concept:
-    """Resolves `path` (a folder, or a DreamBench subject name under `dreambench_root`)."""
+    """Resolves `path` (a folder, or a DreamBench subject name under `dreambench_root`); either may be
+    in a bucket (gs://...), read from a checked copy on this host (`paths.local_copy`)."""
+    path = str(paths.local_copy(path)) if paths.is_remote(path) else path
+    if dreambench_root and paths.is_remote(dreambench_root):
+        dreambench_root = str(paths.local_copy(dreambench_root))
     folder = Path(path).expanduser()
     bench = None
     if not folder.is_dir():
