@@ -245,11 +245,11 @@ def test_learning_rate_counts_updates_with_grad_accum(setup):
 def test_bfloat16_step_follows_float32(setup):
     """The default compute path (bf16 weights and matmuls) against float32, same LoRA and batch.
 
-    bf16 keeps 8 significant bits (relative rounding 2^-9 per value) and the tiny model's ~20
-    matmuls and norms compound that to about 1% on its velocities. So: loss and L_CC within 2%,
-    gradients within 10% of their norm (relative error of the whole gradient vector) and
-    aligned (cosine > 0.99). λ* is a ratio of sums computed in float32 from bf16 velocities; R_learn
-    is a difference of two close velocities, so it is held to 0.1 in absolute terms.
+    bf16 keeps 8 significant bits (relative rounding 2^-9 per value), compounded over the tiny
+    model's ~20 matmuls and norms. Measured here: loss 0.1% and L_CC 0.2% off, λ* within 0.009
+    (values 0.03-0.17), gradient error 2.4% of its norm, cosine 0.9997. The bounds leave 3-10x
+    margin: loss and L_CC within 1%, λ* within 0.03 (R_learn is a difference of two close bf16
+    velocities, so λ* is held in absolute terms), gradient error within 10%, cosine > 0.99.
     """
     cfg, params, cache, extractor, trainable = setup
     cfg16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
@@ -263,9 +263,9 @@ def test_bfloat16_step_follows_float32(setup):
     (loss, m), g = out["f32"]
     (loss16, m16), g16 = out["bf16"]
     assert loss16.dtype == jnp.float32 and m16["lambda_mean"].dtype == jnp.float32
-    np.testing.assert_allclose(float(loss16), float(loss), rtol=2e-2)
-    np.testing.assert_allclose(float(m16["l_cc"]), float(m["l_cc"]), rtol=2e-2)
-    np.testing.assert_allclose([m16["lambda_min"], m16["lambda_max"]], [m["lambda_min"], m["lambda_max"]], atol=0.1)
+    np.testing.assert_allclose(float(loss16), float(loss), rtol=1e-2)
+    np.testing.assert_allclose(float(m16["l_cc"]), float(m["l_cc"]), rtol=1e-2)
+    np.testing.assert_allclose([m16["lambda_min"], m16["lambda_max"]], [m["lambda_min"], m["lambda_max"]], atol=0.03)
     flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)])
     flat16 = np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree_util.tree_leaves(g16)])
     assert np.linalg.norm(flat16 - flat) <= 0.1 * np.linalg.norm(flat), np.linalg.norm(flat16 - flat) / np.linalg.norm(flat)
