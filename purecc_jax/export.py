@@ -24,7 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
 from purecc_jax import cli as cli_lib
@@ -71,8 +73,6 @@ def restore_trainable(directory: Path, step: int | None = None) -> tuple[dict[st
     Only the trainable part is read: the optimizer state of a full fine-tune would be
     twice the model again.
     """
-    import orbax.checkpoint as ocp
-
     steps = checkpoint_steps(directory)
     if not steps:
         raise FileNotFoundError(f"{directory / 'checkpoints'} holds no checkpoint: has this stage run?")
@@ -90,9 +90,6 @@ def restore_trainable(directory: Path, step: int | None = None) -> tuple[dict[st
 
 
 def _numpy_args(tree: Any) -> Any:
-    import jax
-    import orbax.checkpoint as ocp
-
     return jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
 
 

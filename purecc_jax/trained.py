@@ -214,7 +214,7 @@ def write_export(
         grid = folder / "samples.png"
         shutil.copyfile(sample_grid, grid)
     (folder / "README.md").write_text(model_card.render(meta, info, lora_cfg, folder, grid))
-    manifest.write(folder, files)
+    manifest.write(folder, [*files, folder / META, folder / "README.md", *([grid] if grid else [])])
     return folder
 
 
@@ -225,15 +225,15 @@ def load_export(folder: str | Path, parts: FluxParts, lora_scale: float = 1.0) -
     """Reads an export folder onto a loaded pipeline.
 
     Returns `parts` (with the exported transformer when the export holds full weights)
-    and the `Trained` additions. Of several weight formats in one folder the first of
-    `weights.formats.FORMATS` is read; `lora_scale` multiplies the LoRA.
+    and the `Trained` additions. Of several weight formats in one folder the first that
+    purecc.json lists is read; `lora_scale` multiplies the LoRA.
     """
     from purecc_jax.weights import formats as formats_lib
 
     folder = Path(folder)
     meta = read_meta(folder)
     ident, kind = meta["identifier"], meta["concept_embedding"]
-    parts, adapter = formats_lib.read(folder, parts, lora_scale)
+    parts, adapter = formats_lib.read(folder, parts, lora_scale, meta.get("formats"))
     embeddings = read_embeddings(folder, kind, ident, parts)
     return parts, Trained(ident, meta["class_word"], kind, adapter, embeddings)
 

@@ -33,7 +33,7 @@ from purecc_jax import sample as sample_cli
 from purecc_jax import trained as trained_lib
 from purecc_jax.models import lora
 from purecc_jax.models.flux import FluxConfig, FluxTransformer
-from purecc_jax.weights import formats, kohya, lora_export, manifest
+from purecc_jax.weights import flux_io, formats, kohya, lora_export, manifest
 from purecc_jax.weights.flux_io import load_transformer
 from purecc_jax.weights.safetensors_io import SafetensorsFile, save_file
 
@@ -236,7 +236,7 @@ def test_kohya_file_reads_in_diffusers_converter_at_flux_width(tmp_path):
     from diffusers import FluxPipeline
 
     cfg = flux_width_config()
-    abstract, _ = formats.flux_io.abstract_params(cfg)
+    abstract, _ = flux_io.abstract_params(cfg)
     lcfg = lora.LoRAConfig(rank=2, alpha=3.0, targets=(".*",))
     adapter = lora.init(jax.random.key(0), abstract, lcfg)
     adapter = jax.tree_util.tree_map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape), adapter)
@@ -283,7 +283,7 @@ def test_bfl_layout_reads_in_diffusers_single_file_converter_at_flux_width():
     from purecc_jax.weights.flux_rules import bfl_rules
 
     cfg = flux_width_config()
-    abstract, _ = formats.flux_io.abstract_params(cfg)
+    abstract, _ = flux_io.abstract_params(cfg)
     specs = loader.export_specs(bfl_rules(cfg, cfg.scan_layers), abstract, np.float32)
     checkpoint = {name: torch.empty(shape, device="meta") for name, shape, _ in specs}
     converted = convert_flux_transformer_checkpoint_to_diffusers(checkpoint)
@@ -305,8 +305,9 @@ def test_full_weights_export_and_read_back(folder, tmp_path):
                                    formats=("diffusers-full", "bfl"))
     manifest.verify(out)
     for fmt in ("diffusers-full", "bfl"):
-        if fmt == "bfl":  # load_export reads the first format present
-            (out / "transformer").rename(tmp_path / "moved")
+        if fmt == "bfl":  # load_export reads the first format purecc.json lists
+            meta = json.loads((out / "purecc.json").read_text())
+            (out / "purecc.json").write_text(json.dumps(dict(meta, formats=["bfl"])))
         parts, trained = trained_lib.load_export(out, load_pipeline(folder))
         assert trained.lora is None and trained.embeddings is None
         for got, want in zip(jax.tree_util.tree_leaves(parts.transformer_params), jax.tree_util.tree_leaves(tuned)):

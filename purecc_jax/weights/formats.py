@@ -185,12 +185,16 @@ def lora_variables(path: str | Path, parts: FluxParts, scale: float = 1.0) -> An
     return traverse_util.unflatten_dict({k: jnp.asarray(v * scale if k[-1] == "b" else v) for k, v in flat.items()})
 
 
-def read(folder: Path, parts: FluxParts, lora_scale: float = 1.0) -> tuple[FluxParts, Any]:
-    """(parts, `lora` collection or None) of the first weight format in an export folder."""
-    found = present(folder)
+def read(folder: Path, parts: FluxParts, lora_scale: float = 1.0, listed: Sequence[str] | None = None
+         ) -> tuple[FluxParts, Any]:
+    """(parts, `lora` collection or None) of an export folder's weights: the first format of `listed`
+    (purecc.json's), or of those present (exports written before purecc.json listed them)."""
+    found = list(listed) if listed is not None else present(folder)
     if not found:
         return parts, None
     fmt = found[0]
+    if not (folder / FILES[fmt]).exists():
+        raise FileNotFoundError(f"{folder / FILES[fmt]} not found: purecc.json lists format {fmt}")
     if fmt in LORA_FORMATS:
         return parts, lora_variables(folder / FILES[fmt], parts, lora_scale)
     cfg = parts.transformer_config

@@ -50,10 +50,9 @@ def _tensors(path: Path, check_values: bool) -> dict[str, dict[str, Any]]:
 
 
 def write(folder: str | Path, files: Sequence[Path]) -> Path:
-    """Reads back every file of an export and writes `folder/export_manifest.json`."""
+    """Reads back every file of an export (`files`, inside `folder`) and writes `folder/export_manifest.json`."""
     folder = Path(folder)
-    listed = sorted({Path(f).relative_to(folder).as_posix() for f in files} |
-                    {p.name for p in folder.iterdir() if p.is_file() and p.name != NAME})
+    listed = sorted({Path(f).relative_to(folder).as_posix() for f in files})
     entries = {}
     for rel in listed:
         path = folder / rel
