@@ -10,7 +10,8 @@ LoRAs (A_i, B_i) of the fused parts are one LoRA of the fused layer exactly: dow
 the A_i (rank sum r_i) and up is block-diagonal, B_i in the rows of part i and the columns
 of its own A_i. We write alpha = R and fold our alpha / rank into up, so every reader
 applies the same scale. Reading splits up by rows again and keeps, per part, only the
-columns that are not all zero, so our own files come back at their original rank.
+columns that are not all zero, so our own files come back at their original rank (a
+module whose up is all zero, as before training, is kept whole).
 """
 
 from __future__ import annotations
@@ -130,11 +131,11 @@ def load(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[Any, 
         sizes = rule.sizes or (up.shape[0],)
         if sum(sizes) != up.shape[0]:
             raise ValueError(f"{path}: {name!r} has {up.shape[0]} output rows; this FLUX config needs {sum(sizes)}")
-        row = 0
+        row, untrained = 0, not np.any(up)
         for leaf, size in zip(rule.leaves, sizes):
             block = up[row: row + size]
             row += size
-            used = np.any(block != 0, axis=0)
+            used = np.any(block != 0, axis=0) | untrained  # an all-zero module (B not trained yet) stays
             if not used.any():
                 continue
             pieces[(leaf.path[:-1], leaf.layer)] = (down[used].T, block[:, used].T)
