@@ -167,3 +167,32 @@ def concrete_inputs(abstract: StepInputs, params: Any, shapes: Shapes, seed: int
     index = dict(image=np.arange(shapes.batch) % N_IMAGES, **{k: np.full(shapes.batch, TEXTS.index(k)) for k in TEXTS})
     batch = {k: jax.device_put(index[k].astype(np.int32), v.sharding) for k, v in abstract.batch.items()}
     return dataclasses.replace(abstract, state=state, frozen=frozen, batch=batch)
+
+
+def compiled_step(cfg: FluxConfig, variant: Variant, lcfg: lora_lib.LoRAConfig, shapes: Shapes,
+                  mesh: jax.sharding.Mesh, params: Any) -> tuple[Any, StepInputs]:
+    """The variant's step under `step.jit_train_step`, compiled ahead of time, and concrete inputs around `params`.
+
+    Returns (compiled, inputs); `compiled(inputs.state, inputs.frozen, inputs.batch)` runs one step
+    (the state is donated: store the returned one back into `inputs.state`).
+    """
+    from purecc_jax.purecc.step import jit_train_step
+
+    ab = abstract_inputs(cfg, variant, lcfg, shapes, mesh)
+    shard = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
+    with sharding.activate(mesh):
+        jitted = jit_train_step(ab.step, shard(ab.state), shard(ab.frozen), shard(ab.batch), mesh)
+        compiled = jitted.lower(ab.state, ab.frozen, ab.batch).compile()
+    return compiled, concrete_inputs(ab, params, shapes)
+
+
+def step_flops(cfg: FluxConfig, variant: Variant, lcfg: lora_lib.LoRAConfig, shapes: Shapes,
+               mesh: jax.sharding.Mesh) -> float:
+    """FLOPs of one step as XLA counts them (`Lowered.cost_analysis`), on the unscanned model: XLA counts
+    a scanned loop body once, not once per layer."""
+    ab = abstract_inputs(cfg.replace(scan_layers=False, remat_policy="none"), variant, lcfg, shapes, mesh)
+    with sharding.activate(mesh):
+        lowered = jax.jit(ab.step).lower(ab.state, ab.frozen, ab.batch)
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])

@@ -3,7 +3,8 @@
 `attention(q, k, v, implementation=...)` takes (batch, seq, heads, head_dim) arrays
 and returns the same layout. Implementations:
 
-  xla     jax.nn.dot_product_attention (logits and softmax in float32); runs anywhere.
+  xla     plain XLA attention in (batch, heads, seq, head_dim) layout, logits and softmax in
+          float32 (materialised); runs anywhere.
   cudnn   cuDNN fused attention on NVIDIA GPUs (bf16/fp16 inputs).
   splash  TPU splash attention (Pallas). Falls back to `xla` when the sequence length
           has no block size that divides it. `interpret=True` runs the kernel on CPU.
@@ -37,7 +38,20 @@ def attention(
         if block is not None:
             return _splash(q, k, v, block, interpret)
         implementation = "xla"
+    if implementation == "xla":
+        return _xla(q, k, v)
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def _xla(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    # Heads-major einsums with the scale folded into q: jax.nn.dot_product_attention's XLA path
+    # works on a 5-D grouped-query layout whose backward needs extra transposes and broadcasts; on
+    # the CPU backend this form makes the model's forward + backward about 10% cheaper.
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
+                        preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)
 
 
 def _auto(dtype) -> str:
