@@ -29,15 +29,13 @@ import pipeline_reference
 import real_tokenizers
 from purecc_jax import main as main_lib
 from purecc_jax import train
-from purecc_jax.models import lora
+from purecc_jax import trained as trained_lib
 from purecc_jax.models.flux import FluxTransformer
 from purecc_jax.pipeline.folder import load_pipeline
+from purecc_jax.pipeline.generate import SampleSettings
 from purecc_jax.pipeline.tokenizers import MAX_PLAIN_PIECES, load_tokenizers
 from purecc_jax.purecc import loop
 from purecc_jax.purecc import texts as texts_lib
-from purecc_jax.weights import lora_export
-from purecc_jax.weights.flux_io import load_transformer
-from purecc_jax.weights.safetensors_io import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = ROOT / "configs" / "flux_concept.py"
@@ -312,15 +310,11 @@ def test_readme_command_runs_on_the_real_tokenizers(readme_run):
     assert all((readme_run / "export" / f).is_file() for f in meta["files"])
 
 
-def tensors(path: Path) -> dict[str, np.ndarray]:
-    st = SafetensorsFile(path)
-    return {k: np.array(st.get(k)) for k in st.keys()}
-
-
 @pytest.mark.parametrize("run", ["readme_run", "ohwx_run"])
 def test_export_loads_in_diffusers_with_the_same_prompt(run, folder, request):
-    """diffusers' own loaders on the export: T5 and pooled CLIP embeddings of the README's prompt,
-    and the transformer's output on them, equal this package's (fp32)."""
+    """The README's prompt through diffusers' own loaders on the export and through what
+    `purecc_jax.sample --workdir` loads: T5 and pooled CLIP embeddings and the transformer's
+    output on them are equal (fp32)."""
     from diffusers import FluxPipeline
 
     workdir = request.getfixturevalue(run)
@@ -338,28 +332,27 @@ def test_export_loads_in_diffusers_with_the_same_prompt(run, folder, request):
     with torch.no_grad():
         t5_want, pooled_want, _ = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=L)
 
-    parts = load_pipeline(folder)
-    parts.tokenizers.add_concept_token(word)
-    rows = {k: tensors(export / f)[word] for k, f in (("clip", "concept_clip_l.safetensors"),
-                                                       ("t5", "concept_t5.safetensors"))}
-    clip_ids, t5_ids = parts.tokenizers.tokenize(prompts, L)
-    ours = parts.text.encode(clip_ids, t5_ids, jnp.asarray(rows["clip"]), jnp.asarray(rows["t5"]))
-    for got, want in ((ours.t5, t5_want), (ours.pooled, pooled_want)):
+    # What `python -m purecc_jax.sample --workdir=W --prompt=...` computes for the same prompts.
+    parts, trained = trained_lib.load_trained(workdir, load_pipeline(folder))
+    ours = trained_lib.trained_overrides(parts, prompts, SampleSettings(max_sequence_length=L), trained)
+    assert parts.tokenizers.concept_words == [word] and ours["concept"] is None
+    for got, want in ((ours["text"].t5, t5_want), (ours["text"].pooled, pooled_want)):
         want = want.numpy()
         assert np.abs(np.asarray(got) - want).max() <= 1e-5 * np.abs(want).max()
     init = parts.text.t5_params["token_embedding"][parts.tokenizers.word_ids("dog", "t5")[0]]
-    assert np.abs(rows["t5"][0] - np.asarray(init)).max() > 1e-3  # stage A trained the token
+    assert np.abs(np.asarray(trained.embeddings["t5"][0]) - np.asarray(init)).max() > 1e-3  # stage A trained it
 
-    cfg, params = load_transformer(folder / "transformer")
+    cfg = parts.transformer_config
     inputs = flux_reference.random_inputs(cfg, batch=2, h=2, w=2, text_len=L, seed=1)
     inputs.update(txt=t5_want.numpy(), pooled=pooled_want.numpy())
     want = flux_reference.run_torch(pipe.transformer, inputs)
-    adapter, lcfg = lora_export.load(export / "pytorch_lora_weights.safetensors", cfg, scanned=cfg.scan_layers)
-    got = FluxTransformer(cfg).apply(
-        {"params": params, "lora": lora.variables(adapter, lcfg)},
-        **{k: None if v is None else jnp.asarray(v) for k, v in inputs.items()} | {"txt": ours.t5,
-                                                                                   "pooled": ours.pooled})
+    inputs.update(txt=ours["text"].t5, pooled=ours["text"].pooled)
+    got = FluxTransformer(cfg).apply({"params": parts.transformer_params, "lora": ours["lora"]},
+                                     **{k: None if v is None else jnp.asarray(v) for k, v in inputs.items()})
     assert np.abs(np.asarray(got) - want).max() <= 1e-4 * np.abs(want).max()
+    base = flux_reference.run_torch(FluxPipeline.from_pretrained(folder).transformer, inputs | {
+        "txt": t5_want.numpy(), "pooled": pooled_want.numpy()})
+    assert np.abs(want - base).max() > 1e-3 * np.abs(want).max()  # the LoRA matters beyond the tolerance
 
 
 # ----------------------------------------------------------------------------- errors fire early
