@@ -8,6 +8,9 @@ LoRA overlay: a `Dense` looks for variables `a` (in, r) and `b` (r, out) in the 
 collection. If they are present it adds `(x @ a) @ b` to its output. The base kernel is
 never touched, so the frozen extractor and the trainable model can share one copy of the
 pretrained weights and differ only in the `lora` collection they are applied with.
+
+Quantized base: if the `params` collection holds a `kernel_scale` next to the kernel (an int8 or
+fp8 kernel from `models/quantize.py`), the output is scaled per output channel after the dot.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from purecc_jax import sharding
 
 Dtype = Any
 LORA = "lora"
+QUANT_SCALE = "kernel_scale"  # see models/quantize.py
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -55,6 +59,9 @@ class Dense(nn.Module):
         )
         x = x.astype(self.dtype)
         y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.has_variable("params", QUANT_SCALE):
+            # A weight-only quantized kernel (models/quantize.py): per-output-channel scale after the dot.
+            y = y * self.get_variable("params", QUANT_SCALE).astype(self.dtype)
         if self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype
