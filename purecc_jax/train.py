@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from purecc_jax import multihost, paths, sharding
+from purecc_jax import defaults, multihost, paths, sharding
 from purecc_jax.data import cache as cache_lib
 from purecc_jax.data import concept as concept_lib
 from purecc_jax.models import lora as lora_lib
@@ -143,8 +143,11 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | Path) -> None
     if not path.is_file() or config.get("force_resume"):
         return
     saved, now = _flat(json.loads(path.read_text())), _flat(json.loads(config.to_json_best_effort()))
+    # A key newer than the saved run, at its default, is the behaviour that run had.
+    default = _flat(json.loads(defaults.concept_config().to_json_best_effort()))
     keys = sorted(k for k in saved.keys() | now.keys()
-                  if k.rstrip(".").split(".")[0] not in RESUME_IGNORES and saved.get(k, "<unset>") != now.get(k, "<unset>"))
+                  if k.rstrip(".").split(".")[0] not in RESUME_IGNORES and saved.get(k, "<unset>") != now.get(k, "<unset>")
+                  and not (k not in saved and k in default and now[k] == default[k]))
     if keys:
         diffs = "\n  ".join(f"{k.rstrip('.')}: {saved.get(k, '<unset>')!r} there, {now.get(k, '<unset>')!r} now"
                             for k in keys)

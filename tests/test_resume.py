@@ -1,7 +1,7 @@
 """Kill the trainer at chosen points, run the same command again: it ends bit-identical.
 
 Real processes (`python -m purecc_jax.main`) on a tiny diffusers FLUX folder, signalled
-through `purecc_jax.faults` (PURECC_TEST_KILL_AT). One workdir is killed five times in a
+through `purecc_jax.faults` (PURECC_TEST_KILL_AT). One workdir is killed four times in a
 row, each rerun resuming from what the previous kill left:
 
     1. SIGKILL in stage A while checkpoint 2 is being written (async, not yet finalized)

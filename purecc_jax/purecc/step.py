@@ -222,10 +222,10 @@ def make_train_step(
         # NaN/Inf anywhere skips the whole update, moments and accumulators included, so a bad
         # batch can never reach the parameters or a checkpoint.
         finite = jnp.isfinite(loss) & all_finite(grads)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         skipped = jnp.logical_not(finite).astype(jnp.int32)
         state = state.replace(
-            step=state.step + 1, trainable=keep(trainable, state.trainable), opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1, trainable=_select(finite, trainable, state.trainable),
+            opt_state=_select(finite, opt_state, state.opt_state),
             nonfinite_skipped=state.nonfinite_skipped + skipped, nonfinite_streak=(state.nonfinite_streak + 1) * skipped)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), nonfinite_skipped=state.nonfinite_skipped,
                        nonfinite_streak=state.nonfinite_streak)
@@ -234,6 +234,11 @@ def make_train_step(
         return state, metrics
 
     return step
+
+
+def _select(condition: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where `condition` holds, else `old`, leaf by leaf."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 
 def jit_train_step(step, state_shardings: Any, frozen_shardings: Any, batch_shardings: Any, mesh):
