@@ -26,7 +26,7 @@ The library half is `purecc_jax.pipeline.generate` (sampling) and `purecc_jax.tr
 A `--pretrained` folder whose model_index.json names StableDiffusion3Pipeline (SD3 / SD3.5) is
 sampled as that pipeline does (`purecc_jax.pipeline.sd3`): --guidance is its guidance_scale
 (default 7.0, CFG with --negative_prompt), --max_sequence_length defaults to 256, and
---init_latents takes its NCHW `latents=` array (B, 16, H/8, W/8).
+--init_latents takes its NCHW `latents=` array (B, 16, H/8, W/8); --lora takes a diffusers SD3 LoRA.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from purecc_jax import trained as trained_lib
 from purecc_jax.pipeline.folder import load_pipeline
 from purecc_jax.pipeline import sd3 as sd3_pipeline
 from purecc_jax.pipeline.generate import SampleSettings, generate, write_images
-from purecc_jax.weights import formats
+from purecc_jax.weights import formats, sd3_lora
 
 # Flags live in their own FlagValues (see purecc_jax.cli).
 FLAGS = flags.FlagValues()
@@ -131,19 +131,20 @@ def main(argv: Sequence[str]) -> None:
 
 def _sample_sd3(init_latents: np.ndarray | None) -> None:
     """--pretrained is an SD3 folder: StableDiffusion3Pipeline's sampling, one batch of prompts x num_images."""
-    unsupported = [f.name for f in (_WORKDIR, _EXPORT, _LORA, _MESH) if f.value] + (
+    unsupported = [f.name for f in (_WORKDIR, _EXPORT, _MESH) if f.value] + (
         ["true_cfg_scale"] if _TRUE_CFG.value != 1.0 else [])
     if unsupported:
         raise app.UsageError(f"--{', --'.join(unsupported)}: not supported for SD3 pipeline folders yet")
     prompts = [p for p in _PROMPT.value for _ in range(_NUM_IMAGES.value)]
     parts = sd3_pipeline.load_sd3_pipeline(_PRETRAINED.value, dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value)
+    lora = None if not _LORA.value else sd3_lora.collection(_LORA.value, parts.transformer_config, _LORA_SCALE.value)
     images = sd3_pipeline.sample_sd3(
         parts, prompts, height=_HEIGHT.value, width=_WIDTH.value, steps=_STEPS.value,
         guidance=_GUIDANCE.value if FLAGS["guidance"].present else sd3_pipeline.DEFAULT_GUIDANCE,
         negative_prompts=None if _NEGATIVE.value is None else [_NEGATIVE.value] * len(prompts),
         init_latents=init_latents, seed=_SEED.value,
         max_sequence_length=_MAX_SEQ.value if FLAGS["max_sequence_length"].present
-        else sd3_pipeline.DEFAULT_MAX_SEQUENCE_LENGTH)
+        else sd3_pipeline.DEFAULT_MAX_SEQUENCE_LENGTH, lora=lora)
     for path in write_images(images, _OUTPUT.value):
         logging.info("wrote %s", path)
 

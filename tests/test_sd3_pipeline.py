@@ -135,8 +135,7 @@ def test_sample_cli_dispatches_on_model_index(saved, tmp_path):
     assert np.abs(np.load(tmp_path / "out.npy") - expected).max() < 1e-3
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])
-def test_lora_export_loads_in_diffusers(saved, tmp_path, scan):
+def test_lora_export_loads_in_diffusers(saved, tmp_path):
     """A LoRA on the authors' targets, exported, loaded by StableDiffusion3Pipeline.load_lora_weights: the
     transformer's output equals ours with the adapter (and differs from the one without)."""
     import jax
@@ -148,7 +147,7 @@ def test_lora_export_loads_in_diffusers(saved, tmp_path, scan):
     from sd3_reference import random_inputs, run_torch
 
     _, folder = saved
-    cfg, params = sd3_io.load_transformer(folder / "transformer", scan_layers=scan)
+    cfg, params = sd3_io.load_transformer(folder / "transformer")
     lcfg = lora_lib.LoRAConfig(rank=4, alpha=8.0, targets=sd3.LORA_TARGETS)
     adapter = lora_lib.init(jax.random.key(0), params, lcfg)
     adapter = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), adapter)
@@ -163,3 +162,38 @@ def test_lora_export_loads_in_diffusers(saved, tmp_path, scan):
     scale = np.abs(expected).max()
     assert np.abs(np.asarray(ours) - expected).max() < 1e-4 * scale
     assert np.abs(expected - without).max() > 1e-2 * scale
+    # ... and reads back (scale folded into B) to the same output.
+    loaded, loaded_cfg = sd3_lora.load(tmp_path / "pytorch_lora_weights.safetensors", cfg)
+    again = sd3.SD3Transformer(cfg).apply({"params": params, "lora": lora_lib.variables(loaded, loaded_cfg)}, **inputs)
+    assert np.abs(np.asarray(again) - expected).max() < 1e-4 * scale
+
+
+def test_sample_cli_with_lora(saved, tmp_path):
+    """--lora on an SD3 folder: the image diffusers makes after load_lora_weights of the same file."""
+    import jax
+    from diffusers import StableDiffusion3Pipeline
+
+    from purecc_jax import sample
+    from purecc_jax.models import lora as lora_lib
+    from purecc_jax.models import sd3
+    from purecc_jax.weights import sd3_io, sd3_lora
+
+    _, folder = saved
+    cfg, params = sd3_io.load_transformer(folder / "transformer")
+    lcfg = lora_lib.LoRAConfig(rank=2, alpha=2.0, targets=sd3.LORA_TARGETS)
+    adapter = jax.tree_util.tree_map(lambda x: 0.2 * jax.random.normal(jax.random.key(2), x.shape),
+                                     lora_lib.init(jax.random.key(0), params, lcfg))
+    sd3_lora.save(adapter, lcfg, cfg, tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    latents = np.random.default_rng(6).standard_normal((1, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.load_lora_weights(tmp_path / "lora")
+    with torch.no_grad():
+        expected = pipe(prompt=PROMPTS[:1], height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+                        guidance_scale=GUIDANCE, latents=torch.from_numpy(latents), output_type="np",
+                        max_sequence_length=T5_LENGTH).images
+    sample.cli(["sample", f"--pretrained={folder}", f"--prompt={PROMPTS[0]}", f"--height={HEIGHT}", f"--width={WIDTH}",
+                f"--steps={STEPS}", f"--guidance={GUIDANCE}", f"--max_sequence_length={T5_LENGTH}",
+                f"--init_latents={tmp_path / 'latents.npy'}", f"--lora={tmp_path / 'lora' / 'pytorch_lora_weights.safetensors'}",
+                f"--output={tmp_path / 'out.npy'}", "--noprogress"])
+    assert np.abs(np.load(tmp_path / "out.npy") - expected).max() < 1e-3

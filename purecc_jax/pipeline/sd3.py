@@ -189,14 +189,14 @@ def load_sd3_pipeline(path: str | Path, **runtime: Any) -> SD3Parts:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _euler_step(config: SD3Config, params: Any, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array,
+def _euler_step(config: SD3Config, variables: Any, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array,
                 context: jax.Array, pooled: jax.Array, guidance: jax.Array) -> jax.Array:
     """One Euler step; with guidance the batch of context/pooled is [negative; positive]."""
     model = SD3Transformer(config)
     guided = context.shape[0] == 2 * x.shape[0]
     inputs = jnp.concatenate([x, x]) if guided else x
     t = jnp.full((inputs.shape[0],), sigma, jnp.float32)
-    v = model.apply({"params": params}, inputs, context, pooled, t)
+    v = model.apply(variables, inputs, context, pooled, t)
     if guided:
         uncond, cond = jnp.split(v, 2)
         v = uncond + guidance * (cond - uncond)
@@ -215,12 +215,14 @@ def sample_sd3(
     init_latents: np.ndarray | None = None,
     seed: int = 0,
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+    lora: Any = None,
 ) -> np.ndarray:
     """Images (B, height, width, 3) float32 in [0, 1], as StableDiffusion3Pipeline(output_type="np") makes them.
 
     `init_latents`: the NCHW array (B, 16, height/8, width/8) the pipeline's `latents=` takes; without it the
     noise is drawn from `seed` with JAX's generator (it cannot equal torch's). Guidance > 1 turns on
-    classifier-free guidance with `negative_prompts` (default: "" for each prompt).
+    classifier-free guidance with `negative_prompts` (default: "" for each prompt). `lora`: a `lora`
+    collection (`models.lora.variables`) applied on top of the transformer.
     """
     prompts = list(prompts)
     codec, cfg = parts.codec, parts.transformer_config
@@ -244,8 +246,9 @@ def sample_sd3(
 
     x = jnp.asarray(init_latents.transpose(0, 2, 3, 1))
     sigmas = sd3_sigmas(steps, parts.scheduler)
+    variables = {"params": parts.transformer_params} | ({} if lora is None else {"lora": lora})
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        x = _euler_step(cfg, parts.transformer_params, x, sigma, sigma_next, context, pooled,
+        x = _euler_step(cfg, variables, x, sigma, sigma_next, context, pooled,
                         jnp.float32(guidance))
     images = codec.decode(x)
     return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)

@@ -1,4 +1,5 @@
-"""LoRA adapters on the SD3 transformer in diffusers' format (`StableDiffusion3Pipeline.load_lora_weights`).
+"""LoRA adapters on the SD3 transformer in diffusers' format (`StableDiffusion3Pipeline.load_lora_weights`),
+written (`save`) and read (`load`).
 
 Keys are `transformer.<diffusers module>.lora_A.weight` (rank, in) and `.lora_B.weight` (out, rank),
 with the module names of the same conversion table as the full weights (`sd3_rules.diffusers_rules`).
@@ -58,3 +59,62 @@ def save(adapter: Any, lora_cfg: LoRAConfig, cfg: SD3Config, path: str | Path, d
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(to_diffusers(adapter, lora_cfg, cfg, dtype), path, metadata={"format": "pt"})
     return path
+
+
+def load(path: str | Path, cfg: SD3Config, scanned: bool = True) -> tuple[Any, LoRAConfig]:
+    """A diffusers/PEFT SD3 transformer LoRA file -> (adapter tree, LoRAConfig with scale 1).
+
+    Keys `transformer.<module>.lora_A.weight` / `.lora_B.weight` (or without the prefix), with an
+    optional `<module>.alpha` (folded into B as alpha / rank). Any other key, or a module this config
+    lacks (text-encoder LoRAs included), is an error naming it. Layers of a stack without a LoRA get
+    zero adapters and differing ranks are zero-padded: both leave A @ B exact.
+    """
+    from purecc_jax.weights.safetensors_io import SafetensorsFile
+
+    st = SafetensorsFile(path)
+    by_name = {v: k for k, v in module_names(cfg, scanned).items()}
+    modules: dict[str, dict[str, str]] = {}
+    for key in st.keys():
+        part = next((p for p in ("lora_A.weight", "lora_B.weight", "alpha") if key.endswith("." + p)), None)
+        if part is None:
+            raise ValueError(f"{path}: unexpected tensor {key!r} (a diffusers LoRA holds only "
+                             "<module>.lora_A.weight, .lora_B.weight and .alpha)")
+        module = key[: -len(part) - 1].removeprefix(PREFIX)
+        if module not in by_name:
+            raise ValueError(f"{path}: {key!r} names no linear layer of this SD3 transformer "
+                             "(text-encoder LoRAs are not supported)")
+        modules.setdefault(module, {})[part] = key
+    if not modules:
+        raise ValueError(f"{path}: holds no LoRA tensors")
+    groups: dict[tuple[str, ...], dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
+    for module, keys in modules.items():
+        if "lora_A.weight" not in keys or "lora_B.weight" not in keys:
+            raise ValueError(f"{path}: module {module!r} lacks its lora_A or lora_B weight")
+        a = np.asarray(st.get(keys["lora_A.weight"]), np.float32).T
+        b = np.asarray(st.get(keys["lora_B.weight"]), np.float32).T
+        if "alpha" in keys:
+            b = b * float(np.asarray(st.get(keys["alpha"]), np.float32)) / a.shape[1]
+        our_path, layer = by_name[module]
+        groups.setdefault(our_path, {})[layer] = (a, b)
+    depth = {"dual_blocks": cfg.num_dual, "joint_blocks": cfg.num_layers - 1 - cfg.num_dual}
+    rank = max(a.shape[1] for per_layer in groups.values() for a, _ in per_layer.values())
+    pad = lambda a, b: (np.pad(a, ((0, 0), (0, rank - a.shape[1]))), np.pad(b, ((0, rank - b.shape[0]), (0, 0))))
+    flat = {}
+    for our_path, per_layer in groups.items():
+        if None in per_layer:
+            flat[our_path + ("a",)], flat[our_path + ("b",)] = pad(*per_layer[None])
+            continue
+        a0, b0 = next(iter(per_layer.values()))
+        zeros = (np.zeros((a0.shape[0], rank), np.float32), np.zeros((rank, b0.shape[1]), np.float32))
+        layers = [pad(*per_layer[i]) if i in per_layer else zeros for i in range(depth[our_path[0]])]
+        flat[our_path + ("a",)] = np.stack([a for a, _ in layers])
+        flat[our_path + ("b",)] = np.stack([b for _, b in layers])
+    return traverse_util.unflatten_dict(flat), LoRAConfig(rank=rank, alpha=float(rank), targets=())
+
+
+def collection(path: str | Path, cfg: SD3Config, scale: float = 1.0) -> Any:
+    """The `lora` collection to apply an SD3 LoRA file with, at strength `scale`."""
+    from purecc_jax.models import lora as lora_lib
+
+    adapter, lcfg = load(path, cfg, cfg.scan_layers)
+    return lora_lib.variables(adapter, LoRAConfig(rank=lcfg.rank, alpha=lcfg.rank * scale, targets=()))
