@@ -52,6 +52,8 @@ _DATA = flags.DEFINE_integer("data", 1, "mesh: data-parallel size")
 _FSDP = flags.DEFINE_integer("fsdp", 1, "mesh: fsdp size")
 _TENSOR = flags.DEFINE_integer("tensor", 1, "mesh: tensor-parallel size")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "CPU only: number of virtual host devices (0: as is)")
+_QUANT = flags.DEFINE_list("base_quantization", ["none"], "frozen-weight formats to compile: none, int8, fp8 "
+                           "(models/quantize.py; the extractor 'copy' layout is skipped for int8/fp8)")
 
 GIB = 2**30
 
@@ -108,37 +110,38 @@ def main(argv):
             raise ValueError(f"--extractor entry {e!r} is not one of {sorted(variants)}")
 
     rows, counted = [], False
-    for policy in _REMAT.value:
+    for policy, quant, e in ((p, q, e) for q in _QUANT.value for p in _REMAT.value for e in _EXTRACTOR.value):
+        if quant != "none" and e == "copy":
+            continue
         cfg = base_cfg.replace(remat_policy=policy)
-        for e in _EXTRACTOR.value:
-            ab = abstract_inputs(cfg, variants[e], lcfg, shapes, mesh)
-            if not counted:
-                params, adapter = ab.frozen["params"], ab.state.trainable["lora"]
-                print(f"parameters: FLUX {_count(params) / 1e9:.3f} B ({_nbytes(params) / GIB:.2f} GiB in "
-                      f"{cfg.param_dtype}); LoRA per adapter {_count(adapter) / 1e6:.3f} M "
-                      f"({_nbytes(adapter) / 2**20:.1f} MiB float32); whole train state "
-                      f"{_nbytes(ab.state) / 2**20:.1f} MiB\n", flush=True)
-                counted = True
-            shard = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
-            t0 = time.perf_counter()
-            with sharding.activate(mesh):
-                jitted = jit_train_step(ab.step, shard(ab.state), shard(ab.frozen), shard(ab.batch), mesh)
-                compiled = jitted.lower(ab.state, ab.frozen, ab.batch).compile()
-                secs = time.perf_counter() - t0
-                saved = saved_for_backward(ab.loss, ab.state.trainable, ab.frozen, ab.batch)
-            m = compiled.memory_analysis()
-            arg, out, alias, temp = (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
-                                     m.temp_size_in_bytes)
-            rows.append((policy, e, arg, out, alias, temp, arg + out - alias + temp, saved, secs))
-            print(f"  compiled remat={policy} extractor={e} in {secs:.0f} s", flush=True)
+        ab = abstract_inputs(cfg, variants[e], lcfg, shapes, mesh, base_quantization=quant)
+        if not counted:
+            params, adapter = ab.frozen["params"], ab.state.trainable["lora"]
+            print(f"parameters: FLUX {_count(params) / 1e9:.3f} B ({_nbytes(params) / GIB:.2f} GiB in "
+                  f"{cfg.param_dtype}); LoRA per adapter {_count(adapter) / 1e6:.3f} M "
+                  f"({_nbytes(adapter) / 2**20:.1f} MiB float32); whole train state "
+                  f"{_nbytes(ab.state) / 2**20:.1f} MiB\n", flush=True)
+            counted = True
+        shard = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
+        t0 = time.perf_counter()
+        with sharding.activate(mesh):
+            jitted = jit_train_step(ab.step, shard(ab.state), shard(ab.frozen), shard(ab.batch), mesh)
+            compiled = jitted.lower(ab.state, ab.frozen, ab.batch).compile()
+            secs = time.perf_counter() - t0
+            saved = saved_for_backward(ab.loss, ab.state.trainable, ab.frozen, ab.batch)
+        m = compiled.memory_analysis()
+        arg, out, alias, temp = (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                                 m.temp_size_in_bytes)
+        rows.append((policy, quant, e, arg, out, alias, temp, arg + out - alias + temp, saved, secs))
+        print(f"  compiled remat={policy} base={quant} extractor={e} in {secs:.0f} s", flush=True)
 
     print(f"\nGiB; XLA columns per device ({dev.platform} backend); 'saved for bwd' from the jaxpr, all devices:\n")
-    print("| remat | extractor | arguments | outputs | aliased | temp | peak ≈ arg + out - alias + temp "
-          "| saved for bwd | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for policy, e, arg, out, alias, temp, peak, saved, secs in rows:
-        print(f"| {policy} | {e} | {arg / GIB:.2f} | {out / GIB:.3f} | {alias / GIB:.3f} | {temp / GIB:.2f} | "
-              f"{peak / GIB:.2f} | {saved / GIB:.2f} | {secs:.0f} |")
+    print("| remat | base | extractor | arguments | outputs | aliased | temp | peak ≈ arg + out - alias + temp "
+          "| saved for bwd | arguments + saved for bwd | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for policy, quant, e, arg, out, alias, temp, peak, saved, secs in rows:
+        print(f"| {policy} | {quant} | {e} | {arg / GIB:.2f} | {out / GIB:.3f} | {alias / GIB:.3f} | {temp / GIB:.2f} | "
+              f"{peak / GIB:.2f} | {saved / GIB:.2f} | {(arg + saved) / GIB:.2f} | {secs:.0f} |")
 
 
 if __name__ == "__main__":

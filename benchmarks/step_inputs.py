@@ -26,6 +26,7 @@ import numpy as np
 
 from purecc_jax import sharding
 from purecc_jax.models import lora as lora_lib
+from purecc_jax.models import quantize
 from purecc_jax.models.flux import FluxConfig, FluxTransformer, init_fn
 from purecc_jax.pipeline.latents import latent_image_ids
 from purecc_jax.purecc.step import StepConfig, init_state, make_loss_fn, make_optimizer, make_train_step
@@ -90,16 +91,25 @@ def _with_shardings(tree: Any, shardings: Any) -> Any:
 
 
 def abstract_inputs(cfg: FluxConfig, variant: Variant, lcfg: lora_lib.LoRAConfig, shapes: Shapes,
-                    mesh: jax.sharding.Mesh, learning_rate: float = 1e-4) -> StepInputs:
-    """The variant's step and ShapeDtypeStructs (with shardings) of its arguments; no memory used."""
+                    mesh: jax.sharding.Mesh, learning_rate: float = 1e-4,
+                    base_quantization: str = "none") -> StepInputs:
+    """The variant's step and ShapeDtypeStructs (with shardings) of its arguments; no memory used.
+
+    `base_quantization` ("none", "int8", "fp8"): the frozen weights quantized (`models/quantize.py`),
+    LoRA variants only.
+    """
     if variant.extractor_copy and (variant.stage != "purecc" or variant.full_finetune):
         raise ValueError(f"extractor_copy applies to the LoRA purecc stage only, not {variant.name}")
+    if base_quantization != "none" and variant.full_finetune:
+        raise ValueError(f"base_quantization={base_quantization!r} needs a LoRA variant, not {variant.name}")
     rep = sharding.replicated(mesh)
     params, pshard = sharding.abstract_and_shardings(init_fn(cfg, jax.random.key(0)), mesh)
     params = _with_shardings(params, pshard)
+    lora_params = params
+    params = quantize.quantize(params, base_quantization)
 
     def lora_tree(seed):
-        tree = jax.eval_shape(lambda: lora_lib.init(jax.random.key(seed), params, lcfg))
+        tree = jax.eval_shape(lambda: lora_lib.init(jax.random.key(seed), lora_params, lcfg))
         return _with_shardings(tree, lora_lib.shardings(tree, pshard))
 
     h, w = _image_grid(shapes.img_tokens)
@@ -170,7 +180,7 @@ def concrete_inputs(abstract: StepInputs, params: Any, shapes: Shapes, seed: int
 
 
 def compiled_step(cfg: FluxConfig, variant: Variant, lcfg: lora_lib.LoRAConfig, shapes: Shapes,
-                  mesh: jax.sharding.Mesh, params: Any) -> tuple[Any, StepInputs]:
+                  mesh: jax.sharding.Mesh, params: Any, base_quantization: str = "none") -> tuple[Any, StepInputs]:
     """The variant's step under `step.jit_train_step`, compiled ahead of time, and concrete inputs around `params`.
 
     Returns (compiled, inputs); `compiled(inputs.state, inputs.frozen, inputs.batch)` runs one step
@@ -178,12 +188,12 @@ def compiled_step(cfg: FluxConfig, variant: Variant, lcfg: lora_lib.LoRAConfig, 
     """
     from purecc_jax.purecc.step import jit_train_step
 
-    ab = abstract_inputs(cfg, variant, lcfg, shapes, mesh)
+    ab = abstract_inputs(cfg, variant, lcfg, shapes, mesh, base_quantization=base_quantization)
     shard = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
     with sharding.activate(mesh):
         jitted = jit_train_step(ab.step, shard(ab.state), shard(ab.frozen), shard(ab.batch), mesh)
         compiled = jitted.lower(ab.state, ab.frozen, ab.batch).compile()
-    return compiled, concrete_inputs(ab, params, shapes)
+    return compiled, concrete_inputs(ab, quantize.quantize(params, base_quantization), shapes)
 
 
 def step_flops(cfg: FluxConfig, variant: Variant, lcfg: lora_lib.LoRAConfig, shapes: Shapes,

@@ -50,6 +50,8 @@ def concept_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat_policy="dots_no_batch",
         attention="auto", max_sequence_length=512,
+        # none | int8 | fp8: frozen FLUX weights held quantized (per-output-channel scales), LoRA in float32
+        base_quantization="none",
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.axis_rules = []  # [(logical name, mesh axes), ...] overriding sharding.DEFAULT_RULES

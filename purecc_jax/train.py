@@ -28,6 +28,7 @@ from purecc_jax import defaults, multihost, paths, sharding
 from purecc_jax.data import cache as cache_lib
 from purecc_jax.data import concept as concept_lib
 from purecc_jax.models import lora as lora_lib
+from purecc_jax.models import quantize
 from purecc_jax.models.flux import ConceptInjection, FluxTransformer
 from purecc_jax.pipeline.folder import FluxParts
 from purecc_jax.pipeline.text import TextEmbeddings, _encode  # the jitted pure function, for in-step use
@@ -35,7 +36,7 @@ from purecc_jax.purecc import embeddings as emb_lib
 from purecc_jax.purecc import flow, loop
 from purecc_jax.purecc import texts as texts_lib
 from purecc_jax.purecc.objective import ObjectiveConfig
-from purecc_jax.purecc.step import StepConfig, init_state, make_optimizer, make_train_step
+from purecc_jax.purecc.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
 
 log = logging.getLogger(__name__)
 METHODS = ("purecc", "dreambooth")
@@ -60,6 +61,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                              f"set concept_embedding=none (not {config.concept_embedding!r})")
         if not Path(config.extractor_lora).expanduser().is_file():
             raise FileNotFoundError(f"config.extractor_lora={config.extractor_lora!r} is not a file")
+    quant = config.model.get("base_quantization", "none")
+    quantize.check_mode(quant)
+    if quant != "none" and (config.stage_a.full_finetune or config.stage_b.full_finetune):
+        raise ValueError(f"config.model.base_quantization={quant!r} holds the frozen weights quantized: it needs "
+                         "LoRA in both stages (set stage_a/stage_b.full_finetune=False or base_quantization=none)")
     runs = {"stage_a": not config.get("extractor_lora"), "stage_b": config.method == "purecc"}
     for name in ("stage_a", "stage_b"):
         st = config[name]
@@ -173,6 +179,9 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, parts: FluxParts,
                  concept: concept_lib.Concept | None = None, codec: Any = None):
         validate(config)
+        quant = config.model.get("base_quantization", "none")
+        if quant != "none":  # QLoRA-style: one quantized copy, shared by the trainable model and the extractor
+            parts = dataclasses.replace(parts, transformer_params=quantize.quantize(parts.transformer_params, quant))
         self.config, self.workdir, self.parts = config, paths.path(workdir), parts
         self.mesh = parts.mesh or sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
         self.rules = parts.rules
@@ -261,8 +270,7 @@ class Trainer:
             frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
             batch0 = self.batch_fn(stage_cfg.batch_size, seed)(0)
             batch_sh = jax.tree_util.tree_map(lambda x: x.sharding, batch0)
-            jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
-                             out_shardings=(state_sh, sharding.replicated(self.mesh)), donate_argnums=(0,))
+            jitted = jit_train_step(step, state_sh, frozen_sh, batch_sh, self.mesh)  # as benchmarks/ time it
             lcfg = loop_config(self.config, stage_cfg.steps)
             sample_fn = self._sample_fn(sample_lora, frozen) if self.config.sample.prompts else None
             state = loop.run_stage(name, self.workdir / name, lcfg, state, state_sh, jitted, frozen,

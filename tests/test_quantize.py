@@ -83,3 +83,35 @@ def test_abstract_quantization_matches_concrete(tiny):
     c = quantize.quantize(params, "fp8")
     assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), a) == jax.tree_util.tree_map(
         lambda x: (x.shape, x.dtype), c)
+
+
+def test_train_step_on_quantized_base_updates_only_the_lora():
+    """The fused stage-B step (benchmarks' inputs = the trainer's) with an int8 base: finite loss, LoRA moves."""
+    from benchmarks.step_inputs import Shapes, Variant, compiled_step, pretrained
+    from purecc_jax import sharding
+
+    cfg = preset("tiny")
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    params = pretrained(cfg, mesh)
+    compiled, x = compiled_step(cfg, Variant("purecc"), lora_lib.LoRAConfig(), Shapes(2, 16, 8), mesh, params,
+                                base_quantization="int8")
+    assert quantize.is_quantized(x.frozen["params"])
+    before = jax.tree_util.tree_map(np.asarray, x.state.trainable)
+    state, metrics = compiled(x.state, x.frozen, x.batch)
+    assert np.isfinite(float(metrics["loss"]))
+    moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)), state.trainable, before)
+    assert all(jax.tree_util.tree_leaves(moved))
+
+
+def test_config_rejects_quantized_base_with_full_finetuning():
+    from purecc_jax import defaults, train
+
+    config = defaults.concept_config()
+    config.concept.path = "dog"
+    config.model.base_quantization = "int8"
+    config.stage_b.full_finetune = True
+    with pytest.raises(ValueError, match="base_quantization='int8'.*LoRA in both stages"):
+        train.validate(config)
+    config.model.base_quantization = "int4"
+    with pytest.raises(ValueError, match="base_quantization='int4'"):
+        train.validate(config)
