@@ -7,8 +7,8 @@ on how a CPU rounds a ten-minute pretraining. It was made by
         --config.toy.pretrain_base=True --config.toy.base_only=True
     python -m purecc_jax.toyworld.shipped runs/toy_base/base   # copies it here, prints the checksum
 
-(with the `toy.base` settings of configs/toy_concept.py) and its accuracy on held-out
-attribute combinations is `ACCURACY`, measured with the config's sampling settings.
+(with the `toy.base` settings of configs/toy_concept.py: 600 steps) and its accuracy on
+held-out attribute combinations is `ACCURACY`, measured with the config's sampling settings.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from pathlib import Path
 
 ASSET = Path(__file__).resolve().parent / "assets" / "base"
 SHA256 = "12290e62d7546e54a1324730e9759614bc3ccf2f489bf82235fa620561c15266"
-# Held-out combinations, toy.evaluation.samples world prompts, the config's sampling settings.
-ACCURACY: dict[str, float] = {}
+# Measured by the main command's base evaluation (50 world prompts on the 11 held-out
+# combinations, 20 sampling steps, CFG 3): background and colour meet their 0.95 targets; shape
+# misses its 0.90 target (circle 0.53, square 0.00, cross 0.21): 600 pretraining steps were all
+# a shared, loaded machine gave in the time available.
+ACCURACY: dict[str, float] = {"world_background": 1.0, "world_colour": 1.0, "world_shape": 0.26, "world_all": 0.26}
 
 
 def digest(folder: str | Path) -> str:
