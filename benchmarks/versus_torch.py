@@ -51,8 +51,9 @@ def parse_size(text: str) -> tuple[int, int, int, int]:
         depth, single = (int(v) for v in blocks.split("+"))
     except ValueError:
         raise ValueError(f"--sizes entry {text!r} is not HEADSxHEAD_DIM:DOUBLE+SINGLE, e.g. 4x64:2+4") from None
-    if head_dim % 16:
-        raise ValueError(f"--sizes entry {text!r}: head_dim must be a multiple of 16 (RoPE axes d/8, 7d/16, 7d/16)")
+    if head_dim % 32:
+        raise ValueError(f"--sizes entry {text!r}: head_dim must be a multiple of 32 (RoPE axes d/8, 7d/16, 7d/16, "
+                         "each even)")
     return heads, head_dim, depth, single
 
 
