@@ -59,8 +59,11 @@ export = train.export
 
 def recorded_export(stage, trainer, folder):
     """train.export, noting which process called it in WORKDIR/export_writers."""
-    with open(folder.parent / "export_writers", "a") as f:
-        f.write(f"{jax.process_index()}\n")
+    from purecc_jax import paths
+
+    log = paths.AppendText(folder.parent / "export_writers")  # the workdir may be in a bucket
+    log.write(f"{jax.process_index()}\n")
+    log.close()
     return export(stage, trainer, folder)
 
 
