@@ -218,8 +218,12 @@ def test_progress_loop_equals_fused_loop(dev):
     settings = SampleSettings(32, 48, STEPS, 3.5, L)
     fused = generate(parts, PROMPTS, settings, seeds=(7,), progress=False)
     stepped = generate(parts, PROMPTS, settings, seeds=(7,), progress=True)
-    np.testing.assert_array_equal(np.asarray(fused.latents), np.asarray(stepped.latents))
-    np.testing.assert_array_equal(np.asarray(fused.images), np.asarray(stepped.images))
+    # Two XLA programs (one scans over the steps, one runs a step per call) may fuse the
+    # attention's float32 arithmetic differently: equal up to a few ulps, not bit for bit.
+    # A wrong sigma, step order or guidance would differ by orders of magnitude more.
+    np.testing.assert_allclose(np.asarray(fused.latents), np.asarray(stepped.latents), rtol=0, atol=1e-6)
+    # The VAE decoder amplifies those few-ulp latent differences about fivefold.
+    np.testing.assert_allclose(np.asarray(fused.images), np.asarray(stepped.images), rtol=0, atol=1e-5)
 
 
 def test_seeds_give_documented_noise(dev):
