@@ -160,10 +160,16 @@ def unbox(tree: Any) -> Any:
 
 
 def abstract_and_shardings(
-    init_fn, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+    init_fn, mesh: Mesh | None, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
 ) -> tuple[Any, Any]:
-    """(ShapeDtypeStruct tree, NamedSharding tree) of `init_fn()`'s boxed output, no memory used."""
+    """(ShapeDtypeStruct tree, Sharding tree) of `init_fn()`'s boxed output, no memory used.
+
+    With `mesh=None` every parameter sits on the first device.
+    """
     boxed = jax.eval_shape(init_fn)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return unbox(boxed), jax.tree_util.tree_map(lambda _: device, unbox(boxed))
     return unbox(boxed), logical_shardings(boxed, mesh, rules)
 
 

@@ -181,12 +181,7 @@ def weight_rules(cfg: FluxConfig, src: Source) -> list[Rule]:
 def abstract_params(cfg: FluxConfig, mesh: Mesh | None = None,
                     rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES) -> tuple[Any, Any]:
     """(ShapeDtypeStruct tree, Sharding tree) of the parameters; one device when `mesh` is None."""
-    init = flux.init_fn(cfg, jax.random.key(0))
-    if mesh is not None:
-        return sharding.abstract_and_shardings(init, mesh, rules)
-    abstract = sharding.unbox(jax.eval_shape(init))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return abstract, jax.tree_util.tree_map(lambda _: device, abstract)
+    return sharding.abstract_and_shardings(flux.init_fn(cfg, jax.random.key(0)), mesh, rules)
 
 
 def load_transformer(
