@@ -53,6 +53,8 @@ def concept_config() -> ml_collections.ConfigDict:
         # none | int8 | fp8: frozen FLUX weights held quantized (per-output-channel scales), LoRA in float32
         base_quantization="none",
     ))
+    # data=-1: the largest data axis dividing the batch; the other devices shard the weights (fsdp).
+    # An explicit data axis must divide every stage's batch (sharding.mesh_sizes).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.axis_rules = []  # [(logical name, mesh axes), ...] overriding sharding.DEFAULT_RULES
 

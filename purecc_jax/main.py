@@ -57,10 +57,16 @@ def run(config, workdir: str | Path):
 
         return experiment.run(config, workdir)
 
+    import jax
+
     from purecc_jax import sharding, train
     from purecc_jax.pipeline.folder import check_folder, check_guidance, load_pipeline
 
     train.validate(config)
+    # The mesh is settled (or refused) before anything is read or compiled.
+    running = [config.stage_a] * (not config.get("extractor_lora")) + [config.stage_b] * (config.method == "purecc")
+    mesh = sharding.make_mesh(*sharding.mesh_sizes(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                                                   jax.device_count(), [st.batch_size for st in running]))
     if not config.pretrained:
         raise ValueError("config.pretrained is empty: point it at a diffusers FLUX.1-dev folder "
                          "(huggingface-cli download black-forest-labs/FLUX.1-dev --local-dir DIR)")
@@ -69,7 +75,6 @@ def run(config, workdir: str | Path):
     check_folder(pretrained)
     check_guidance(pretrained, config.train_guidance)
     train.check_resume(config, workdir)
-    mesh = sharding.make_mesh(**config.mesh)
     rules = sharding.rules_from_config(config.axis_rules)
     m = config.model
     parts = load_pipeline(pretrained, mesh=mesh, rules=rules, dtype=m.dtype,

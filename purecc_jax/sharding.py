@@ -65,6 +65,42 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def mesh_sizes(data: int, fsdp: int, tensor: int, num_devices: int,
+               batch_sizes: Sequence[int] = ()) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes a training run uses on `num_devices` devices.
+
+    `data=-1` (the default config) is not "all remaining devices" but the largest data axis that
+    divides every batch in `batch_sizes`; the devices left over join fsdp, which shards the weights
+    and splits the batch where it divides (ZeRO-3). So a batch of 2 on 8 devices runs on
+    (data=2, fsdp=4), not on 8 replicas computing the same rows. An explicit data axis that does
+    not divide a batch is refused: its devices would compute the same rows twice.
+    """
+    sizes = [data, fsdp, tensor]
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"config.mesh sizes must be >= 1 or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if num_devices % known:
+        raise ValueError(f"{num_devices} devices cannot be split into mesh {sizes} (config.mesh)")
+    if data == -1:
+        rest = num_devices // known
+        data = int(np.gcd.reduce([rest, *batch_sizes]))
+        return data, fsdp * (rest // data), tensor
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = num_devices // known
+    if int(np.prod(sizes)) != num_devices:
+        raise ValueError(f"config.mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs "
+                         f"{int(np.prod(sizes))} devices, {num_devices} are available")
+    for b in batch_sizes:
+        if b % sizes[0]:
+            raise ValueError(
+                f"a batch of {b} cannot be split over config.mesh.data={sizes[0]}: its devices would compute the "
+                f"same rows. Make the batch size a multiple of {sizes[0]}, or set config.mesh.data to a divisor "
+                "of it (data=-1 picks one; the other devices then shard the weights, fsdp)")
+    return sizes[0], sizes[1], sizes[2]
+
+
 def make_mesh(
     data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:

@@ -140,6 +140,41 @@ def test_mesh_that_does_not_fit_the_devices():
         sharding.make_mesh(data=2, fsdp=n)
 
 
+@pytest.mark.parametrize("mesh,batches,expected", [
+    ((-1, 1, 1), (2, 2), (2, 4, 1)),   # the default on 8 devices: 2 data replicas, the rest shard weights
+    ((-1, 1, 1), (8, 4), (4, 2, 1)),
+    ((-1, 2, 2), (1,), (1, 4, 2)),
+    ((-1, 1, 1), (), (8, 1, 1)),       # no batch given: all devices on data
+    ((2, -1, 1), (2, 4), (2, 4, 1)),
+    ((1, 1, -1), (3,), (1, 1, 8)),
+])
+def test_mesh_sizes_follow_the_batch(mesh, batches, expected):
+    assert sharding.mesh_sizes(*mesh, 8, batches) == expected
+
+
+@pytest.mark.parametrize("mesh,batches,message", [
+    ((8, 1, 1), (2,), r"a batch of 2 cannot be split over config.mesh.data=8"),
+    ((2, -1, 1), (3,), r"a batch of 3 cannot be split over config.mesh.data=2"),
+    ((-1, 3, 1), (2,), r"8 devices cannot be split into mesh \[-1, 3, 1\]"),
+    ((2, 2, 1), (2,), r"config.mesh data=2 fsdp=2 tensor=1 needs 4 devices, 8 are available"),
+    ((0, 1, 1), (2,), r"config.mesh sizes must be >= 1 or -1"),
+])
+def test_impossible_meshes_are_refused(mesh, batches, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.mesh_sizes(*mesh, 8, batches)
+
+
+def test_cli_refuses_a_batch_the_data_axis_cannot_split_before_reading_anything(tmp_path):
+    """Before the pretrained folder is read (here it does not exist) or anything compiles."""
+    n = jax.device_count()
+    assert n == 8, "tests run on 8 virtual CPU devices (tests/conftest.py)"
+    with pytest.raises(ValueError, match=r"a batch of 2 cannot be split over config.mesh.data=8"):
+        main_lib.cli(["main", f"--workdir={tmp_path / 'w'}", "--config=configs/flux_concept.py",
+                      f"--config.pretrained={tmp_path / 'missing'}", "--config.concept.path=dog",
+                      "--config.concept.class_word=dog", "--config.mesh.data=8", "--config.stage_a.batch_size=2"])
+    assert not (tmp_path / "w" / "config.json").exists()
+
+
 # ----------------------------------------------------------------------------- non-finite streaks
 
 
