@@ -2,6 +2,7 @@ r"""PureCC concept customization: `python -m purecc_jax.main --config=CONFIG --w
 
     --config=configs/toy_concept.py    the built-in toy world (no downloads; the default)
     --config=configs/flux_concept.py   FLUX.1-dev: set --config.pretrained and --config.concept.path
+    --config=configs/sd35_concept.py   SD3.5-Medium (the paper's backbone), the same two settings
 
 Any config value can be overridden on the command line (`--config.stage_b.steps=200`).
 Re-running with the same workdir resumes where the run stopped; finished stages are skipped.
@@ -23,9 +24,9 @@ from ml_collections import config_flags
 from purecc_jax import cli as cli_lib
 from purecc_jax import paths
 
-# What a diffusers FLUX.1 folder holds that the pipeline reads (not the single-file checkpoints beside it).
+# What a diffusers FLUX.1 / SD3 folder holds that the pipelines read (not the single-file checkpoints beside it).
 PIPELINE_PARTS = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "text_encoder_2",
-                  "tokenizer", "tokenizer_2")
+                  "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy_concept.py")
 
 
@@ -59,8 +60,7 @@ def run(config, workdir: str | Path):
 
     import jax
 
-    from purecc_jax import sharding, train
-    from purecc_jax.pipeline.folder import check_folder, check_guidance, load_pipeline
+    from purecc_jax import backbones, sharding, train
 
     train.validate(config)
     # The mesh is settled (or refused) before anything is read or compiled.
@@ -69,18 +69,19 @@ def run(config, workdir: str | Path):
                                                    jax.device_count(), [st.batch_size for st in running]))
     if not config.pretrained:
         raise ValueError("config.pretrained is empty: point it at a diffusers FLUX.1-dev folder "
-                         "(huggingface-cli download black-forest-labs/FLUX.1-dev --local-dir DIR)")
+                         "(huggingface-cli download black-forest-labs/FLUX.1-dev --local-dir DIR) or an SD3.5 one "
+                         "(stabilityai/stable-diffusion-3.5-medium)")
     # A bucket folder is copied once per host (checked, cached) for the readers that need local files.
     pretrained = str(paths.local_copy(config.pretrained, only=PIPELINE_PARTS))
-    check_folder(pretrained)
-    check_guidance(pretrained, config.train_guidance)
+    backbone = backbones.select(pretrained, config.model.get("backbone", backbones.AUTO))
+    backbone.check_folder(pretrained, config)
+    backbone.check_config(config)
     train.check_resume(config, workdir)
     rules = sharding.rules_from_config(config.axis_rules)
     m = config.model
-    parts = load_pipeline(pretrained, mesh=mesh, rules=rules, dtype=m.dtype,
-                          param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
-                          attention=m.attention)
-    return train.Trainer(config, workdir, parts).run()
+    parts = backbone.load(pretrained, mesh=mesh, rules=rules, dtype=m.dtype, param_dtype=m.param_dtype,
+                          scan_layers=m.scan_layers, remat_policy=m.remat_policy, attention=m.attention)
+    return train.Trainer(config, workdir, parts, backbone=backbone).run()
 
 
 def main(argv: Sequence[str], fv: flags.FlagValues) -> Any:

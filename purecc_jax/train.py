@@ -6,7 +6,9 @@
     workdir/export/            diffusers-format LoRA (+ concept embeddings) of the final stage
 
 Each stage resumes from its latest checkpoint and is skipped when finished. `method=dreambooth`
-runs stage A alone (L_CC only) and exports it: the baseline.
+runs stage A alone (L_CC only) and exports it: the baseline. The pretrained model is any
+backbone's (`purecc_jax.backbones`: FLUX.1, SD3 / SD3.5), reached through its interface; only the
+learned concept embeddings (token rows, layer-wise vectors) are FLUX's, and other backbones refuse them.
 """
 
 from __future__ import annotations
@@ -24,13 +26,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from purecc_jax import defaults, multihost, paths, sharding
+from purecc_jax import backbones, defaults, multihost, paths, sharding
 from purecc_jax.data import cache as cache_lib
 from purecc_jax.data import concept as concept_lib
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models import quantize
-from purecc_jax.models.flux import ConceptInjection, FluxTransformer
-from purecc_jax.pipeline.folder import FluxParts
+from purecc_jax.models.flux import ConceptInjection
 from purecc_jax.pipeline.text import TextEmbeddings, _encode  # the jitted pure function, for in-step use
 from purecc_jax.purecc import embeddings as emb_lib
 from purecc_jax.purecc import flow, loop
@@ -102,9 +103,10 @@ def _objective_kwargs(config) -> dict[str, Any]:
                 stop_grad_original=o.stop_grad_original)
 
 
-def lora_config(stage_cfg) -> lora_lib.LoRAConfig:
+def lora_config(stage_cfg, backbone: backbones.Backbone = backbones.FLUX) -> lora_lib.LoRAConfig:
+    """A stage's LoRA; `targets` is a preset name of the backbone (e.g. "attention") or a list of regexes."""
     c = stage_cfg.lora
-    return lora_lib.LoRAConfig(rank=c.rank, alpha=float(c.alpha), targets=lora_lib.resolve_targets(c.targets),
+    return lora_lib.LoRAConfig(rank=c.rank, alpha=float(c.alpha), targets=backbone.lora_targets(c.targets),
                                init_scale=None if c.init_scale is None or c.init_scale < 0 else c.init_scale)
 
 
@@ -174,11 +176,18 @@ class Stage:
 
 
 class Trainer:
-    """Holds the pretrained model, the concept cache and the mesh for both stages."""
+    """Holds the pretrained model, the concept cache and the mesh for both stages.
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, parts: FluxParts,
-                 concept: concept_lib.Concept | None = None, codec: Any = None):
+    `parts` is what a backbone loaded (`backbones.Backbone.load`: FluxParts, SD3Parts); every
+    backbone-specific step (cache, velocity, sampling, export) goes through `self.backbone`.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, parts: Any,
+                 concept: concept_lib.Concept | None = None, codec: Any = None,
+                 backbone: backbones.Backbone | None = None):
         validate(config)
+        self.backbone = backbone or backbones.for_parts(parts)
+        self.backbone.check_config(config)
         quant = config.model.get("base_quantization", "none")
         if quant != "none":  # QLoRA-style: one quantized copy, shared by the trainable model and the extractor
             parts = dataclasses.replace(parts, transformer_params=quantize.quantize(parts.transformer_params, quant))
@@ -186,22 +195,22 @@ class Trainer:
         self.mesh = parts.mesh or sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
         self.rules = parts.rules
         self.codec = codec or parts.codec
-        self.model = FluxTransformer(parts.transformer_config)
+        self.model = self.backbone.model(parts.transformer_config)
         c = config.concept
         self.concept = concept or concept_lib.find(
             c.path, identifier=c.identifier, class_word=c.class_word, template=c.template,
             dreambench_root=c.dreambench_root or None)
         self.token_mode = config.concept_embedding == "token"
-        ident, tokenizers = self.concept.identifier, self.parts.tokenizers
-        tokenizers.check_identifier(ident, config.concept_embedding)
+        ident = self.concept.identifier
+        self.backbone.check_identifier(parts, ident, config.concept_embedding)
         if self.token_mode:
             _check_whole_word_identifier(self.concept)
-            if ident not in tokenizers.concept_words:
-                tokenizers.add_concept_token(ident)
+            if ident not in self.parts.tokenizers.concept_words:
+                self.parts.tokenizers.add_concept_token(ident)
         self.max_len = config.model.max_sequence_length
         self.cache = self._build_cache()
         self.cache_device = jax.device_put(self.cache.arrays, sharding.replicated(self.mesh))
-        self.guidance = config.train_guidance if parts.transformer_config.guidance_embed else None
+        self.guidance = self.backbone.train_guidance(parts, config)
 
     # --- data
 
@@ -212,7 +221,7 @@ class Trainer:
                                                flip=c.flip, seed=self.config.seed)
         extra = self.initial_embeddings() if self.token_mode else None
         log.info("encoding %d views of %d images and their texts", len(images), len(self.concept.images))
-        return cache_lib.build(self.concept, images, view_image, self.codec, self.parts.text, self.max_len, extra)
+        return self.backbone.build_cache(self.concept, images, view_image, self.parts, self.codec, self.max_len, extra)
 
     def batch_fn(self, batch_size: int, seed: int):
         def get(step: int):
@@ -262,7 +271,8 @@ class Trainer:
         tx = make_optimizer(lrs, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                             grad_clip=o.grad_clip or None, grad_accum=stage_cfg.grad_accum)
         main_lr = lrs.get("lora", lrs.get("params"))
-        step = make_train_step(self.model, step_cfg, tx, main_lr, self._encode_fn(), stage_cfg.grad_accum)
+        encode = self._encode_fn() if self.token_mode else None  # learned token rows re-encode texts in the step
+        step = make_train_step(self.model, step_cfg, tx, main_lr, encode, stage_cfg.grad_accum)
         seed = self.config.seed + (0 if name == "stage_a" else 1)
         with sharding.activate(self.mesh, self.rules):
             state = jax.jit(lambda tr: init_state(tr, tx, seed))(trainable)
@@ -290,7 +300,7 @@ class Trainer:
                                      self.concept.identifier, embeddings)
 
     def _sample_fn(self, lcfg: lora_lib.LoRAConfig | None, frozen: dict[str, Any]):
-        from purecc_jax.pipeline.generate import SampleSettings, generate
+        from purecc_jax.pipeline.generate import SampleSettings
 
         s = self.config.sample
         prompts = self.sample_prompts()
@@ -300,14 +310,14 @@ class Trainer:
         def sample(state):
             tr = state.trainable
             emb = tr.get("embeddings", frozen.get("embeddings"))
-            text, injection = self.embed_prompts(prompts, emb)
             parts = self.parts
             if "params" in tr:
                 parts = dataclasses.replace(parts, transformer_params=tr["params"])
             adapter = None if "lora" not in tr else lora_lib.variables(tr["lora"], lcfg)
-            out = generate(parts, prompts, settings, seeds=(s.seed,), text=text, lora=adapter, concept=injection,
-                           codec=self.codec)
-            return multihost.to_host(out.images), prompts
+            images = self.backbone.sample(parts, prompts, settings, seed=s.seed, lora=adapter,
+                                          concept_embedding=self.config.concept_embedding,
+                                          identifier=self.concept.identifier, embeddings=emb, codec=self.codec)
+            return multihost.to_host(images), prompts
         return sample
 
     # --- the two stages
@@ -318,7 +328,7 @@ class Trainer:
             # float32 master copy: bf16 weights would round small updates away
             trainable = {"params": jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)}
         else:
-            lcfg = lora_config(stage_cfg)
+            lcfg = lora_config(stage_cfg, self.backbone)
             abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
             lsh = lora_lib.shardings(jax.eval_shape(lambda: lora_lib.init(rng, abstract, lcfg)),
                                      jax.tree_util.tree_map(lambda x: x.sharding, params))
@@ -337,7 +347,7 @@ class Trainer:
         frozen = {"params": self.parts.transformer_params, "cache": self.cache_device}
         if self.token_mode:
             frozen["text"] = self.text_params()
-        lcfg = None if st.full_finetune else lora_config(st)
+        lcfg = None if st.full_finetune else lora_config(st, self.backbone)
         step_cfg = StepConfig(stage="cc", timesteps=flow.TimestepConfig(**cfg.timesteps), guidance=self.guidance,
                               concept_embedding=cfg.concept_embedding, trainable_lora=lcfg, extractor_lora=None)
         trained = self.run_stage("stage_a", st, step_cfg, trainable, frozen, lcfg)
@@ -349,7 +359,7 @@ class Trainer:
 
         path = Path(self.config.extractor_lora).expanduser()
         params, cfg = self.parts.transformer_params, self.parts.transformer_config
-        tree, lcfg = formats.read_lora(path, cfg, scanned=cfg.scan_layers)
+        tree, lcfg = self.backbone.read_lora(path, cfg, scanned=cfg.scan_layers)
         formats.check_fits(tree, params, path)
         placed = jax.device_put(tree, lora_lib.shardings(tree, jax.tree_util.tree_map(lambda x: x.sharding, params)))
         log.info("stage A skipped: the extractor is the LoRA of %s (rank %d)", path, lcfg.rank)
@@ -381,7 +391,7 @@ class Trainer:
                 extractor_lora = a.lora
             else:
                 frozen["extractor_params"] = a.trainable["params"]
-        lcfg = None if st.full_finetune else lora_config(st)
+        lcfg = None if st.full_finetune else lora_config(st, self.backbone)
         step_cfg = StepConfig(stage="purecc", objective=ObjectiveConfig(**_objective_kwargs(cfg)),
                               timesteps=flow.TimestepConfig(**cfg.timesteps), guidance=self.guidance,
                               concept_embedding=cfg.concept_embedding, trainable_lora=lcfg,

@@ -1,4 +1,4 @@
-"""Tiny diffusers SD3 transformers and helpers shared by the SD3 tests."""
+"""Tiny diffusers SD3 transformers and pipelines, and helpers shared by the SD3 tests."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline_reference import clip_tokenizer, t5_tokenizer
 from purecc_jax.models.sd3 import SD3Config
 from purecc_jax.weights.safetensors_io import save_file
 
@@ -66,3 +67,47 @@ def run_torch(model, inputs: dict) -> np.ndarray:
             pooled_projections=t(inputs["pooled"]), timestep=t(inputs["timesteps"]) * 1000.0, return_dict=False,
         )[0]
     return out.permute(0, 2, 3, 1).numpy()
+
+
+CLIP_L, CLIP_G, T5_WIDTH = 16, 24, 48  # CLIP widths sum below T5's: the pipeline zero-pads them
+
+
+def _clip(tokenizer, width: int, projection: int, eos: int, act: str):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=projection,
+        eos_token_id=eos, bos_token_id=0, pad_token_id=1)).eval()
+
+
+def build_pipeline(seed: int = 0):
+    """StableDiffusion3Pipeline of tiny random models (float32, eval): CLIP-L-like (legacy eos 2, quick_gelu),
+    CLIP-G-like (real eos id, gelu), T5, a 16-channel VAE with SD3's factors, an MMDiT-X transformer."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok_l, tok_g, tok_t5 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
+    clip_l = _clip(tok_l, CLIP_L, 12, 2, "quick_gelu")
+    clip_g = _clip(tok_g, CLIP_G, 20, len(tok_g) - 1, "gelu")
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tok_t5), d_model=T5_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0)).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.5305, shift_factor=0.0609).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    transformer = build_torch(dict(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_WIDTH, caption_projection_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"), seed=seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
+                                    tokenizer=tok_l, text_encoder_2=clip_g, tokenizer_2=tok_g, text_encoder_3=t5,
+                                    tokenizer_3=tok_t5)

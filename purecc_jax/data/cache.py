@@ -7,6 +7,8 @@
     clip_ids   (K, 77), t5_ids (K, T)   token ids (for re-encoding with learned token embeddings)
     ident_mask (K, T)     the identifier's T5 token positions (layer-wise embeddings)
 and, per view, the text indices `complete`, `base`, `target` (the null text is index 0).
+This is FLUX's cache (`build`); another backbone builds its own from `encode_images` and
+`index_texts` (backbones/sd3.py: NHWC latents, `t5` the joint CLIP ++ T5 context, `pooled`).
 """
 
 from __future__ import annotations
@@ -44,10 +46,27 @@ class ConceptCache:
                     null=np.full(batch_size, NULL, np.int32))
 
 
-def encode_images(codec: Any, images: np.ndarray, chunk: int = 8) -> np.ndarray:
-    """Packed latents (M, N, C) of images (M, H, W, 3) in [-1, 1], `chunk` at a time."""
-    out = [np.asarray(pack(codec.encode(jnp.asarray(images[i: i + chunk])))) for i in range(0, len(images), chunk)]
+def encode_images(codec: Any, images: np.ndarray, chunk: int = 8, to_tokens: Any = pack) -> np.ndarray:
+    """Packed latents (M, N, C) of images (M, H, W, 3) in [-1, 1], `chunk` at a time; `to_tokens=None`
+    keeps the codec's NHWC latents (a backbone that patchifies inside its transformer)."""
+    to_tokens = to_tokens or (lambda x: x)
+    out = [np.asarray(to_tokens(codec.encode(jnp.asarray(images[i: i + chunk])))) for i in range(0, len(images), chunk)]
     return np.concatenate(out)
+
+
+def index_texts(concept: Concept, view_image: np.ndarray) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The distinct texts (the null text "" first) and, per view, the indices of its complete, base, target."""
+    texts = [""]
+    index = {"": NULL}
+    view_texts = {k: [] for k in ("complete", "base", "target")}
+    for i in view_image:
+        for kind in view_texts:
+            t = getattr(concept.texts[i], kind)
+            if t not in index:
+                index[t] = len(texts)
+                texts.append(t)
+            view_texts[kind].append(index[t])
+    return texts, {k: np.asarray(v, np.int32) for k, v in view_texts.items()}
 
 
 def build(
@@ -64,22 +83,12 @@ def build(
     f = codec.downsample_factor
     img_ids = latent_image_ids(images.shape[1] // f, images.shape[2] // f)
 
-    texts = [""]
-    index = {"": NULL}
-    view_texts = {k: [] for k in ("complete", "base", "target")}
-    for i in view_image:
-        for kind in view_texts:
-            t = getattr(concept.texts[i], kind)
-            if t not in index:
-                index[t] = len(texts)
-                texts.append(t)
-            view_texts[kind].append(index[t])
+    texts, view_texts = index_texts(concept, view_image)
     clip_ids, t5_ids = text.tokenizers.tokenize(texts, max_sequence_length)
     arrays = dict(latents=latents, img_ids=np.asarray(img_ids, np.float32), clip_ids=np.asarray(clip_ids),
                   t5_ids=np.asarray(t5_ids),
                   ident_mask=np.asarray(text.tokenizers.word_mask(np.asarray(t5_ids), concept.identifier)))
-    cache = ConceptCache(arrays, texts, {k: np.asarray(v, np.int32) for k, v in view_texts.items()},
-                         np.asarray(view_image, np.int32))
+    cache = ConceptCache(arrays, texts, view_texts, np.asarray(view_image, np.int32))
     return encode_texts(cache, text, extra)
 
 

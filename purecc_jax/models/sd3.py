@@ -44,6 +44,15 @@ LORA_TARGETS = (
     r"^(dual_blocks|joint_blocks|last_block)(_\d+)?/x_attn2?/(q|k|v)$",
     r"^(dual_blocks|joint_blocks|last_block)(_\d+)?/x_attn2?_out$",
 )
+# The default of the SD3 PureCC recipe: those and the context stream's projections of the joint attention
+# (add_q_proj, add_k_proj, add_v_proj, to_add_out), diffusers' train_dreambooth_lora_sd3.py default set
+# plus the MMDiT-X second attention that the authors' `to_q` pattern also matches.
+LORA_ATTENTION = (
+    r"^(dual_blocks|joint_blocks|last_block)(_\d+)?/(x_attn2?|ctx_attn)/(q|k|v)$",
+    r"^(dual_blocks|joint_blocks|last_block)(_\d+)?/(x_attn2?|ctx_attn)_out$",
+)
+LORA_TARGET_PRESETS = {"attention": LORA_ATTENTION, "image_attention": LORA_TARGETS,
+                       "all_blocks": (r"^(dual_blocks|joint_blocks|last_block)(_\d+)?/.*",)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from purecc_jax import sharding
 from purecc_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from purecc_jax.models.sd3 import SD3Config, SD3Transformer
 from purecc_jax.models.t5 import T5Config, T5Encoder
@@ -131,13 +133,15 @@ class SD3TextEncoders:
 
 @dataclasses.dataclass
 class SD3Parts:
-    """Everything StableDiffusion3Pipeline holds, as configs and parameters."""
+    """Everything StableDiffusion3Pipeline holds, as configs and parameters (placed on `mesh` when given)."""
 
     transformer_config: SD3Config
     transformer_params: Any
     text: SD3TextEncoders
     codec: VAECodec
     scheduler: dict[str, Any]
+    mesh: Mesh | None = None
+    rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES
 
 
 def _runtime_for(config_cls: type, runtime: dict[str, Any], keys: Sequence[str] | None = None) -> dict[str, Any]:
@@ -145,14 +149,8 @@ def _runtime_for(config_cls: type, runtime: dict[str, Any], keys: Sequence[str] 
     return {k: v for k, v in runtime.items() if k in fields and (keys is None or k in keys)}
 
 
-def load_sd3_pipeline(path: str | Path, **runtime: Any) -> SD3Parts:
-    """Loads a diffusers StableDiffusion3Pipeline folder (see module doc) onto the default device.
-
-    `runtime`: SD3Config runtime fields for the transformer (dtype, param_dtype, scan_layers, remat_policy,
-    attention); dtype and param_dtype also apply to the text encoders and the VAE.
-    """
-    from transformers import AutoTokenizer, CLIPTokenizer
-
+def check_folder(path: str | Path) -> None:
+    """Raises naming the folder and every missing component before anything heavy is read."""
     path = Path(path)
     if not is_sd3_folder(path):
         raise ValueError(f"{path} is not a diffusers {PIPELINE_CLASS} folder (model_index.json names another class "
@@ -162,13 +160,27 @@ def load_sd3_pipeline(path: str | Path, **runtime: Any) -> SD3Parts:
     missing = [name for name in required if not (path / name).exists()]
     if missing:
         raise FileNotFoundError(f"SD3 pipeline folder {path} is incomplete; missing: {missing}")
+
+
+def load_sd3_pipeline(path: str | Path, *, mesh: Mesh | None = None,
+                      rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES, **runtime: Any) -> SD3Parts:
+    """Loads a diffusers StableDiffusion3Pipeline folder (see module doc), on the default device or, with a
+    `mesh`, every model's parameters sharded by their logical axis names through `rules`.
+
+    `runtime`: SD3Config runtime fields for the transformer (dtype, param_dtype, scan_layers, remat_policy,
+    attention); dtype and param_dtype also apply to the text encoders and the VAE.
+    """
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    path = Path(path)
+    check_folder(path)
     unknown = sorted(set(runtime) - {f.name for f in dataclasses.fields(SD3Config)})
     if unknown:
         raise TypeError(f"load_sd3_pipeline: unknown runtime options {unknown}")
-    shared = lambda cls: _runtime_for(cls, runtime, _SHARED_RUNTIME)
+    shared = lambda cls: dict(_runtime_for(cls, runtime, _SHARED_RUNTIME), mesh=mesh, rules=rules)
 
-    transformer_config, transformer_params = sd3_io.load_transformer(path / "transformer",
-                                                                     **_runtime_for(SD3Config, runtime))
+    transformer_config, transformer_params = sd3_io.load_transformer(
+        path / "transformer", mesh=mesh, rules=rules, **_runtime_for(SD3Config, runtime))
     clip_l_config, clip_l = load_clip(path / "text_encoder", **shared(CLIPTextConfig))
     clip_g_config, clip_g = load_clip(path / "text_encoder_2", **shared(CLIPTextConfig))
     for name, cfg in (("text_encoder", clip_l_config), ("text_encoder_2", clip_g_config)):
@@ -183,9 +195,11 @@ def load_sd3_pipeline(path: str | Path, **runtime: Any) -> SD3Parts:
                   t5_tokenizer)
     text = SD3TextEncoders(clip_l_config, clip_g_config, t5_config, params, tokenizers,
                            transformer_config.context_dim)
-    vae_config, vae_params = load_vae(path / "vae", **shared(VAEConfig))
+    vae_config, vae_params = load_vae(path / "vae", mesh=mesh, axis_rules=rules,
+                                      **_runtime_for(VAEConfig, runtime, _SHARED_RUNTIME))
     scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    return SD3Parts(transformer_config, transformer_params, text, VAECodec(vae_config, vae_params), scheduler)
+    return SD3Parts(transformer_config, transformer_params, text, VAECodec(vae_config, vae_params), scheduler,
+                    mesh, rules)
 
 
 @functools.partial(jax.jit, static_argnums=0)

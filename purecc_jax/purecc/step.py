@@ -1,7 +1,7 @@
 """The one fused train step of both PureCC stages (and of the DreamBooth baseline).
 
     state  = TrainState(step, trainable, opt_state, rng, nonfinite_skipped, nonfinite_streak)  donated
-    frozen = {"params": pretrained FLUX, "cache": ..., ...}     never donated, stop-gradient
+    frozen = {"params": pretrained transformer, "cache": ..., ...}   never donated, stop-gradient
     batch  = {"image": (B,), "complete": (B,), "base": (B,), "target": (B,), "null": (B,)}  indices
 
 Stage "cc" (stage A, DreamBooth): L_CC of the trainable model on the complete text.
@@ -18,7 +18,10 @@ A step whose loss or gradient is not finite changes neither the parameters nor t
 state (the whole update is selected away inside the step); it is counted in
 `nonfinite_skipped` (in total) and `nonfinite_streak` (in a row), which the loop watches.
 
-trainable: {"lora": LoRA tree} or {"params": full FLUX params}, plus {"embeddings": ...}
+The model is any backbone's transformer (`backbones`): the step reaches it only through
+`Backbone.velocity`, and the objective does not care which one it is.
+
+trainable: {"lora": LoRA tree} or {"params": full transformer params}, plus {"embeddings": ...}
 when concept embeddings train in this stage. Embeddings: token -> {"clip": (n, Dclip),
 "t5": (n, Dt5)} extra rows of the text encoders; layerwise -> {"double": (depth, D),
 "single": (depth_single, D)} written into the context stream (`ConceptInjection`).
@@ -34,13 +37,15 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
+from purecc_jax import backbones
 from purecc_jax.models import lora as lora_lib
-from purecc_jax.models.flux import ConceptInjection, FluxTransformer
+from purecc_jax.models.flux import ConceptInjection
 from purecc_jax.purecc import flow
 from purecc_jax.purecc.objective import ObjectiveConfig, flow_loss, purecc_loss
 
@@ -80,17 +85,18 @@ class StepConfig:
 
 
 def _velocity(model, params, adapter, lora_cfg, xt, t, text, cache, guidance, injection):
-    t5, pooled = text
+    """v_θ(x_t | text) of `model`'s backbone (`backbones.Backbone.velocity`), with the LoRA `adapter` if any."""
     variables = {"params": params}
     if adapter is not None:
         variables["lora"] = lora_lib.variables(adapter, lora_cfg)
-    g = None if guidance is None else jnp.full((xt.shape[0],), guidance, jnp.float32)
-    txt_ids = jnp.zeros((t5.shape[1], 3), jnp.float32)
-    return model.apply(variables, xt, t5, pooled, t, cache["img_ids"], txt_ids, g, injection)
+    return backbones.for_model(model).velocity(model, variables, xt, t, text, cache, guidance, injection)
 
 
-def make_loss_fn(model: FluxTransformer, cfg: StepConfig, encode_text: TextEncodeFn | None = None):
-    """loss(trainable, frozen, batch, rng) -> (loss, metrics), the step's differentiable core."""
+def make_loss_fn(model: nn.Module, cfg: StepConfig, encode_text: TextEncodeFn | None = None):
+    """loss(trainable, frozen, batch, rng) -> (loss, metrics), the step's differentiable core.
+
+    `model`: the transformer of any backbone (FluxTransformer, SD3Transformer); the cache's
+    latents are in the layout its backbone gives them (`Backbone.build_cache`)."""
 
     def texts(kind, idx, trainable, frozen):
         cache = frozen["cache"]
@@ -200,7 +206,7 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(
-    model: FluxTransformer,
+    model: nn.Module,
     cfg: StepConfig,
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule | None = None,
