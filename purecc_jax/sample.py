@@ -23,6 +23,13 @@ kohya file) at `--lora_scale`:
 The library half is `purecc_jax.pipeline.generate` (sampling) and `purecc_jax.trained`
 (reading what a run adds).
 
+Every path may be a bucket URL (gs://...; `purecc_jax.paths`): --workdir, --export and
+--pretrained are read from checked copies on this host (made once, in PURECC_CACHE), --lora and
+--init_latents are read from the bucket, and --output is written there:
+
+    python -m purecc_jax.sample --workdir=gs://BUCKET/runs/dog --prompt="a photo of sks dog" \
+        --output=gs://BUCKET/samples/sks.png
+
 A `--pretrained` folder whose model_index.json names StableDiffusion3Pipeline (SD3 / SD3.5) is
 sampled as that pipeline does (`purecc_jax.pipeline.sd3`): --guidance is its guidance_scale
 (default 7.0, CFG with --negative_prompt), --max_sequence_length defaults to 256, and
@@ -31,13 +38,15 @@ sampled as that pipeline does (`purecc_jax.pipeline.sd3`): --guidance is its gui
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
 from purecc_jax import cli as cli_lib
+from purecc_jax import paths
 from purecc_jax import trained as trained_lib
 from purecc_jax.pipeline.folder import load_pipeline
 from purecc_jax.pipeline import sd3 as sd3_pipeline
@@ -98,8 +107,8 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"--{name}={value} is not a positive multiple of 16")
     if _NUM_IMAGES.value < 1:
         raise app.UsageError(f"--num_images={_NUM_IMAGES.value} must be at least 1")
-    init_latents = None if _INIT_LATENTS.value is None else np.load(_INIT_LATENTS.value)
-    if _PRETRAINED.value and sd3_pipeline.is_sd3_folder(_PRETRAINED.value):
+    init_latents = None if _INIT_LATENTS.value is None else _load_npy(_INIT_LATENTS.value)
+    if _PRETRAINED.value and sd3_pipeline.is_sd3_folder(_local_pipeline(_PRETRAINED.value)):
         _sample_sd3(init_latents)
         return
 
@@ -108,7 +117,7 @@ def main(argv: Sequence[str]) -> None:
         pretrained = trained_lib.read_meta(_EXPORT.value).get("pretrained")
         if not pretrained:
             raise app.UsageError(f"{_EXPORT.value}/purecc.json names no pretrained folder: pass --pretrained")
-    pretrained = pretrained or trained_lib.workdir_pretrained(_WORKDIR.value)
+    pretrained = _local_pipeline(pretrained or trained_lib.workdir_pretrained(_WORKDIR.value))
     parts = load_pipeline(pretrained, mesh=cli_lib.mesh_from_flag(_MESH.value), dtype=_DTYPE.value,
                           param_dtype=_PARAM_DTYPE.value)
     trained = None
@@ -122,11 +131,52 @@ def main(argv: Sequence[str]) -> None:
         if overrides.get("lora") is not None:
             raise app.UsageError(f"--lora={_LORA.value}: the trained run already brings a LoRA; "
                                  "sample one LoRA at a time")
-        overrides["lora"] = formats.lora_variables(_LORA.value, parts, _LORA_SCALE.value)
+        with _local_lora() as lora:
+            overrides["lora"] = formats.lora_variables(lora, parts, _LORA_SCALE.value)
     out = generate(parts, prompts, settings, seeds=[_SEED.value + i for i in range(_NUM_IMAGES.value)],
                    init_latents=init_latents, progress=_PROGRESS.value, **overrides)
-    for path in write_images(np.asarray(jax.device_get(out.images)), _OUTPUT.value):
+    for path in _write_images(np.asarray(jax.device_get(out.images)), _OUTPUT.value):
         logging.info("wrote %s", path)
+
+
+# Everything a diffusers FLUX.1 / SD3 folder holds that the pipelines read (not single-file checkpoints beside it).
+_PIPELINE_PARTS = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "text_encoder_2",
+                   "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+def _local_pipeline(folder: str) -> str:
+    """A pipeline folder on this host: `folder` itself, or the checked per-host copy of a bucket folder."""
+    return str(paths.local_copy(folder, only=_PIPELINE_PARTS)) if paths.is_remote(folder) else folder
+
+
+def _load_npy(file: str) -> np.ndarray:
+    """An .npy array from a local file or a bucket object."""
+    if not paths.is_remote(file):
+        return np.load(file)
+    with paths.path(file).open("rb") as f:
+        return np.load(f)
+
+
+@contextlib.contextmanager
+def _local_lora() -> Iterator[str]:
+    """--lora as a local file (a bucket object is downloaded to a temporary file for the block)."""
+    if not paths.is_remote(_LORA.value):
+        yield _LORA.value
+        return
+    with paths.local_file(_LORA.value) as file:
+        if file is None:
+            raise FileNotFoundError(f"LoRA file {_LORA.value} does not exist")
+        yield str(file)
+
+
+def _write_images(images: np.ndarray, output: str) -> list:
+    """`write_images` to a local path, or through a temporary folder to a bucket (the paths written)."""
+    if not paths.is_remote(output):
+        return write_images(images, output)
+    out = paths.path(output)
+    with paths.local_folder(out.parent) as local:
+        written = write_images(images, local / out.name)
+    return [out.parent / p.name for p in written]
 
 
 def _sample_sd3(init_latents: np.ndarray | None) -> None:
@@ -136,8 +186,12 @@ def _sample_sd3(init_latents: np.ndarray | None) -> None:
     if unsupported:
         raise app.UsageError(f"--{', --'.join(unsupported)}: not supported for SD3 pipeline folders yet")
     prompts = [p for p in _PROMPT.value for _ in range(_NUM_IMAGES.value)]
-    parts = sd3_pipeline.load_sd3_pipeline(_PRETRAINED.value, dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value)
-    lora = None if not _LORA.value else sd3_lora.collection(_LORA.value, parts.transformer_config, _LORA_SCALE.value)
+    parts = sd3_pipeline.load_sd3_pipeline(_local_pipeline(_PRETRAINED.value), dtype=_DTYPE.value,
+                                           param_dtype=_PARAM_DTYPE.value)
+    lora = None
+    if _LORA.value:
+        with _local_lora() as file:
+            lora = sd3_lora.collection(file, parts.transformer_config, _LORA_SCALE.value)
     images = sd3_pipeline.sample_sd3(
         parts, prompts, height=_HEIGHT.value, width=_WIDTH.value, steps=_STEPS.value,
         guidance=_GUIDANCE.value if FLAGS["guidance"].present else sd3_pipeline.DEFAULT_GUIDANCE,
@@ -145,7 +199,7 @@ def _sample_sd3(init_latents: np.ndarray | None) -> None:
         init_latents=init_latents, seed=_SEED.value,
         max_sequence_length=_MAX_SEQ.value if FLAGS["max_sequence_length"].present
         else sd3_pipeline.DEFAULT_MAX_SEQUENCE_LENGTH, lora=lora)
-    for path in write_images(images, _OUTPUT.value):
+    for path in _write_images(images, _OUTPUT.value):
         logging.info("wrote %s", path)
 
 

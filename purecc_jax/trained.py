@@ -13,8 +13,9 @@ An export folder (a run's `W/export/`, or what `python -m purecc_jax.export` wri
 
 `write_export` writes one (`purecc_jax.export` and the trainer's final export call it);
 `load_export` / `load_trained` read one back onto a loaded pipeline for sampling and
-evaluation. `write_embeddings` / `read_embeddings` are the only code that knows how the
-concept embeddings are stored.
+evaluation; a folder or workdir in a bucket (gs://...) is read through `purecc_jax.paths` (the
+files it needs are copied once to the per-host cache). `write_embeddings` / `read_embeddings`
+are the only code that knows how the concept embeddings are stored.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purecc_jax import paths
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models.flux import FluxConfig
 from purecc_jax.pipeline.folder import FluxParts
@@ -140,7 +142,7 @@ def read_embeddings(folder: str | Path, kind: str, identifier: str, parts: FluxP
 # ----------------------------------------------------------------------------- purecc.json
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _read_json(path: Path | paths.epath.Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {what}")
     try:
@@ -150,8 +152,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
-    """purecc.json of an export folder."""
-    path = Path(folder) / META
+    """purecc.json of an export folder (local or in a bucket)."""
+    path = paths.path(folder) / META
     meta = _read_json(path, "is this a PureCC export (has the run finished and exported)?")
     missing = [k for k in ("identifier", "class_word", "concept_embedding", "files") if k not in meta]
     if missing:
@@ -160,12 +162,12 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 def workdir_pretrained(workdir: str | Path) -> str:
-    """The pretrained pipeline folder a training workdir was started with (`config.json`)."""
-    path = Path(workdir) / "config.json"
+    """The pretrained pipeline folder a training workdir (local or in a bucket) was started with (`config.json`)."""
+    path = paths.path(workdir) / "config.json"
     pretrained = _read_json(path, "is --workdir a PureCC training workdir?").get("pretrained")
     if not pretrained:
         raise ValueError(f"{path} names no pretrained folder; pass --pretrained")
-    return str(Path(pretrained).expanduser())
+    return pretrained if paths.is_remote(pretrained) else str(Path(pretrained).expanduser())
 
 
 # ----------------------------------------------------------------------------- writing
@@ -226,12 +228,18 @@ def load_export(folder: str | Path, parts: FluxParts, lora_scale: float = 1.0) -
 
     Returns `parts` (with the exported transformer when the export holds full weights)
     and the `Trained` additions. Of several weight formats in one folder the first that
-    purecc.json lists is read; `lora_scale` multiplies the LoRA.
+    purecc.json lists is read; `lora_scale` multiplies the LoRA. A folder in a bucket is read from a
+    checked copy on this host (`paths.local_copy`) of purecc.json, that format's files and the embeddings.
     """
     from purecc_jax.weights import formats as formats_lib
 
-    folder = Path(folder)
     meta = read_meta(folder)
+    if paths.is_remote(folder):
+        listed = meta.get("formats") or formats_lib.present(paths.path(folder))
+        needed = {META, *EMBEDDING_FILES.get(meta["concept_embedding"], ())}
+        needed |= {formats_lib.FILES[listed[0]].split("/")[0]} if listed else set()
+        folder = paths.local_copy(folder, only=tuple(sorted(needed)))
+    folder = Path(folder).expanduser()
     ident, kind = meta["identifier"], meta["concept_embedding"]
     parts, adapter = formats_lib.read(folder, parts, lora_scale, meta.get("formats"))
     embeddings = read_embeddings(folder, kind, ident, parts)
@@ -239,8 +247,8 @@ def load_export(folder: str | Path, parts: FluxParts, lora_scale: float = 1.0) -
 
 
 def load_trained(workdir: str | Path, parts: FluxParts, lora_scale: float = 1.0) -> tuple[FluxParts, Trained]:
-    """`load_export` of a training workdir's final export (`workdir/export/`)."""
-    return load_export(Path(workdir) / "export", parts, lora_scale)
+    """`load_export` of a training workdir's final export (`workdir/export/`), local or in a bucket."""
+    return load_export(str(paths.path(workdir) / "export"), parts, lora_scale)
 
 
 def trained_overrides(parts: FluxParts, prompts: Sequence[str], settings: SampleSettings,
