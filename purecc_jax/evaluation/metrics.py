@@ -9,7 +9,8 @@ al. 2023) and the papers that compare with it use `openai/clip-vit-base-patch32`
 `openai/clip-vit-large-patch14` for CLIP and `facebook/dino-vits16` for DINO (ViT-S/16). No
 PyPI package ships these weights and nothing here downloads: download the transformers
 folders yourself (`huggingface-cli download facebook/dino-vits16 --local-dir ~/dino-vits16`)
-and pass their paths. Each folder's own preprocessing (its preprocessor_config.json: CLIP's
+and pass their paths (a bucket folder, gs://..., is copied once to this host: `purecc_jax.paths`).
+Each folder's own preprocessing (its preprocessor_config.json: CLIP's
 bicubic resize + centre crop to 224 and normalisation; ViT's resize to 224), run by
 transformers' PIL image processors (the original implementation; the torchvision ones differ
 slightly), and its tokenizer are used, so embeddings are the checkpoint's as published.
@@ -25,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from purecc_jax import paths
+
 
 def _check_folder(path: str | Path, what: str) -> Path:
-    path = Path(path).expanduser()
+    path = paths.local_copy(path) if paths.is_remote(path) else Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{what} checkpoint {path} is not a transformers folder (no config.json); "
                                 "download one (see purecc_jax.evaluation.metrics) and pass its path")
@@ -74,6 +77,7 @@ class CLIPEmbedder:
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
+        self.source = str(path) if paths.is_remote(path) else str(Path(path).expanduser())
         path = _check_folder(path, "CLIP")
         self.path, self.device, self.batch_size = path, device, batch_size
         self.model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval().to(device)
@@ -106,6 +110,7 @@ class DINOEmbedder:
         import torch
         from transformers import AutoImageProcessor, AutoModel
 
+        self.source = str(path) if paths.is_remote(path) else str(Path(path).expanduser())
         path = _check_folder(path, "DINO")
         self.path, self.device, self.batch_size = path, device, batch_size
         self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval().to(device)

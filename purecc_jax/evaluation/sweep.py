@@ -21,6 +21,12 @@ per training method when runs differ); OUTPUT/results.md the tables. Without met
 the sweep only samples. The TFDS dataset is read from --data_dir (default OUTPUT/tfds) and
 prepared there from --dreambench (default: the runs' `concept.dreambench_root`) if missing.
 
+Every path may be a bucket URL (gs://...; `purecc_jax.paths`): workdirs, pretrained folders,
+--clip / --dino and --dreambench are read from checked copies on this host (PURECC_CACHE), and
+OUTPUT's images, grids, results.json and results.md are written to the bucket. The TFDS dataset
+is read from local files: a bucket --data_dir (prepared elsewhere) is copied to this host once, and
+with a bucket OUTPUT the default --data_dir is PURECC_CACHE/dreambench_tfds.
+
 Cost: 2 x 25 x seeds images per run (the base images are shared by runs of one subject and
 pretrained model); 30 subjects x 4 seeds is 6,000 FLUX.1-dev images at 28 steps. Use
 --dtype=bfloat16 --param_dtype=bfloat16 for the full-size model.
@@ -29,6 +35,7 @@ pretrained model); 30 subjects x 4 seeds is 6,000 FLUX.1-dev images at 28 steps.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,9 +46,10 @@ from absl import app, flags, logging
 from PIL import Image
 
 from purecc_jax import cli as cli_lib
+from purecc_jax import paths
 from purecc_jax.data import tfds_dreambench as tdb
 from purecc_jax.pipeline.generate import SampleSettings, generate
-from purecc_jax.trained import load_trained, trained_overrides, workdir_pretrained
+from purecc_jax.trained import load_trained, read_meta, trained_overrides, workdir_pretrained
 
 FLAGS = flags.FlagValues()
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "trained PureCC workdirs, each of one DreamBench subject",
@@ -82,7 +90,7 @@ METRICS = ("clip_i", "dino", "clip_t", "clip_t_base", "delta_clip_t", "clip_i_ba
 class Run:
     """One trained workdir to evaluate."""
 
-    workdir: Path
+    workdir: Any  # a local path or a bucket URL, as an epath.Path
     name: str  # its output folder
     subject: str
     pretrained: str
@@ -90,8 +98,8 @@ class Run:
 
 
 def read_run(workdir: str | Path, name: str, base_pretrained: str | None = None) -> Run:
-    """A workdir's subject and pretrained folder, from its config.json."""
-    workdir = Path(workdir).expanduser()
+    """A workdir's (local or in a bucket) subject and pretrained folder, from its config.json."""
+    workdir = paths.path(workdir)
     config = workdir / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: is {workdir} a PureCC training workdir?")
@@ -100,10 +108,12 @@ def read_run(workdir: str | Path, name: str, base_pretrained: str | None = None)
     if not path:
         raise ValueError(f"{workdir / 'config.json'}: concept.path is empty; expected a DreamBench subject")
     root = concept.get("dreambench_root") or ""
-    if not root and (Path(path).expanduser().parent / "prompts_and_classes.txt").is_file():
-        root = str(Path(path).expanduser().parent)
+    if not root and (paths.path(path).parent / "prompts_and_classes.txt").is_file():
+        root = str(paths.path(path).parent)
     pretrained = base_pretrained or workdir_pretrained(workdir)
-    return Run(workdir, name, Path(path).name, str(Path(pretrained).expanduser()), root)
+    if not paths.is_remote(pretrained):
+        pretrained = str(Path(pretrained).expanduser())
+    return Run(workdir, name, paths.path(path).name, pretrained, root)
 
 
 def sample_prompts(parts, prompts: Sequence[str], settings: SampleSettings, seeds: Sequence[int],
@@ -126,15 +136,22 @@ def sample_prompts(parts, prompts: Sequence[str], settings: SampleSettings, seed
     return np.concatenate(out)
 
 
-def save_images(images: np.ndarray, folder: Path, seeds: Sequence[int]) -> None:
-    """PNGs pPP_sS.png of prompt-major images."""
-    folder.mkdir(parents=True, exist_ok=True)
+def _save_png(image: Image.Image, file: Any) -> None:
+    """A PIL image as a PNG at `file` (local or in a bucket)."""
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    paths.write_bytes(file, data.getvalue())
+
+
+def save_images(images: np.ndarray, folder: Any, seeds: Sequence[int]) -> None:
+    """PNGs pPP_sS.png of prompt-major images, in `folder` (local or in a bucket)."""
+    folder = paths.path(folder)
     for i, image in enumerate(images):
         p, s = divmod(i, len(seeds))
-        Image.fromarray(image).save(folder / f"p{p:02d}_s{seeds[s]}.png")
+        _save_png(Image.fromarray(image), folder / f"p{p:02d}_s{seeds[s]}.png")
 
 
-def save_grid(customized: np.ndarray, base: np.ndarray, texts, n_seeds: int, path: Path, cell: int) -> None:
+def save_grid(customized: np.ndarray, base: np.ndarray, texts, n_seeds: int, path: Any, cell: int) -> None:
     """One row per prompt: its customized images (captioned with the complete text), then its base ones."""
     from purecc_jax.purecc.loop import grid
 
@@ -147,7 +164,7 @@ def save_grid(customized: np.ndarray, base: np.ndarray, texts, n_seeds: int, pat
         rows = slice(p * n_seeds, (p + 1) * n_seeds)
         cells += [small(im) for im in customized[rows]] + [small(im) for im in base[rows]]
         captions += [t.complete] * n_seeds + [t.base] * n_seeds
-    Image.fromarray(grid(np.stack(cells), captions, columns=2 * n_seeds)).save(path)
+    _save_png(Image.fromarray(grid(np.stack(cells), captions, columns=2 * n_seeds)), path)
 
 
 class Scorer:
@@ -193,18 +210,17 @@ class Scorer:
         return overall, per_prompt
 
 
-def _export_meta(workdir: Path) -> dict[str, Any]:
-    return json.loads((workdir / "export" / "purecc.json").read_text())
-
-
 def evaluate(runs: Sequence[Run], output: str | Path, settings: SampleSettings, seeds: Sequence[int], *,
              data_dir: str | Path, scorer: Scorer | None = None, batch_size: int = 4,
              reference_resolution: int = tdb.DEFAULT_RESOLUTION, grid_cell: int = 256,
              load_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Samples, saves and scores every run; returns (and writes) the results (see module doc)."""
+    from purecc_jax.main import PIPELINE_PARTS
     from purecc_jax.pipeline.folder import load_pipeline
 
-    output = Path(output)
+    output = paths.path(output)
+    if paths.is_remote(data_dir):
+        data_dir = paths.local_copy(data_dir)
     known = tdb.subject_names(data_dir, resolution=reference_resolution)
     for run in runs:
         if run.subject not in known:
@@ -216,9 +232,11 @@ def evaluate(runs: Sequence[Run], output: str | Path, settings: SampleSettings, 
     results = []
     for run in runs:
         if run.pretrained not in pipelines:
-            pipelines[run.pretrained] = load_pipeline(run.pretrained, **(load_options or {}))
+            local = paths.local_copy(run.pretrained, only=PIPELINE_PARTS) if paths.is_remote(run.pretrained) \
+                else run.pretrained
+            pipelines[run.pretrained] = load_pipeline(local, **(load_options or {}))
         parts = pipelines[run.pretrained]
-        meta = _export_meta(run.workdir)
+        meta = read_meta(str(run.workdir / "export"))
         subject = subjects[run.subject]
         texts = subject.texts(meta["identifier"], meta["class_word"])
         key = (run.pretrained, tuple(t.base for t in texts))
@@ -246,15 +264,14 @@ def evaluate(runs: Sequence[Run], output: str | Path, settings: SampleSettings, 
 
     summary = dict(
         settings=dict(dataclasses.asdict(settings), seeds=list(seeds), reference_resolution=reference_resolution,
-                      clip=str(scorer.clip.path) if scorer and scorer.clip else None,
-                      dino=str(scorer.dino.path) if scorer and scorer.dino else None),
+                      clip=scorer.clip.source if scorer and scorer.clip else None,
+                      dino=scorer.dino.source if scorer and scorer.dino else None),
         runs=results, mean=_mean(results))
     methods = sorted({r["method"] for r in results})
     if len(methods) > 1:
         summary["mean_by_method"] = {m: _mean([r for r in results if r["method"] == m]) for m in methods}
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(summary, indent=2))
-    (output / "results.md").write_text(markdown(summary))
+    paths.write_bytes(output / "results.json", json.dumps(summary, indent=2).encode())
+    paths.write_bytes(output / "results.md", markdown(summary).encode())
     return summary
 
 
@@ -297,10 +314,20 @@ def markdown(summary: dict[str, Any]) -> str:
 def _run_names(workdirs: Sequence[str]) -> list[str]:
     names, seen = [], {}
     for w in workdirs:
-        base = Path(w).expanduser().resolve().name or "run"
+        base = (paths.path(w).name if paths.is_remote(w) else Path(w).expanduser().resolve().name) or "run"
         seen[base] = seen.get(base, 0) + 1
         names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
     return names
+
+
+def local_data_dir(data_dir: str | None, output: str) -> Path:
+    """The local TFDS data dir: --data_dir (a bucket one copied to this host), else OUTPUT/tfds, or with a bucket
+    OUTPUT, PURECC_CACHE/dreambench_tfds (ArrayRecord files are read from local disk)."""
+    if data_dir:
+        return paths.local_copy(data_dir) if paths.is_remote(data_dir) else Path(data_dir).expanduser()
+    if paths.is_remote(output):
+        return paths.cache_root() / "dreambench_tfds"
+    return Path(output).expanduser() / "tfds"
 
 
 def main(argv: Sequence[str]) -> None:
@@ -313,12 +340,13 @@ def main(argv: Sequence[str]) -> None:
     if _SEEDS.value < 1 or _BATCH.value < 1:
         raise app.UsageError("--seeds and --batch_size must be at least 1")
     runs = [read_run(w, n, _BASE.value) for w, n in zip(_WORKDIRS.value, _run_names(_WORKDIRS.value))]
-    data_dir = Path(_DATA_DIR.value or Path(_OUTPUT.value) / "tfds").expanduser()
+    data_dir = local_data_dir(_DATA_DIR.value, _OUTPUT.value)
     if not tdb.builder(data_dir, _REF_RES.value).is_prepared():
         source = _DREAMBENCH.value or next((r.dreambench_root for r in runs if r.dreambench_root), None)
         if not source:
-            raise app.UsageError(f"no DreamBench dataset in {data_dir}: pass --dreambench=FOLDER to prepare it")
-        tdb.prepare(source, data_dir, _REF_RES.value)
+            raise app.UsageError(f"no DreamBench dataset in {_DATA_DIR.value or data_dir}: pass --dreambench=FOLDER "
+                                 "to prepare it")
+        tdb.prepare(paths.local_copy(source), data_dir, _REF_RES.value)
     load_options = dict(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value)
     if _MESH.value:
         load_options["mesh"] = cli_lib.mesh_from_flag(_MESH.value)
