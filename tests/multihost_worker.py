@@ -1,7 +1,14 @@
-"""One process of tests/test_multihost.py: `python multihost_worker.py DEVICES INTERRUPT -- MAIN_ARGS...`.
+"""One process of tests/test_multihost.py and tests/test_gcs.py:
 
-Runs `purecc_jax.main` in process on DEVICES virtual CPU devices. It notes in WORKDIR/export_writers which process wrote the export. INTERRUPT > 0 stops the run with an
-exception when stage B asks for the batch of that step, as a kill would (every process at the same step).
+    python multihost_worker.py DEVICES INTERRUPT -- MAIN_ARGS...
+
+Runs `purecc_jax.main` in process on DEVICES virtual CPU devices. It notes in WORKDIR/export_writers
+which process wrote the export. INTERRUPT > 0 stops the run with an exception when stage B asks for
+the batch of that step, as a kill would (every process at the same step).
+
+XLA compiles without LLVM's optimisations here (FAST_COMPILE): compiling is most of these tests' cost
+(the tiny model's steps take milliseconds), and this halves it. Every run the tests compare (one
+process against two, stopped against resumed) is compiled alike.
 """
 
 import os
@@ -9,7 +16,8 @@ import sys
 
 devices, interrupt = int(sys.argv[1]), int(sys.argv[2])
 assert sys.argv[3] == "--", sys.argv
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -20,17 +28,6 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from purecc_jax import main, train  # noqa: E402
-
-if os.environ.get("WORKER_ORBAX_OCDBT") == "0":
-    # gcp-storage-emulator answers the conditional rewrites of an OCDBT manifest (a save of more than
-    # ~100 arrays commits it several times) with a generation tensorstore rejects ("Malformed
-    # StorageGeneration"); real GCS does not. Against the emulator, checkpoints are written without OCDBT.
-    import functools
-
-    import orbax.checkpoint as ocp
-
-    ocp.StandardCheckpointHandler.__init__ = functools.partialmethod(ocp.StandardCheckpointHandler.__init__,
-                                                                     use_ocdbt=False)
 
 # the tests read "resumed from step N" from the loop's log
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout, force=True)

@@ -3,10 +3,17 @@
 The pretrained folder, the concept photos and the workdir are `gs://` URLs. The tiny stage A +
 stage B run is stopped in stage B and run again: it resumes from the checkpoint in the bucket,
 logs and exports there, and the pretrained folder and photos were read through checked per-host
-copies. The Python clients (gcsfs under etils.epath, google-cloud-storage under tensorboardX)
-find the emulator through STORAGE_EMULATOR_HOST, tensorstore (orbax checkpoints) through
-TENSORSTORE_GCS_HTTP_URL. Checkpoints are written without OCDBT here: the emulator mishandles the
-conditional rewrites of an OCDBT manifest (see tests/multihost_worker.py); real GCS does not.
+copies. That run is then sampled (`purecc_jax.sample --workdir=gs://... --output=gs://...`, and
+`--export=gs://...`) and evaluated (`purecc_jax.evaluation.sweep` with workdir, DreamBench folder
+and output in the bucket), in this process. The Python clients (gcsfs under etils.epath,
+google-cloud-storage under tensorboardX) find the emulator through STORAGE_EMULATOR_HOST,
+tensorstore (orbax checkpoints) through TENSORSTORE_GCS_HTTP_URL.
+
+Checkpoints are written with orbax's defaults (OCDBT), as on real GCS. The emulator is started
+through tests/gcs_emulator.py, which adds what it lacks and OCDBT needs: the `x-goog-generation`
+header on object reads and the ifGenerationMatch / ifGenerationNotMatch preconditions (see that
+file: without them, a save that commits its OCDBT manifest more than once fails with "Malformed
+StorageGeneration"). Real GCS has both; the product code is the same against either.
 """
 
 from __future__ import annotations
@@ -27,13 +34,15 @@ import dreambench_standin
 import pipeline_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).resolve().parent / "multihost_worker.py"
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "multihost_worker.py"
 BUCKET = "gs://purecc-test"
-INTERRUPT = 3
-TINY = {
+INTERRUPT = 3  # stage B stops when it asks for its 4th batch: checkpoint 2 is the latest
+L = 16  # T5 tokens
+TINY = {  # stage A: 2 steps, one checkpoint; stage B: 4 steps, checkpoints 2 and 4 (stopped at 3)
     "concept.path": f"{BUCKET}/concepts/dog", "concept.class_word": "dog", "concept.resolution": "32",
     "model.dtype": "float32", "model.param_dtype": "float32", "model.remat_policy": "none", "model.attention": "xla",
-    "model.max_sequence_length": 16, "stage_a.steps": 4, "stage_b.steps": 4, "checkpoint_every": 2, "log_every": 1,
+    "model.max_sequence_length": L, "stage_a.steps": 2, "stage_b.steps": 4, "checkpoint_every": 2, "log_every": 1,
     "progress": False, "sample.every": 0, "sample.steps": 2, "sample.height": 32, "sample.width": 32,
     "sample.prompts": "('a photo of {identifier} {class_word}',)", "export.dtype": "float32",
 }
@@ -47,9 +56,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    """The emulator on a free port, its bucket created; the clients of this process pointed at it."""
+    """The emulator (with GCS's generation semantics: tests/gcs_emulator.py) on a free port, its bucket
+    created; the clients of this process pointed at it."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=localhost",
+    server = subprocess.Popen([sys.executable, str(HERE / "gcs_emulator.py"), "start", "--host=localhost",
                                f"--port={port}", "--in-memory", f"--default-bucket={BUCKET[5:]}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -63,7 +73,7 @@ def emulator(tmp_path_factory):
                 raise RuntimeError("gcp-storage-emulator did not start")
             time.sleep(0.2)
     url = f"http://localhost:{port}"
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "WORKER_ORBAX_OCDBT": "0",
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
            "PURECC_CACHE": str(tmp_path_factory.mktemp("host_cache"))}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
@@ -101,7 +111,8 @@ def bucket_run(emulator, tmp_path_factory):
     w = paths.path(f"{BUCKET}/runs/dog")
     at_stop = {"steps": raw_steps(w / "stage_b"), "checkpoints": names(w / "stage_b" / "checkpoints")}
     resumed = run_main(emulator, 0, cwd)
-    return dict(stopped=stopped, at_stop=at_stop, resumed=resumed, workdir=w, cwd=cwd, cache=Path(emulator["PURECC_CACHE"]))
+    return dict(stopped=stopped, at_stop=at_stop, resumed=resumed, workdir=w, cwd=cwd, cache=Path(emulator["PURECC_CACHE"]),
+                pretrained=folder)
 
 
 def names(directory) -> list[str]:
@@ -123,12 +134,15 @@ def test_stopped_run_resumes_from_the_bucket(bucket_run):
     assert bucket_run["at_stop"] == {"steps": [1, 2, 3], "checkpoints": ["2"]}
     code, log = bucket_run["resumed"]
     assert code == 0, log[-5000:]
-    assert "stage_a: resumed from step 4" in log and "stage_b: resumed from step 2" in log
+    assert "stage_a: resumed from step 2" in log and "stage_b: resumed from step 2" in log
     w = bucket_run["workdir"]
-    assert raw_steps(w / "stage_a") == [1, 2, 3, 4] and raw_steps(w / "stage_b") == [1, 2, 3, 3, 4]
-    for stage in ("stage_a", "stage_b"):
-        assert names(w / stage / "checkpoints") == ["2", "4"]
-        assert names(w / stage / "samples") == ["000004.png"]
+    assert raw_steps(w / "stage_a") == [1, 2] and raw_steps(w / "stage_b") == [1, 2, 3, 3, 4]
+    for stage, steps in (("stage_a", 2), ("stage_b", 4)):
+        checkpoints = names(w / stage / "checkpoints")
+        assert checkpoints == (["2"] if stage == "stage_a" else ["2", "4"])
+        for step in checkpoints:  # orbax's default format: one OCDBT database per process
+            assert "ocdbt.process_0" in names(w / stage / "checkpoints" / step / "default")
+        assert names(w / stage / "samples") == [f"{steps:06d}.png"]
         assert any(n.startswith("events.out.tfevents") for n in names(w / stage / "tensorboard"))
     assert json.loads((w / "config.json").read_text())["pretrained"] == f"{BUCKET}/FLUX.1-tiny"
     assert names(w / "jax_cache")
@@ -150,8 +164,9 @@ def test_export_in_the_bucket_loads(bucket_run):
 
 
 def test_bucket_folders_were_copied_once_and_checked(bucket_run):
-    copies = {p.name: p for p in bucket_run["cache"].glob("*/*") if p.is_dir()}
-    assert sorted(copies) == ["FLUX.1-tiny", "dog"]  # folder names kept: the concept is still "dog"
+    found = [p for p in bucket_run["cache"].glob("*/*") if (p / ".purecc_manifest.json").is_file()]
+    copies = {p.name: p for p in found}
+    assert len(found) == len(copies) and {"FLUX.1-tiny", "dog"} <= set(copies)  # names kept: the concept is "dog"
     manifest = json.loads((copies["FLUX.1-tiny"] / ".purecc_manifest.json").read_text())
     assert "transformer/config.json" in manifest and all(e["crc32c"] for e in manifest.values())
 
@@ -176,3 +191,80 @@ def test_local_copy_follows_the_bucket_and_checks_crc32c(emulator, tmp_path, mon
     with pytest.raises(OSError, match="is corrupt"):
         paths.local_copy(url, only=("a.txt", "sub"))
     assert not (local / ".purecc_manifest.json").exists()  # an unchecked copy never counts as complete
+
+
+SAMPLING = ["--steps=2", "--height=32", "--width=32", f"--max_sequence_length={L}", "--seed=0", "--noprogress"]
+BENCH_PROMPTS = """subject_name,class
+dog,dog
+
+Object Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+]
+
+Live Subject Prompts
+
+prompt_list = [
+'a {0} {1} on the beach'.format(unique_token, class_token),
+]
+"""
+
+
+def bucket_image(url: str) -> np.ndarray:
+    from PIL import Image
+
+    from purecc_jax import paths
+
+    with paths.path(url).open("rb") as f:
+        return np.asarray(Image.open(f).convert("RGB")).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def sampled(bucket_run):
+    """`purecc_jax.sample` of the bucket run: --workdir and --output (PNG) in the bucket, and --export in the
+    bucket on the local pretrained folder with a .npy --output in the bucket; the same prompt and seed."""
+    from purecc_jax import paths
+    from purecc_jax import sample as sample_cli
+
+    identifier = json.loads((bucket_run["workdir"] / "export" / "purecc.json").read_text())["identifier"]
+    prompt = f"a {identifier} dog on the beach"
+    sample_cli.cli(["sample", f"--workdir={BUCKET}/runs/dog", f"--prompt={prompt}", *SAMPLING,
+                    f"--output={BUCKET}/samples/workdir.png"])
+    sample_cli.cli(["sample", f"--export={BUCKET}/runs/dog/export", f"--pretrained={bucket_run['pretrained']}",
+                    f"--prompt={prompt}", *SAMPLING, f"--output={BUCKET}/samples/export.npy"])
+    with paths.path(f"{BUCKET}/samples/export.npy").open("rb") as f:
+        from_export = np.load(f)
+    return dict(prompt=prompt, png=bucket_image(f"{BUCKET}/samples/workdir.png"), npy=from_export)
+
+
+def test_sample_a_run_in_the_bucket(sampled, bucket_run):
+    assert names(f"{BUCKET}/samples") == ["export.npy", "workdir.png"]
+    assert sampled["npy"].shape == (1, 32, 32, 3)
+    want = np.round(sampled["npy"][0] * 255).astype(np.int16)
+    assert np.abs(sampled["png"] - want).max() <= 1  # the workdir's export on the pretrained folder it names
+    assert sampled["png"].std() > 0
+    assert list(bucket_run["cwd"].iterdir()) == []
+
+
+def test_evaluation_writes_to_the_bucket(sampled, bucket_run):
+    """The sweep of the bucket run: its DreamBench folder (the concept's parent) and its output in the bucket."""
+    from purecc_jax import paths
+    from purecc_jax.evaluation import sweep
+
+    paths.path(f"{BUCKET}/concepts/prompts_and_classes.txt").write_text(BENCH_PROMPTS)
+    output = f"{BUCKET}/eval"
+    sweep.cli(["sweep", f"--workdirs={BUCKET}/runs/dog", f"--output={output}", "--seeds=1", "--batch_size=1",
+               "--reference_resolution=32", *(a for a in SAMPLING if a not in ("--seed=0", "--noprogress"))])
+    assert names(output) == ["dog", "results.json", "results.md"]
+    assert names(f"{output}/dog") == ["base", "customized", "grid.png"]
+    assert names(f"{output}/dog/customized") == names(f"{output}/dog/base") == ["p00_s0.png"]
+    results = json.loads(paths.path(f"{output}/results.json").read_text())
+    (run,) = results["runs"]
+    assert run["workdir"] == f"{BUCKET}/runs/dog" and run["images"] == f"{output}/dog"
+    assert run["pretrained"] == f"{BUCKET}/FLUX.1-tiny" and run["subject"] == "dog"
+    assert [p["complete"] for p in run["prompts"]] == [sampled["prompt"]]
+    assert "| dog | dog |" in paths.path(f"{output}/results.md").read_text()
+    # the customized image is the sample CLI's of the same prompt and seed
+    assert np.abs(bucket_image(f"{output}/dog/customized/p00_s0.png") - sampled["png"]).max() <= 1
+    assert (paths.cache_root() / "dreambench_tfds").is_dir()  # the TFDS files are read locally (ArrayRecord)
