@@ -26,7 +26,8 @@ samples use classifier-free guidance 7.0 with the empty negative prompt, 28 step
 Concept embedding: `none`. The identifier (`sks`) is a plain word of the CLIP-L, CLIP-G and T5
 tokenizers, as in diffusers' DreamBooth-LoRA script; the authors' learned token rows and the
 paper's layer-wise embeddings are not implemented for SD3 (`concept_embedding=token|layerwise`
-is refused with a config error).
+is refused with a config error; StableDiffusion3Pipeline has no textual-inversion loader, so
+diffusers could not load learned token rows of its three encoders).
 
 Output: `workdir/export/pytorch_lora_weights.safetensors`, which
 `StableDiffusion3Pipeline.load_lora_weights(workdir/export)` reads.

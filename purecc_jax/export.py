@@ -5,12 +5,13 @@ r"""Export any orbax checkpoint of a PureCC run to the PyTorch formats diffusers
         --format=diffusers-full,bfl --merge_lora --dtype=bfloat16
     python -m purecc_jax.export --verify=runs/dog/comfy
 
-Formats (`weights.formats`): diffusers-lora (pytorch_lora_weights.safetensors), kohya
+FLUX formats (`weights.formats`): diffusers-lora (pytorch_lora_weights.safetensors), kohya
 (lora_kohya.safetensors: ComfyUI, sd-scripts), diffusers-full (transformer/ folder: a full
 fine-tune, or the LoRA merged into the pretrained weights with --merge_lora), bfl (one
 flux1-dev.safetensors-layout file). Every export also holds the concept embeddings,
 purecc.json, a model card README.md with the run's last sample grid, and
 export_manifest.json (sha256 of every file; --verify checks a folder against it).
+An SD3 run (`backbones.sd3`) writes diffusers-lora (or diffusers-full for a full fine-tune) only.
 
 --stage defaults to the run's final stage (b, or a for method=dreambooth) and --step to
 its latest checkpoint. Only the trainable part of the checkpoint is read (not the
@@ -125,7 +126,7 @@ def export_checkpoint(workdir: str | Path, output: str | Path, *, formats: Seque
                       stage: str | None = None, step: int | None = None, dtype: str | None = None,
                       merge_lora: bool = False, pretrained: str | None = None) -> Path:
     """Exports a checkpoint of a training workdir (see the module docstring); returns the folder."""
-    from purecc_jax.weights import flux_io
+    from purecc_jax import backbones
 
     workdir = Path(workdir)
     config = read_config(workdir)
@@ -141,12 +142,12 @@ def export_checkpoint(workdir: str | Path, output: str | Path, *, formats: Seque
         # Stage B keeps stage A's learned embeddings frozen: they live in stage A's final checkpoint.
         trainable["embeddings"] = restore_trainable(workdir / "stage_a")[0].get("embeddings")
     pretrained = pretrained or trained_lib.workdir_pretrained(workdir)
+    backbone = backbones.select(pretrained, config.get("model", {}).get("backbone", backbones.AUTO))
     scan = config.get("model", {}).get("scan_layers", True)
-    cfg = flux_io.read_config(pretrained, scan_layers=scan)
+    cfg = backbone.read_config(pretrained, scan_layers=scan)
     base = None
     if merge_lora and "lora" in trainable:
-        cfg, base = flux_io.load_transformer(pretrained, scan_layers=scan,
-                                             param_dtype=flux_io.checkpoint_dtype(pretrained).name)
+        cfg, base = backbone.load_merge_base(pretrained, scan)
     identifier, class_word = concept_words(config)
     info = trained_lib.ConceptInfo(identifier, class_word, kind, method, name, step, str(pretrained), config)
     dtype = formats_lib.dtype_named(dtype or config.get("export", {}).get("dtype", "bfloat16"))

@@ -10,7 +10,8 @@
 
 Concept embedding: `none` only. The identifier stays a plain word of the three tokenizers, as in
 DreamBooth and diffusers' train_dreambooth_lora_sd3.py; learned token rows in CLIP-L, CLIP-G and
-T5 (`token`) and the FLUX block injection (`layerwise`) are refused with a config error.
+T5 (`token`: StableDiffusion3Pipeline has no textual-inversion loader to read them) and the FLUX
+block injection (`layerwise`) are refused with a config error.
 
 Exports: `diffusers-lora` (pytorch_lora_weights.safetensors, `StableDiffusion3Pipeline
 .load_lora_weights`) for a LoRA, `diffusers-full` (a transformer/ folder,
@@ -212,11 +213,13 @@ class SD3Backbone(Backbone):
     # --- sampling an export
 
     def load_export(self, folder: str | Path, parts: Any, lora_scale: float = 1.0) -> tuple[Any, Any]:
-        """(parts, `lora` collection or None) of an SD3 export folder (purecc.json's first format)."""
+        """(parts, `lora` collection or None) of an SD3 export folder (purecc.json's first format); a folder
+        in a bucket is read from its checked copy on this host (`paths.local_copy`)."""
+        from purecc_jax import paths
         from purecc_jax import trained as trained_lib
         from purecc_jax.weights import sd3_io, sd3_lora
 
-        folder = Path(folder)
+        folder = paths.local_copy(folder)
         meta = trained_lib.read_meta(folder)
         if meta["concept_embedding"] != "none":
             raise ValueError(f"{folder / trained_lib.META}: concept_embedding={meta['concept_embedding']!r}; "
