@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +33,7 @@ INTERRUPT = 3  # stage B stops when it asks for its 4th batch: checkpoint 2 is t
 # Stage A: 2 steps and one checkpoint; stage B: 4 steps, checkpoints 2 and 4. Each run compiles both
 # stages' steps, the data cache's encoders and the sampler (most of the cost); steps take milliseconds.
 TINY = {
-    "concept.path": "dog", "concept.dreambench_root": str(dreambench_standin.root()), "concept.resolution": "32",
+    "concept.class_word": "dog", "concept.resolution": "32",
     "model.dtype": "float32", "model.param_dtype": "float32", "model.remat_policy": "none", "model.attention": "xla",
     "model.max_sequence_length": 16, "stage_a.steps": 2, "stage_b.steps": 4, "stage_a.batch_size": 8,
     "stage_b.batch_size": 8, "checkpoint_every": 2, "log_every": 1, "progress": False, "sample.every": 0,
@@ -50,7 +51,8 @@ def free_port() -> int:
 def start(devices: int, interrupt: int, workdir: Path, folder: Path, distributed: tuple[str, ...] = ()):
     args = [sys.executable, str(WORKER), str(devices), str(interrupt), "--",
             f"--config={ROOT / 'configs' / 'flux_concept.py'}", f"--workdir={workdir}", f"--config.pretrained={folder}",
-            *(f"--config.{k}={v}" for k, v in TINY.items()), *distributed]
+            f"--config.concept.path={folder.parent / 'dog'}", *(f"--config.{k}={v}" for k, v in TINY.items()),
+            *distributed]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -77,8 +79,11 @@ def two_processes(interrupt: int, workdir: Path, folder: Path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_flux")
+    folder = tmp_path_factory.mktemp("inputs") / "tiny_flux"
     pipeline_reference.save_pipeline(folder, guidance_embeds=True, seed=0)
+    (folder.parent / "dog").mkdir()  # two photos: 4 views, one encoder batch to compile
+    for name in ("00.jpg", "01.jpg"):
+        shutil.copy(dreambench_standin.root() / "dog" / name, folder.parent / "dog" / name)
     base = tmp_path_factory.mktemp("multihost")
     reference = start(8, 0, base / "one", folder)
     interrupted = finish(two_processes(INTERRUPT, base / "two", folder))
