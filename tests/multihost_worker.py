@@ -27,24 +27,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-if "--distributed" in sys.argv:
-    # Compile once for both processes, as JAX can for hosts of one slice: process 0 compiles each program of
-    # the global mesh and hands its binary to the others (jax_share_binary_between_hosts), and a rerun finds
-    # process 0's cache entries in every process. Both need the persistent cache's key to be the same in every
-    # process; on CPU it is not, only because the key hashes the topology as seen from the process (on a TPU
-    # slice every host sees the same one). Here it hashes the global devices instead. Without this each
-    # process compiles everything itself; the programs and results are the same either way.
-    from jax._src import cache_key
-
-    def _same_in_every_process(hash_obj, devices):
-        for d in devices.flat:
-            hash_obj.update(f"{d.platform}/{d.device_kind}/{d.id}".encode())
-
-    assert hasattr(cache_key, "_hash_accelerator_config"), "jax changed: update tests/multihost_worker.py"
-    cache_key._hash_accelerator_config = _same_in_every_process
-    jax.config.update("jax_share_binary_between_hosts", True)
-    jax.config.update("jax_share_binary_between_hosts_timeout_ms", 600_000)  # a loaded machine compiles slowly
-
 from purecc_jax import main, train  # noqa: E402
 
 # the tests read "resumed from step N" from the loop's log
