@@ -61,9 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
         t5=dict(d_model=64, d_kv=32, d_ff=128, layers=2, heads=2),
         # The shipped base's recipe (--config.toy.pretrain_base=True): the learning rate follows a
         # schedule of schedule_steps; training stops at `steps`.
-        base=dict(steps=600, schedule_steps=1500, checkpoint_every=100, batch_size=32, learning_rate=2e-3,
+        base=dict(steps=6000, schedule_steps=6000, checkpoint_every=500, batch_size=32, learning_rate=2e-3,
                   warmup_steps=50, weight_decay=0.0, b2=0.999, drop_prob=0.15, empty_prob=0.1, ema_decay=0.995,
-                  timestep_sampler="uniform", timestep_shift=3.0),
+                  timestep_sampler="logit_normal", timestep_shift=3.0),
         sampling=dict(steps=20, cfg_scale=3.0, shift=3.0),
         evaluation=dict(samples=50, chunk=125),
         seeds=(0, 1, 2),  # training seeds of every method (same evaluation prompts and noise for all)
