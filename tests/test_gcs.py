@@ -111,8 +111,8 @@ def bucket_run(emulator, tmp_path_factory):
     w = paths.path(f"{BUCKET}/runs/dog")
     at_stop = {"steps": raw_steps(w / "stage_b"), "checkpoints": names(w / "stage_b" / "checkpoints")}
     resumed = run_main(emulator, 0, cwd)
-    return dict(stopped=stopped, at_stop=at_stop, resumed=resumed, workdir=w, cwd=cwd, cache=Path(emulator["PURECC_CACHE"]),
-                pretrained=folder)
+    return dict(stopped=stopped, at_stop=at_stop, resumed=resumed, workdir=w, cwd=cwd,
+                cache=Path(emulator["PURECC_CACHE"]), pretrained=folder)
 
 
 def names(directory) -> list[str]:
