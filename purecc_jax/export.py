@@ -153,7 +153,7 @@ def export_checkpoint(workdir: str | Path, output: str | Path, *, formats: Seque
     dtype = formats_lib.dtype_named(dtype or config.get("export", {}).get("dtype", "bfloat16"))
     return trained_lib.write_export(output, info, trainable, lora_config(config, name), cfg, formats=formats,
                                     dtype=dtype, merge_lora=merge_lora, base_params=base,
-                                    sample_grid=last_grid(workdir / name, step))
+                                    sample_grid=last_grid(workdir / name, step), backbone=backbone)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -33,7 +33,8 @@ Every path may be a bucket URL (gs://...; `purecc_jax.paths`): --workdir, --expo
 A `--pretrained` folder whose model_index.json names StableDiffusion3Pipeline (SD3 / SD3.5) is
 sampled as that pipeline does (`purecc_jax.pipeline.sd3`): --guidance is its guidance_scale
 (default 7.0, CFG with --negative_prompt), --max_sequence_length defaults to 256, and
---init_latents takes its NCHW `latents=` array (B, 16, H/8, W/8); --lora takes a diffusers SD3 LoRA.
+--init_latents takes its NCHW `latents=` array (B, 16, H/8, W/8); --lora takes a diffusers SD3 LoRA, and
+--workdir / --export sample an SD3 PureCC run's LoRA (configs/sd35_concept.py).
 """
 
 from __future__ import annotations
@@ -108,16 +109,16 @@ def main(argv: Sequence[str]) -> None:
     if _NUM_IMAGES.value < 1:
         raise app.UsageError(f"--num_images={_NUM_IMAGES.value} must be at least 1")
     init_latents = None if _INIT_LATENTS.value is None else _load_npy(_INIT_LATENTS.value)
-    if _PRETRAINED.value and sd3_pipeline.is_sd3_folder(_local_pipeline(_PRETRAINED.value)):
-        _sample_sd3(init_latents)
-        return
-
     pretrained = _PRETRAINED.value
     if not pretrained and _EXPORT.value:
         pretrained = trained_lib.read_meta(_EXPORT.value).get("pretrained")
         if not pretrained:
             raise app.UsageError(f"{_EXPORT.value}/purecc.json names no pretrained folder: pass --pretrained")
     pretrained = _local_pipeline(pretrained or trained_lib.workdir_pretrained(_WORKDIR.value))
+    if sd3_pipeline.is_sd3_folder(pretrained):
+        _sample_sd3(pretrained, init_latents)
+        return
+
     parts = load_pipeline(pretrained, mesh=cli_lib.mesh_from_flag(_MESH.value), dtype=_DTYPE.value,
                           param_dtype=_PARAM_DTYPE.value)
     trained = None
@@ -179,17 +180,24 @@ def _write_images(images: np.ndarray, output: str) -> list:
     return [out.parent / p.name for p in written]
 
 
-def _sample_sd3(init_latents: np.ndarray | None) -> None:
-    """--pretrained is an SD3 folder: StableDiffusion3Pipeline's sampling, one batch of prompts x num_images."""
-    unsupported = [f.name for f in (_WORKDIR, _EXPORT, _MESH) if f.value] + (
-        ["true_cfg_scale"] if _TRUE_CFG.value != 1.0 else [])
+def _sample_sd3(pretrained: str, init_latents: np.ndarray | None) -> None:
+    """`pretrained` is an SD3 folder: StableDiffusion3Pipeline's sampling, one batch of prompts x num_images,
+    with a trained run's (--workdir, --export) or a file's (--lora) LoRA."""
+    from purecc_jax import backbones
+
+    unsupported = [f.name for f in (_MESH,) if f.value] + (["true_cfg_scale"] if _TRUE_CFG.value != 1.0 else [])
     if unsupported:
         raise app.UsageError(f"--{', --'.join(unsupported)}: not supported for SD3 pipeline folders yet")
     prompts = [p for p in _PROMPT.value for _ in range(_NUM_IMAGES.value)]
-    parts = sd3_pipeline.load_sd3_pipeline(_local_pipeline(_PRETRAINED.value), dtype=_DTYPE.value,
-                                           param_dtype=_PARAM_DTYPE.value)
+    parts = sd3_pipeline.load_sd3_pipeline(pretrained, dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value)
     lora = None
+    export = _EXPORT.value or (_WORKDIR.value and f"{_WORKDIR.value.rstrip('/')}/export")
+    if export:
+        parts, lora = backbones.SD3.load_export(export, parts, _LORA_SCALE.value)
     if _LORA.value:
+        if lora is not None:
+            raise app.UsageError(f"--lora={_LORA.value}: the trained run already brings a LoRA; "
+                                 "sample one LoRA at a time")
         with _local_lora() as file:
             lora = sd3_lora.collection(file, parts.transformer_config, _LORA_SCALE.value)
     images = sd3_pipeline.sample_sd3(

@@ -445,5 +445,6 @@ def export(stage: Stage, trainer: Trainer, folder: Path) -> Path:
     # The writers need local files: a bucket folder is written locally, then copied up.
     with paths.local_folder(folder) as local, paths.local_file(grid) as local_grid:
         trained_lib.write_export(local, info, stage.trainable, stage.lora, trainer.parts.transformer_config,
-                                 dtype=dtype_named(c.export.dtype), sample_grid=local_grid)
+                                 dtype=dtype_named(c.export.dtype), sample_grid=local_grid,
+                                 backbone=trainer.backbone)
     return folder

@@ -185,6 +185,7 @@ def write_export(
     merge_lora: bool = False,
     base_params: Any = None,
     sample_grid: str | Path | None = None,
+    backbone: Any = None,
 ) -> Path:
     """Writes a trained concept (`trainable`: {"lora"} or {"params"}, + {"embeddings"}) to `folder`.
 
@@ -192,19 +193,20 @@ def write_export(
     diffusers-full for full weights). `merge_lora` writes the LoRA merged into
     `base_params` (the pretrained transformer), tensor by tensor. Every file is reloaded
     and checked after writing; `export_manifest.json` records its sha256 and tensors
-    (`weights.manifest.verify` checks them again later).
+    (`weights.manifest.verify` checks them again later). `backbone` (`purecc_jax.backbones`, default
+    FLUX) writes the weight formats and the model card; `flux_cfg` is its transformer's config.
     """
-    from purecc_jax import model_card
-    from purecc_jax.weights import formats as formats_lib
+    from purecc_jax import backbones
     from purecc_jax.weights import manifest
 
+    backbone = backbone or backbones.FLUX
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    formats = formats_lib.resolve(formats, "lora" in trainable, merge_lora)
+    formats = backbone.resolve_formats(formats, "lora" in trainable, merge_lora)
     files: list[Path] = []
     for fmt in formats:
-        files += formats_lib.write(fmt, folder, trainable, lora_cfg, flux_cfg, dtype=dtype, merge_lora=merge_lora,
-                                   base_params=base_params)
+        files += backbone.write_weights(fmt, folder, trainable, lora_cfg, flux_cfg, dtype=dtype,
+                                        merge_lora=merge_lora, base_params=base_params)
     files += write_embeddings(folder, info.concept_embedding, info.identifier, trainable.get("embeddings"))
     meta = dict(identifier=info.identifier, class_word=info.class_word, concept_embedding=info.concept_embedding,
                 method=info.method, stage=info.stage, step=info.step, pretrained=info.pretrained,
@@ -215,7 +217,7 @@ def write_export(
     if sample_grid is not None and Path(sample_grid).is_file():
         grid = folder / "samples.png"
         shutil.copyfile(sample_grid, grid)
-    (folder / "README.md").write_text(model_card.render(meta, info, lora_cfg, folder, grid))
+    (folder / "README.md").write_text(backbone.model_card(meta, info, lora_cfg, folder, grid))
     manifest.write(folder, [*files, folder / META, folder / "README.md", *([grid] if grid else [])])
     return folder
 
