@@ -8,7 +8,7 @@ from flax import traverse_util
 
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models import quantize
-from purecc_jax.models.flux import FluxTransformer, example_inputs, init_fn, preset
+from purecc_jax.models.flux import FluxTransformer, init_fn, preset
 
 
 def _unbox(tree):

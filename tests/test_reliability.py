@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flux_reference import build_torch, save_torch, tiny_config
+from flux_reference import build_torch, tiny_config
 from purecc_jax import defaults, sharding, train
 from purecc_jax import main as main_lib
 from purecc_jax.pipeline.folder import check_guidance
