@@ -134,8 +134,17 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 
 # Config keys (and groups) that change how a run reports or exports, not the parameters it trains.
+# The toy world's experiment-level keys (which methods and seeds run, how they are evaluated and
+# tested) do not change any one method's run, so a rerun with more methods or seeds resumes them.
 RESUME_IGNORES = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps",
-                  "force_resume", "sample", "export")
+                  "force_resume", "sample", "export", "toy.seeds", "toy.ablations", "toy.etas",
+                  "toy.fixed_lambdas", "toy.methods", "toy.alpha", "toy.quick", "toy.base_only", "toy.evaluation",
+                  "toy.sampling")
+
+
+def _ignored(key: str) -> bool:
+    parts = key.rstrip(".").split(".")
+    return any(".".join(parts[:i]) in RESUME_IGNORES for i in range(1, len(parts) + 1))
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -154,7 +163,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | Path) -> None
     # A key newer than the saved run, at its default, is the behaviour that run had.
     default = _flat(json.loads(defaults.concept_config().to_json_best_effort()))
     keys = sorted(k for k in saved.keys() | now.keys()
-                  if k.rstrip(".").split(".")[0] not in RESUME_IGNORES and saved.get(k, "<unset>") != now.get(k, "<unset>")
+                  if not _ignored(k) and saved.get(k, "<unset>") != now.get(k, "<unset>")
                   and not (k not in saved and k in default and now[k] == default[k]))
     if keys:
         diffs = "\n  ".join(f"{k.rstrip('.')}: {saved.get(k, '<unset>')!r} there, {now.get(k, '<unset>')!r} now"

@@ -215,3 +215,23 @@ def test_metrics_file_cut_mid_line_is_repaired(tmp_path):
     writer.scalars(2, {"loss": 0.5})
     writer.close()
     assert loop.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+
+
+def test_toy_experiment_keys_do_not_block_a_method_runs_resume(tmp_path):
+    """More methods or seeds in the toy world resume the finished runs; a training key still refuses."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy_concept", Path(__file__).parents[1] / "configs/toy_concept.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.concept.path = str(tmp_path / "concept")
+    train.save_config(config, tmp_path)
+    config.toy.seeds, config.toy.ablations, config.toy.etas = (0, 1), True, (100.0,)
+    config.toy.evaluation.samples = 20
+    train.check_resume(config, tmp_path)
+    config.toy.transformer.depth = 3  # the base model's shape: a different run
+    config.stage_b.lora.rank = 2
+    with pytest.raises(ValueError, match=r"(?s)stage_b.lora.rank: 8 there, 2 now.*toy.transformer.depth: 2 there, "
+                                         r"3 now"):
+        train.check_resume(config, tmp_path)
