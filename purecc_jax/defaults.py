@@ -4,6 +4,8 @@ Each config file starts from `concept_config()` and changes what its setting nee
 meaning of every field is documented here, next to its default.
 """
 
+import copy
+
 import ml_collections
 
 
@@ -84,4 +86,16 @@ def concept_config() -> ml_collections.ConfigDict:
         steps=28, guidance=3.5, height=512, width=512, seed=0,
     ))
     c.export = ml_collections.ConfigDict(dict(dtype="bfloat16"))
+    return c
+
+
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """A deep copy of `config` with dotted keys set, as `--config.a.b=value` sets them."""
+    c = copy.deepcopy(config)
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
     return c

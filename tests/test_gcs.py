@@ -194,21 +194,6 @@ def test_local_copy_follows_the_bucket_and_checks_crc32c(emulator, tmp_path, mon
 
 
 SAMPLING = ["--steps=2", "--height=32", "--width=32", f"--max_sequence_length={L}", "--seed=0", "--noprogress"]
-BENCH_PROMPTS = """subject_name,class
-dog,dog
-
-Object Prompts
-
-prompt_list = [
-'a {0} {1} in the jungle'.format(unique_token, class_token),
-]
-
-Live Subject Prompts
-
-prompt_list = [
-'a {0} {1} on the beach'.format(unique_token, class_token),
-]
-"""
 
 
 def bucket_image(url: str) -> np.ndarray:
@@ -252,7 +237,7 @@ def test_evaluation_writes_to_the_bucket(sampled, bucket_run):
     from purecc_jax import paths
     from purecc_jax.evaluation import sweep
 
-    paths.path(f"{BUCKET}/concepts/prompts_and_classes.txt").write_text(BENCH_PROMPTS)
+    paths.path(f"{BUCKET}/concepts/prompts_and_classes.txt").write_text(dreambench_standin.PROMPTS)
     output = f"{BUCKET}/eval"
     sweep.cli(["sweep", f"--workdirs={BUCKET}/runs/dog", f"--output={output}", "--seeds=1", "--batch_size=1",
                "--reference_resolution=32", *(a for a in SAMPLING if a not in ("--seed=0", "--noprogress"))])

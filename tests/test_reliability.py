@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import config_files
 from flux_reference import build_torch, tiny_config
 from purecc_jax import defaults, sharding, train
 from purecc_jax import main as main_lib
@@ -219,13 +220,7 @@ def test_metrics_file_cut_mid_line_is_repaired(tmp_path):
 
 def test_toy_experiment_keys_do_not_block_a_method_runs_resume(tmp_path):
     """More methods or seeds in the toy world resume the finished runs; a training key still refuses."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("toy_concept", Path(__file__).parents[1] / "configs/toy_concept.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.concept.path = str(tmp_path / "concept")
+    config = config_files.load("toy_concept", {"concept.path": str(tmp_path / "concept")})
     train.save_config(config, tmp_path)
     config.toy.seeds, config.toy.ablations, config.toy.etas = (0, 1), True, (100.0,)
     config.toy.evaluation.samples = 20

@@ -10,7 +10,6 @@ refused naming the config key.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import config_files
 import dreambench_standin
 from purecc_jax import backbones
 from purecc_jax import main as main_lib
@@ -70,17 +70,7 @@ def folder(tmp_path_factory):
 
 
 def load_config(**overrides):
-    spec = importlib.util.spec_from_file_location("sd35_concept", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return config_files.load("sd35_concept", overrides)
 
 
 # ----------------------------------------------------------------------------- the step

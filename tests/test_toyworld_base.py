@@ -1,26 +1,21 @@
 """The shipped toy base: its checksum is checked, and it draws the held-out world as well as stated."""
 
-import importlib.util
+import config_files
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 
 from purecc_jax.pipeline.folder import load_pipeline
 from purecc_jax.toyworld import evaluate, experiment, shipped
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy_concept.py"
 # Two world prompts per held-out combination: enough to catch a broken base or sampler, few
 # enough to sample in seconds.
 PROMPTS = 22
 
 
 def _config():
-    spec = importlib.util.spec_from_file_location("toy_concept", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_files.load("toy_concept")
 
 
 def test_shipped_base_matches_its_checksum():

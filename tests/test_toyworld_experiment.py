@@ -1,8 +1,7 @@
 """The toy world end to end at a tiny size: base pretraining -> concept runs per seed -> evaluation -> report."""
 
-import importlib.util
+import config_files
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,14 +9,10 @@ import pytest
 from purecc_jax.pipeline.folder import load_pipeline
 from purecc_jax.toyworld import experiment
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy_concept.py"
 
 
 def tiny_config():
-    spec = importlib.util.spec_from_file_location("toy_concept", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = config_files.load("toy_concept")
     c.progress = False
     t = c.toy
     t.transformer.depth = t.transformer.depth_single = 1

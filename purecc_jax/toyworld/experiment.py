@@ -14,7 +14,6 @@ seed (the extractor), which is also that seed's L_CC-only (DreamBooth-LoRA) base
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from purecc_jax import train
+from purecc_jax import defaults, train
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.pipeline.folder import load_pipeline
 from purecc_jax.pipeline.generate import SampleSettings, generate
@@ -82,17 +81,6 @@ def methods(config) -> list[Method]:
 
 # `--config.toy.quick=True`: the same comparison at a size that fits in a few minutes.
 QUICK = {"stage_a.steps": 250, "stage_b.steps": 250, "toy.evaluation.samples": 20, "toy.sampling.steps": 12}
-
-
-def _apply(config, overrides: dict[str, Any]):
-    c = copy.deepcopy(config)
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
 
 
 def write_concept(folder: Path, toy, identifier: str, class_word: str) -> Path:
@@ -151,7 +139,7 @@ def _base_folder(config, workdir: Path) -> tuple[Path, str]:
 
 def _train_and_score(config, m: Method, seed: int, workdir: Path, concept_dir: Path, parts, sampler, items,
                      negative, base_images, names: set[str]) -> dict[str, Any]:
-    mcfg = _apply(config, {**m.overrides, "seed": seed, "concept.path": str(concept_dir)})
+    mcfg = defaults.override(config, {**m.overrides, "seed": seed, "concept.path": str(concept_dir)})
     run_dir = workdir / "runs" / m.name / f"seed{seed}"
     if m.stage_a_from in names and not (run_dir / "stage_a").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +158,7 @@ def _train_and_score(config, m: Method, seed: int, workdir: Path, concept_dir: P
 def run(config, workdir: str | Path) -> dict[str, Any]:
     """The whole comparison into `workdir`; returns the report's summary (also in report.json)."""
     if config.toy.quick:
-        config = _apply(config, QUICK)
+        config = defaults.override(config, QUICK)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     toy = config.toy
