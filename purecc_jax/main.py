@@ -11,6 +11,7 @@ Re-running with the same workdir resumes where the run stopped; finished stages 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -84,6 +85,25 @@ def run(config, workdir: str | Path):
     return train.Trainer(config, workdir, parts, backbone=backbone).run()
 
 
+def compilation_cache(workdir: str | Path, several_processes: bool) -> None:
+    """Keeps compiled programs in WORKDIR/jax_cache (only process 0 writes; every process reads).
+
+    The JAX_* environment variables of the cache's minimum compile time and size, where set, win.
+    jax writes an entry in place (no temporary file and rename) and locks its directory only when
+    the cache has a size limit: a process reading an entry that process 0 is still writing would load
+    half an executable. So several processes sharing a local (or NFS) workdir get a limit (64 GiB),
+    and with it the lock; in a bucket an object appears whole, and no lock is needed.
+    """
+    import jax
+
+    directory = paths.path(workdir) / "jax_cache"
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if several_processes and not paths.is_remote(directory) and "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", 64 << 30)
+
+
 def main(argv: Sequence[str], fv: flags.FlagValues) -> Any:
     """Runs the parsed command line (`fv` from `make_flags`); returns what `run` returns."""
     if len(argv) > 1:
@@ -99,8 +119,7 @@ def main(argv: Sequence[str], fv: flags.FlagValues) -> Any:
     elif fv.coordinator_address or fv.num_processes is not None or fv.process_id is not None:
         raise app.UsageError("--coordinator_address, --num_processes and --process_id need --distributed")
     if fv.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", str(paths.path(fv.workdir) / "jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        compilation_cache(fv.workdir, several_processes=fv.distributed)
     from purecc_jax.purecc import loop
 
     # SIGTERM (preemption, `kill`, a scheduler's stop): finish the current step, checkpoint it, exit.

@@ -19,9 +19,17 @@ assert sys.argv[3] == "--", sys.argv
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
 os.environ["JAX_PLATFORMS"] = "cpu"
+# Every program into WORKDIR/jax_cache, not only those compiling for over a second (main's default):
+# the rerun after the interruption then compiles nothing, in either process (process 0 writes, both read).
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import faulthandler  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
+
+# a hung run: the test sends SIGUSR1 before killing it, and every thread's stack is printed
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 import jax  # noqa: E402
 
@@ -30,7 +38,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from purecc_jax import main, train  # noqa: E402
 
 # the tests read "resumed from step N" from the loop's log
-logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout, force=True)
+logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0fms %(name)s: %(message)s", stream=sys.stdout, force=True)
 
 
 class Interrupted(Exception):
