@@ -14,7 +14,6 @@ and as the stage-A extractor, and strict errors on unknown keys.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 import torch
 from flax import traverse_util
 
+import config_files
 import flux_reference
 import pipeline_reference
 from purecc_jax import export as export_cli
@@ -37,7 +37,6 @@ from purecc_jax.weights import flux_io, formats, kohya, lora_export, manifest
 from purecc_jax.weights.flux_io import load_transformer
 from purecc_jax.weights.safetensors_io import SafetensorsFile, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
 L = 16
 TINY = {
     "concept.path": "dog",
@@ -65,19 +64,11 @@ TINY = {
 
 
 def make_config(folder: Path, **overrides):
-    spec = importlib.util.spec_from_file_location("flux_concept", ROOT / "configs" / "flux_concept.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
     import dreambench_standin
 
-    values = {"pretrained": str(folder), "concept.dreambench_root": str(dreambench_standin.root()), **TINY, **overrides}
-    for key, value in values.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config = config_files.load("flux_concept", {"pretrained": str(folder),
+                                                "concept.dreambench_root": str(dreambench_standin.root()),
+                                                **TINY, **overrides})
     return config
 
 

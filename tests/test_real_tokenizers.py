@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+import config_files
 import dreambench_standin
 import flux_reference
 import pipeline_reference
@@ -360,18 +361,8 @@ def test_export_loads_in_diffusers_with_the_same_prompt(run, folder, request):
 
 def flux_config(folder: Path, photos_folder: Path, **overrides):
     """configs/flux_concept.py with the tiny folder, `photos_folder`, TINY and `overrides` (dotted keys)."""
-    spec = importlib.util.spec_from_file_location("flux_concept", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
     values = {"pretrained": str(folder), "concept.path": str(photos_folder), "concept.class_word": "dog", **TINY}
-    for key, value in {**values, **overrides}.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return config_files.load("flux_concept", {**values, **overrides})
 
 
 @pytest.mark.parametrize("overrides, caption, message", [

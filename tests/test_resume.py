@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import config_files
 import dreambench_standin
 import pipeline_reference
 from purecc_jax import train
@@ -161,21 +162,8 @@ def test_a_different_config_is_refused(setup, reference):
 
 def train_config(folder: Path):
     """The config the CLI above runs, built in process."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("flux_concept", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    values = {**OVERRIDES, "pretrained": str(folder), "sample.prompts": (),
-              "concept.dreambench_root": str(dreambench_standin.root())}
-    for key, value in values.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return config_files.load("flux_concept", {**OVERRIDES, "pretrained": str(folder), "sample.prompts": (),
+                                              "concept.dreambench_root": str(dreambench_standin.root())})
 
 
 def test_reference_config_is_what_the_cli_saved(setup, reference):

@@ -13,7 +13,6 @@ compilation cache: the resumed and repeated runs reuse what the first run compil
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+import config_files
 import dreambench_standin
 import flux_reference
 import pipeline_reference
@@ -99,17 +99,7 @@ def folder(tmp_path_factory):
 
 def make_config(folder, **overrides):
     """configs/flux_concept.py with TINY and `overrides` (dotted keys) applied."""
-    spec = importlib.util.spec_from_file_location("flux_concept", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for key, value in {"pretrained": str(folder), **TINY, **overrides}.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return config_files.load("flux_concept", {"pretrained": str(folder), **TINY, **overrides})
 
 
 def make_trainer(config, workdir) -> train.Trainer:
