@@ -81,7 +81,7 @@ def mesh_sizes(data: int, fsdp: int, tensor: int, num_devices: int,
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
     known = int(np.prod([s for s in sizes if s != -1]))
-    if num_devices % known:
+    if -1 in sizes and num_devices % known:
         raise ValueError(f"{num_devices} devices cannot be split into mesh {sizes} (config.mesh)")
     if data == -1:
         rest = num_devices // known
@@ -104,24 +104,10 @@ def mesh_sizes(data: int, fsdp: int, tensor: int, num_devices: int,
 def make_mesh(
     data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """Builds a (data, fsdp, tensor) mesh; one size may be -1 to take the rest."""
+    """Builds a (data, fsdp, tensor) mesh; one size may be -1 to take the rest (checked by `mesh_sizes`)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh {sizes}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(
-            f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {int(np.prod(sizes))} devices, "
-            f"{len(devices)} are available"
-        )
-    return jax.make_mesh(
-        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
-    )
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def rules_from_config(overrides: Sequence[Sequence[Any]] | None = None) -> tuple[tuple[str, Any], ...]:
