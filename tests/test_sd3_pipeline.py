@@ -125,6 +125,52 @@ def test_lora_export_loads_in_diffusers(saved, tmp_path):
     assert np.abs(np.asarray(again) - expected).max() < 1e-4 * scale
 
 
+def test_peft_lora_file_gives_diffusers_output(saved, tmp_path):
+    """A LoRA made and saved by peft / diffusers with alpha != rank (the scale only in the file's
+    metadata) and PEFT's `base_model.model.` key prefix: read, it gives diffusers' output."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from purecc_jax.models import lora as lora_lib
+    from purecc_jax.models import sd3
+    from purecc_jax.weights import sd3_io, sd3_lora
+    from purecc_jax.weights.safetensors_io import SafetensorsFile, save_file
+    from sd3_reference import random_inputs, run_torch
+
+    _, folder = saved
+    cfg, params = sd3_io.load_transformer(folder / "transformer")
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    config = LoraConfig(r=3, lora_alpha=6, init_lora_weights="gaussian",
+                        target_modules=["to_q", "to_k", "add_v_proj", "to_out.0"])
+    pipe.transformer.add_adapter(config)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    StableDiffusion3Pipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                               transformer_lora_adapter_metadata=config.to_dict())
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    fresh = StableDiffusion3Pipeline.from_pretrained(folder)
+    fresh.load_lora_weights(file)
+    inputs = random_inputs(cfg, 2, 4, 6, 9, seed=6)
+    expected = run_torch(fresh.transformer, inputs)
+    scale = np.abs(expected).max()
+
+    def ours(path):
+        adapter, lcfg = sd3_lora.load(path, cfg)
+        return np.asarray(sd3.SD3Transformer(cfg).apply({"params": params, "lora": lora_lib.variables(adapter, lcfg)},
+                                                        **inputs))
+
+    assert np.abs(ours(file) - expected).max() < 1e-4 * scale
+    # without the metadata's alpha / rank = 2 the output would differ: the scale is read, not assumed 1
+    st = SafetensorsFile(file)
+    bare = tmp_path / "bare.safetensors"
+    save_file({k.replace("transformer.", "base_model.model.", 1): np.asarray(st.get(k)) for k in st.keys()}, bare)
+    assert np.abs(ours(bare) - expected).max() > 1e-3 * scale
+
+
 def test_sample_cli_with_lora(saved, tmp_path):
     """--lora on an SD3 folder: the image diffusers makes after load_lora_weights of the same file."""
     import jax

@@ -65,35 +65,35 @@ def save(adapter: Any, lora_cfg: LoRAConfig, cfg: FluxConfig, path: str | Path, 
     return path
 
 
-def load(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[Any, LoRAConfig]:
-    """A diffusers/PEFT FLUX LoRA file -> (adapter tree, LoRAConfig with scale 1).
+def read_modules(path: str | Path, names: Any, model: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A diffusers/PEFT LoRA file -> {diffusers module name: (A (in, r), B (r, out))}, scale folded into B.
 
-    Keys are `transformer.<module>.lora_A.weight` / `.lora_B.weight` (PEFT's
-    `base_model.model.` prefix or no prefix are accepted too), with an optional
-    `<module>.alpha` (scale alpha / rank, folded into B). Any other key, or a module this
-    FLUX config does not have, is an error naming it.
+    Keys are `transformer.<module>.lora_A.weight` / `.lora_B.weight` (PEFT's `base_model.model.`
+    prefix or no prefix are accepted too). The scale is the module's `<module>.alpha` / rank where
+    the file has one, else PEFT's `lora_alpha` / rank (or / sqrt(rank) with rsLoRA) from the config
+    diffusers keeps in the file's metadata, else 1. Any other key, or a module not in `names` (the
+    `model`'s linear layers), is an error naming it.
     """
     st = SafetensorsFile(path)
-    by_name = {v: k for k, v in module_names(cfg, scanned).items()}
     modules: dict[str, dict[str, str]] = {}
     for key in st.keys():
-        for part in ("lora_A.weight", "lora_B.weight", "alpha"):
-            if key.endswith("." + part):
-                module = key[: -len(part) - 1]
-                break
-        else:
+        part = next((p for p in ("lora_A.weight", "lora_B.weight", "alpha") if key.endswith("." + p)), None)
+        if part is None:
             raise ValueError(f"{path}: unexpected tensor {key!r} (a diffusers LoRA holds only "
                              "<module>.lora_A.weight, .lora_B.weight and .alpha)")
+        module = key[: -len(part) - 1]
         for prefix in (PREFIX, "base_model.model.", ""):
-            if module.startswith(prefix) and module[len(prefix):] in by_name:
+            if module.startswith(prefix) and module[len(prefix):] in names:
                 module = module[len(prefix):]
                 break
         else:
-            raise ValueError(f"{path}: {key!r} names no linear layer of this FLUX transformer "
+            raise ValueError(f"{path}: {key!r} names no linear layer of this {model} transformer "
                              "(text-encoder LoRAs are not supported)")
         modules.setdefault(module, {})[part] = key
+    if not modules:
+        raise ValueError(f"{path}: holds no LoRA tensors")
     peft_scale = _peft_scale(st, path)
-    pieces = {}
+    out = {}
     for module, keys in modules.items():
         if "lora_A.weight" not in keys or "lora_B.weight" not in keys:
             raise ValueError(f"{path}: module {module!r} lacks its lora_A or lora_B weight (has {sorted(keys.values())})")
@@ -103,7 +103,14 @@ def load(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[Any, 
             b = b * float(np.asarray(st.get(keys["alpha"]), np.float32)) / a.shape[1]
         elif peft_scale is not None:
             b = b * peft_scale(a.shape[1])
-        pieces[by_name[module]] = (a, b)
+        out[module] = (a, b)
+    return out
+
+
+def load(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[Any, LoRAConfig]:
+    """A diffusers/PEFT FLUX LoRA file (`read_modules`) -> (adapter tree, LoRAConfig with scale 1)."""
+    by_name = {v: k for k, v in module_names(cfg, scanned).items()}
+    pieces = {by_name[m]: ab for m, ab in read_modules(path, by_name, "FLUX").items()}
     return assemble(pieces, cfg, path)
 
 

@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from purecc_jax.models.lora import LoRAConfig
 from purecc_jax.models.sd3 import SD3Config
-from purecc_jax.weights import sd3_rules
+from purecc_jax.weights import lora_export, sd3_rules
 
 PREFIX = "transformer."
 _STACKS = ("dual_blocks", "joint_blocks")
@@ -64,38 +64,15 @@ def save(adapter: Any, lora_cfg: LoRAConfig, cfg: SD3Config, path: str | Path, d
 def load(path: str | Path, cfg: SD3Config, scanned: bool = True) -> tuple[Any, LoRAConfig]:
     """A diffusers/PEFT SD3 transformer LoRA file -> (adapter tree, LoRAConfig with scale 1).
 
-    Keys `transformer.<module>.lora_A.weight` / `.lora_B.weight` (or without the prefix), with an
-    optional `<module>.alpha` (folded into B as alpha / rank). Any other key, or a module this config
-    lacks (text-encoder LoRAs included), is an error naming it. Layers of a stack without a LoRA get
-    zero adapters and differing ranks are zero-padded: both leave A @ B exact.
+    Read as FLUX's are (`lora_export.read_modules`: prefixes, `<module>.alpha` or PEFT's metadata
+    scale folded into B, unknown keys and modules refused by name). Layers of a stack without a LoRA
+    get zero adapters and differing ranks are zero-padded: both leave A @ B exact.
     """
-    from purecc_jax.weights.safetensors_io import SafetensorsFile
-
-    st = SafetensorsFile(path)
     by_name = {v: k for k, v in module_names(cfg, scanned).items()}
-    modules: dict[str, dict[str, str]] = {}
-    for key in st.keys():
-        part = next((p for p in ("lora_A.weight", "lora_B.weight", "alpha") if key.endswith("." + p)), None)
-        if part is None:
-            raise ValueError(f"{path}: unexpected tensor {key!r} (a diffusers LoRA holds only "
-                             "<module>.lora_A.weight, .lora_B.weight and .alpha)")
-        module = key[: -len(part) - 1].removeprefix(PREFIX)
-        if module not in by_name:
-            raise ValueError(f"{path}: {key!r} names no linear layer of this SD3 transformer "
-                             "(text-encoder LoRAs are not supported)")
-        modules.setdefault(module, {})[part] = key
-    if not modules:
-        raise ValueError(f"{path}: holds no LoRA tensors")
     groups: dict[tuple[str, ...], dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
-    for module, keys in modules.items():
-        if "lora_A.weight" not in keys or "lora_B.weight" not in keys:
-            raise ValueError(f"{path}: module {module!r} lacks its lora_A or lora_B weight")
-        a = np.asarray(st.get(keys["lora_A.weight"]), np.float32).T
-        b = np.asarray(st.get(keys["lora_B.weight"]), np.float32).T
-        if "alpha" in keys:
-            b = b * float(np.asarray(st.get(keys["alpha"]), np.float32)) / a.shape[1]
+    for module, ab in lora_export.read_modules(path, by_name, "SD3").items():
         our_path, layer = by_name[module]
-        groups.setdefault(our_path, {})[layer] = (a, b)
+        groups.setdefault(our_path, {})[layer] = ab
     depth = {"dual_blocks": cfg.num_dual, "joint_blocks": cfg.num_layers - 1 - cfg.num_dual}
     rank = max(a.shape[1] for per_layer in groups.values() for a, _ in per_layer.values())
     pad = lambda a, b: (np.pad(a, ((0, 0), (0, rank - a.shape[1]))), np.pad(b, ((0, rank - b.shape[0]), (0, 0))))
