@@ -21,7 +21,7 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FA
 os.environ["JAX_PLATFORMS"] = "cpu"
 # Every program into WORKDIR/jax_cache, not only those compiling for over a second (main's default):
 # the rerun after the interruption then compiles nothing, in either process (process 0 writes, both read).
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import faulthandler  # noqa: E402

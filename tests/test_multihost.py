@@ -54,7 +54,7 @@ def start(devices: int, interrupt: int, workdir: Path, folder: Path, distributed
     args = [sys.executable, str(WORKER), str(devices), str(interrupt), "--",
             f"--config={ROOT / 'configs' / 'flux_concept.py'}", f"--workdir={workdir}", f"--config.pretrained={folder}",
             f"--config.concept.path={folder.parent / 'dog'}", *(f"--config.{k}={v}" for k, v in options.items()),
-            *distributed]
+            *distributed, *(() if distributed else ("--nocompilation_cache",))]  # the reference never reruns
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
