@@ -139,4 +139,4 @@ def load(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[Any, 
             if not used.any():
                 continue
             pieces[(leaf.path[:-1], leaf.layer)] = (down[used].T, block[:, used].T)
-    return lora_export.assemble(pieces, cfg, path)
+    return lora_export.assemble(pieces, lora_export.stack_depths(cfg), path)

@@ -111,7 +111,7 @@ def load(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[Any, 
     """A diffusers/PEFT FLUX LoRA file (`read_modules`) -> (adapter tree, LoRAConfig with scale 1)."""
     by_name = {v: k for k, v in module_names(cfg, scanned).items()}
     pieces = {by_name[m]: ab for m, ab in read_modules(path, by_name, "FLUX").items()}
-    return assemble(pieces, cfg, path)
+    return assemble(pieces, stack_depths(cfg), path)
 
 
 def _peft_scale(st: SafetensorsFile, path: Any):
@@ -129,16 +129,21 @@ def _peft_scale(st: SafetensorsFile, path: Any):
     return (lambda r: alpha / np.sqrt(r)) if meta.get("use_rslora") else (lambda r: alpha / r)
 
 
-def assemble(pieces: dict[tuple[tuple[str, ...], int | None], tuple[np.ndarray, np.ndarray]], cfg: FluxConfig,
-             where: Any) -> tuple[Any, LoRAConfig]:
-    """An adapter tree (scale 1) from per-module (A (in, r), B (r, out)) pieces, keyed as `module_names`.
+def stack_depths(cfg: FluxConfig) -> dict[str, int]:
+    """Layers of each scanned block stack of a FLUX transformer (`assemble`'s `depth`)."""
+    return {"double_blocks": cfg.depth, "single_blocks": cfg.depth_single}
+
+
+def assemble(pieces: dict[tuple[tuple[str, ...], int | None], tuple[np.ndarray, np.ndarray]],
+             depth: dict[str, int], where: Any) -> tuple[Any, LoRAConfig]:
+    """An adapter tree (scale 1) from per-module (A (in, r), B (r, out)) pieces, keyed as `module_names`
+    (FLUX's or SD3's); `depth`: the layers of each scanned stack, by its name.
 
     Layers of a scanned stack without a LoRA get zero adapters, and ranks that differ
     between layers are padded with zeros: both leave the product A @ B exact.
     """
     if not pieces:
         raise ValueError(f"{where}: holds no LoRA tensors")
-    depth = {"double_blocks": cfg.depth, "single_blocks": cfg.depth_single}
     groups: dict[tuple[str, ...], dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
     for (our_path, layer), ab in pieces.items():
         groups.setdefault(our_path, {})[layer] = ab

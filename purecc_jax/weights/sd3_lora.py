@@ -64,29 +64,15 @@ def save(adapter: Any, lora_cfg: LoRAConfig, cfg: SD3Config, path: str | Path, d
 def load(path: str | Path, cfg: SD3Config, scanned: bool = True) -> tuple[Any, LoRAConfig]:
     """A diffusers/PEFT SD3 transformer LoRA file -> (adapter tree, LoRAConfig with scale 1).
 
-    Read as FLUX's are (`lora_export.read_modules`: prefixes, `<module>.alpha` or PEFT's metadata
-    scale folded into B, unknown keys and modules refused by name). Layers of a stack without a LoRA
-    get zero adapters and differing ranks are zero-padded: both leave A @ B exact.
+    Read and assembled as FLUX's are (`lora_export.read_modules`: prefixes, `<module>.alpha` or
+    PEFT's metadata scale folded into B, unknown keys and modules refused by name;
+    `lora_export.assemble`: layers of a stack without a LoRA get zero adapters, differing ranks are
+    zero-padded, both leaving A @ B exact).
     """
     by_name = {v: k for k, v in module_names(cfg, scanned).items()}
-    groups: dict[tuple[str, ...], dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
-    for module, ab in lora_export.read_modules(path, by_name, "SD3").items():
-        our_path, layer = by_name[module]
-        groups.setdefault(our_path, {})[layer] = ab
+    pieces = {by_name[m]: ab for m, ab in lora_export.read_modules(path, by_name, "SD3").items()}
     depth = {"dual_blocks": cfg.num_dual, "joint_blocks": cfg.num_layers - 1 - cfg.num_dual}
-    rank = max(a.shape[1] for per_layer in groups.values() for a, _ in per_layer.values())
-    pad = lambda a, b: (np.pad(a, ((0, 0), (0, rank - a.shape[1]))), np.pad(b, ((0, rank - b.shape[0]), (0, 0))))
-    flat = {}
-    for our_path, per_layer in groups.items():
-        if None in per_layer:
-            flat[our_path + ("a",)], flat[our_path + ("b",)] = pad(*per_layer[None])
-            continue
-        a0, b0 = next(iter(per_layer.values()))
-        zeros = (np.zeros((a0.shape[0], rank), np.float32), np.zeros((rank, b0.shape[1]), np.float32))
-        layers = [pad(*per_layer[i]) if i in per_layer else zeros for i in range(depth[our_path[0]])]
-        flat[our_path + ("a",)] = np.stack([a for a, _ in layers])
-        flat[our_path + ("b",)] = np.stack([b for _, b in layers])
-    return traverse_util.unflatten_dict(flat), LoRAConfig(rank=rank, alpha=float(rank), targets=())
+    return lora_export.assemble(pieces, depth, path)
 
 
 def collection(path: str | Path, cfg: SD3Config, scale: float = 1.0) -> Any:
