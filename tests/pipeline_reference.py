@@ -116,3 +116,21 @@ def run_diffusers(pipe, prompts, latents: np.ndarray, *, height: int, width: int
                    guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="np",
                    max_sequence_length=max_sequence_length, **kwargs)
     return np.asarray(out.images, np.float32)
+
+
+def save_peft_lora(pipe, target_modules: list[str], directory: Path, r: int = 3, lora_alpha: float = 6) -> Path:
+    """A LoRA made by peft on `pipe`'s transformer (any diffusers pipeline: FLUX, SD3) with random
+    B, saved by the pipeline's `save_lora_weights` with the PEFT config in the file's metadata
+    (alpha != rank: the scale is only there). Returns the file."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=target_modules)
+    pipe.transformer.add_adapter(config)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    type(pipe).save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 transformer_lora_adapter_metadata=config.to_dict())
+    return Path(directory) / "pytorch_lora_weights.safetensors"

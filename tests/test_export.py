@@ -342,22 +342,12 @@ def test_manifest_catches_a_damaged_export(run, tmp_path):
 def test_peft_lora_file_gives_diffusers_output(folder, inputs, tmp_path):
     """A LoRA made and saved by peft / diffusers (alpha != rank, kept in the file's metadata), at two scales."""
     from diffusers import FluxPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     from purecc_jax.pipeline.folder import load_pipeline
 
-    pipe = FluxPipeline.from_pretrained(folder)
-    config = LoraConfig(r=3, lora_alpha=6, init_lora_weights="gaussian",
-                        target_modules=["to_q", "to_k", "add_v_proj", "to_out.0", "proj_mlp", "norm1.linear", "ff.net.2"])
-    pipe.transformer.add_adapter(config)
-    with torch.no_grad():
-        for name, p in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
-                                   transformer_lora_adapter_metadata=config.to_dict())
-    file = tmp_path / "pytorch_lora_weights.safetensors"
+    file = pipeline_reference.save_peft_lora(
+        FluxPipeline.from_pretrained(folder),
+        ["to_q", "to_k", "add_v_proj", "to_out.0", "proj_mlp", "norm1.linear", "ff.net.2"], tmp_path)
     parts = load_pipeline(folder)
     for scale in (1.0, 0.5):
         fresh = FluxPipeline.from_pretrained(folder)

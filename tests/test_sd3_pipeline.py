@@ -128,11 +128,9 @@ def test_lora_export_loads_in_diffusers(saved, tmp_path):
 def test_peft_lora_file_gives_diffusers_output(saved, tmp_path):
     """A LoRA made and saved by peft / diffusers with alpha != rank (the scale only in the file's
     metadata) and PEFT's `base_model.model.` key prefix: read, it gives diffusers' output."""
-    import torch
     from diffusers import StableDiffusion3Pipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
+    import pipeline_reference
     from purecc_jax.models import lora as lora_lib
     from purecc_jax.models import sd3
     from purecc_jax.weights import sd3_io, sd3_lora
@@ -141,17 +139,8 @@ def test_peft_lora_file_gives_diffusers_output(saved, tmp_path):
 
     _, folder = saved
     cfg, params = sd3_io.load_transformer(folder / "transformer")
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
-    config = LoraConfig(r=3, lora_alpha=6, init_lora_weights="gaussian",
-                        target_modules=["to_q", "to_k", "add_v_proj", "to_out.0"])
-    pipe.transformer.add_adapter(config)
-    with torch.no_grad():
-        for name, p in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    StableDiffusion3Pipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
-                                               transformer_lora_adapter_metadata=config.to_dict())
-    file = tmp_path / "pytorch_lora_weights.safetensors"
+    file = pipeline_reference.save_peft_lora(StableDiffusion3Pipeline.from_pretrained(folder),
+                                             ["to_q", "to_k", "add_v_proj", "to_out.0"], tmp_path)
     fresh = StableDiffusion3Pipeline.from_pretrained(folder)
     fresh.load_lora_weights(file)
     inputs = random_inputs(cfg, 2, 4, 6, 9, seed=6)
