@@ -75,10 +75,26 @@ class AppendText:
 
 
 def write_bytes(file: PathLike, data: bytes) -> None:
-    """Writes `data` to `file` (local or in a bucket), creating its folder."""
+    """Writes `data` to `file` (local or in a bucket), creating its folder; a reader sees the old
+    file or the new one, never a part.
+
+    A local file is written beside itself and renamed over (another process of the run may be
+    reading it: config.json, on a resume); a bucket object appears whole by itself.
+    """
     p = path(file)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
+    if is_remote(p):
+        p.write_bytes(data)
+        return
+    fd, temporary = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temporary, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
 
 
 def upload(local: PathLike, remote: PathLike) -> None:

@@ -129,8 +129,8 @@ def schedule(stage_cfg, lr: float) -> optax.Schedule:
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if not multihost.is_main():
         return
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    # in one piece: the other processes read it (check_resume) while process 0 writes it again on a resume
+    paths.write_bytes(workdir / "config.json", config.to_json_best_effort(indent=2).encode())
 
 
 # Config keys (and groups) that change how a run reports or exports, not the parameters it trains.

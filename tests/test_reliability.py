@@ -4,6 +4,7 @@ configured, unknown config keys and impossible config values; the loop stops on 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -230,3 +231,25 @@ def test_toy_experiment_keys_do_not_block_a_method_runs_resume(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)stage_b.lora.rank: 8 there, 2 now.*toy.transformer.depth: 2 there, "
                                          r"3 now"):
         train.check_resume(config, tmp_path)
+
+
+def test_config_is_rewritten_in_one_piece(tmp_path, monkeypatch):
+    """Process 0 writes config.json again on a resume while the other processes read it (check_resume):
+    a reader must find the old file or the new one. Written in place, it found an empty file
+    (JSONDecodeError), died, and left process 0 waiting at a barrier."""
+    config = config_files.load("toy_concept", {"concept.path": str(tmp_path / "concept")})
+    train.save_config(config, tmp_path)
+    before = (tmp_path / "config.json").read_bytes()
+    seen = []
+    replace = os.replace
+
+    def replace_checked(src, dst):
+        seen.append((tmp_path / "config.json").read_bytes())  # what a reader finds while the new one is written
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_checked)
+    config.stage_b.steps += 1
+    train.save_config(config, tmp_path)
+    assert seen == [before]
+    assert json.loads((tmp_path / "config.json").read_text())["stage_b"]["steps"] == config.stage_b.steps
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left beside it
