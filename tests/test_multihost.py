@@ -60,17 +60,24 @@ def start(devices: int, interrupt: int, workdir: Path, folder: Path, distributed
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finish(processes) -> list[tuple[int, str]]:
+def finish(processes, logs: Path) -> list[tuple[int, str]]:
+    """Waits for the processes; each one's output also goes to LOGS-<process>.log, for a failure."""
     out = []
-    for p in processes:
+    for i, p in enumerate(processes):
         try:
             text, _ = p.communicate(timeout=1200)
         except subprocess.TimeoutExpired:
             for q in processes:
                 q.kill()
             raise
+        Path(f"{logs}-{i}.log").write_text(text)
         out.append((p.returncode, text))
     return out
+
+
+def tails(outputs: list[tuple[int, str]]) -> str:
+    """The end of every process's output: the one that failed first is not always the first."""
+    return "\n".join(f"--- process {i} (exit {code}) ---\n{text[-4000:]}" for i, (code, text) in enumerate(outputs))
 
 
 def two_processes(interrupt: int, workdir: Path, folder: Path):
@@ -89,13 +96,13 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multihost")
     # The reference draws no samples (a third of its time): they touch neither the losses nor the export.
     reference = start(8, 0, base / "one", folder, overrides={"sample.prompts": "()"})
-    interrupted = finish(two_processes(INTERRUPT, base / "two", folder))
-    for code, text in interrupted:
-        assert code == 3, text[-5000:]
+    interrupted = finish(two_processes(INTERRUPT, base / "two", folder), base / "interrupted")
+    for code, _ in interrupted:
+        assert code == 3, tails(interrupted)
     stopped = {"steps": raw_steps(base / "two" / "stage_b"),
                "checkpoints": sorted(p.name for p in (base / "two" / "stage_b" / "checkpoints").iterdir())}
-    resumed = finish(two_processes(0, base / "two", folder))
-    (ref_code, ref_log), = finish([reference])
+    resumed = finish(two_processes(0, base / "two", folder), base / "resumed")
+    (ref_code, ref_log), = finish([reference], base / "reference")
     assert ref_code == 0, ref_log[-3000:]
     return dict(one=base / "one", two=base / "two", interrupted=interrupted, stopped=stopped, resumed=resumed)
 
@@ -113,7 +120,7 @@ def test_interrupted_then_resumed_in_both_processes(runs):
         assert f"stage B interrupted at step {INTERRUPT}" in text, text[-3000:]
     assert runs["stopped"] == {"steps": [1, 2, 3], "checkpoints": ["2"]}
     for code, text in runs["resumed"]:
-        assert code == 0, text[-3000:]
+        assert code == 0, tails(runs["resumed"])
         assert "stage_b: resumed from step 2" in text  # each process restored the one checkpoint
         assert "stage_a: resumed from step 2" in text
 
