@@ -48,8 +48,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(devices: int, interrupt: int, workdir: Path, folder: Path, distributed: tuple[str, ...] = (),
-          overrides: dict | None = None):
+def start(devices: int, interrupt: int, workdir: Path, folder: Path, log: Path, distributed: tuple[str, ...] = (),
+          overrides: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    """Starts one worker process; its output goes to the file LOG (a pipe read after another
+    process's could fill, and block the writer inside a collective: every process would wait)."""
     options = {**TINY, **(overrides or {})}
     args = [sys.executable, str(WORKER), str(devices), str(interrupt), "--",
             f"--config={ROOT / 'configs' / 'flux_concept.py'}", f"--workdir={workdir}", f"--config.pretrained={folder}",
@@ -57,22 +59,20 @@ def start(devices: int, interrupt: int, workdir: Path, folder: Path, distributed
             *distributed, *(() if distributed else ("--nocompilation_cache",))]  # the reference never reruns
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as out:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, text=True), log
 
 
-def finish(processes, logs: Path) -> list[tuple[int, str]]:
-    """Waits for the processes; each one's output also goes to LOGS-<process>.log, for a failure."""
-    out = []
-    for i, p in enumerate(processes):
+def finish(processes: list[tuple[subprocess.Popen, Path]]) -> list[tuple[int, str]]:
+    """Waits for the processes; returns each one's exit status and output."""
+    for p, _ in processes:
         try:
-            text, _ = p.communicate(timeout=1200)
+            p.wait(timeout=1200)
         except subprocess.TimeoutExpired:
-            for q in processes:
+            for q, _ in processes:
                 q.kill()
             raise
-        Path(f"{logs}-{i}.log").write_text(text)
-        out.append((p.returncode, text))
-    return out
+    return [(p.returncode, log.read_text()) for p, log in processes]
 
 
 def tails(outputs: list[tuple[int, str]]) -> str:
@@ -80,10 +80,11 @@ def tails(outputs: list[tuple[int, str]]) -> str:
     return "\n".join(f"--- process {i} (exit {code}) ---\n{text[-4000:]}" for i, (code, text) in enumerate(outputs))
 
 
-def two_processes(interrupt: int, workdir: Path, folder: Path):
+def two_processes(interrupt: int, workdir: Path, folder: Path, logs: str):
     port = free_port()
-    return [start(4, interrupt, workdir, folder, ("--distributed", f"--coordinator_address=localhost:{port}",
-                                                 "--num_processes=2", f"--process_id={i}")) for i in range(2)]
+    return [start(4, interrupt, workdir, folder, workdir.parent / f"{logs}-{i}.log",
+                  ("--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"))
+            for i in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +96,14 @@ def runs(tmp_path_factory):
         shutil.copy(dreambench_standin.root() / "dog" / name, folder.parent / "dog" / name)
     base = tmp_path_factory.mktemp("multihost")
     # The reference draws no samples (a third of its time): they touch neither the losses nor the export.
-    reference = start(8, 0, base / "one", folder, overrides={"sample.prompts": "()"})
-    interrupted = finish(two_processes(INTERRUPT, base / "two", folder), base / "interrupted")
+    reference = start(8, 0, base / "one", folder, base / "reference.log", overrides={"sample.prompts": "()"})
+    interrupted = finish(two_processes(INTERRUPT, base / "two", folder, "interrupted"))
     for code, _ in interrupted:
         assert code == 3, tails(interrupted)
     stopped = {"steps": raw_steps(base / "two" / "stage_b"),
                "checkpoints": sorted(p.name for p in (base / "two" / "stage_b" / "checkpoints").iterdir())}
-    resumed = finish(two_processes(0, base / "two", folder), base / "resumed")
-    (ref_code, ref_log), = finish([reference], base / "reference")
+    resumed = finish(two_processes(0, base / "two", folder, "resumed"))
+    (ref_code, ref_log), = finish([reference])
     assert ref_code == 0, ref_log[-3000:]
     return dict(one=base / "one", two=base / "two", interrupted=interrupted, stopped=stopped, resumed=resumed)
 
