@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -253,3 +255,18 @@ def test_config_is_rewritten_in_one_piece(tmp_path, monkeypatch):
     assert seen == [before]
     assert json.loads((tmp_path / "config.json").read_text())["stage_b"]["steps"] == config.stage_b.steps
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left beside it
+
+
+def test_metric_writer_starts_without_importing_torch(tmp_path):
+    """tensorboardX imports torch (1-2 s) where it is installed, as it is here; the writer does without it,
+    writes its event file, and torch still imports afterwards."""
+    code = ("import sys; import numpy as np; from pathlib import Path; from purecc_jax.purecc import loop\n"
+            f"w = loop.MetricWriter(Path({str(tmp_path)!r}))\n"
+            "w.scalars(1, {'loss': 0.5}); w.image(1, 'grid', np.zeros((4, 4, 3), np.uint8)); w.close()\n"
+            "print('torch' in sys.modules); import torch; print(torch.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "torch"]
+    assert loop.read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 1

@@ -23,6 +23,7 @@ import dataclasses
 import io
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -75,12 +76,28 @@ def stop_requested() -> bool:
     return _stop.is_set()
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without torch unless torch is loaded already.
+
+    tensorboardX imports torch, where installed, only to accept torch tensors; the writer here gets
+    floats and numpy arrays, and the import would add 1-2 s to the start of every run (torch is
+    installed beside diffusers, for export checks and the tests)."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """metrics.jsonl plus TensorBoard (tensorboardX) scalars and images."""
 
     def __init__(self, directory: Path):
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "metrics.jsonl"
         if not paths.is_remote(path) and path.exists():  # a bucket object is written whole or not at all
