@@ -22,6 +22,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from typing import IO
 
@@ -86,9 +87,10 @@ def write_bytes(file: PathLike, data: bytes) -> None:
     if is_remote(p):
         p.write_bytes(data)
         return
-    fd, temporary = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".partial")
+    # a name of its own (not mkstemp's: its files are private, where the others are made under the umask)
+    temporary = p.parent / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(temporary, "xb") as f:
             f.write(data)
         os.replace(temporary, p)
     except BaseException:

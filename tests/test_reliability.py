@@ -255,6 +255,9 @@ def test_config_is_rewritten_in_one_piece(tmp_path, monkeypatch):
     assert seen == [before]
     assert json.loads((tmp_path / "config.json").read_text())["stage_b"]["steps"] == config.stage_b.steps
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left beside it
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the run writes
 
 
 def test_metric_writer_starts_without_importing_torch(tmp_path):
