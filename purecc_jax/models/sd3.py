@@ -93,6 +93,11 @@ class SD3Config:
         return len([i for i in self.dual_attention_layers if i < self.num_layers - 1])
 
     @property
+    def num_joint(self) -> int:
+        """Plain joint blocks among the first num_layers - 1 (the stack after the MMDiT-X ones)."""
+        return self.num_layers - 1 - self.num_dual
+
+    @property
     def last_dual(self) -> bool:
         return self.num_layers - 1 in self.dual_attention_layers
 
@@ -315,8 +320,8 @@ class SD3Transformer(nn.Module):
         carry = (x, ctx)
         if c.num_dual:
             carry = layer_stack(DualBlock, c, c.num_dual, "dual_blocks", 1)(carry, vec)
-        if c.num_layers - 1 - c.num_dual:
-            carry = layer_stack(JointBlock, c, c.num_layers - 1 - c.num_dual, "joint_blocks", 1)(carry, vec)
+        if c.num_joint:
+            carry = layer_stack(JointBlock, c, c.num_joint, "joint_blocks", 1)(carry, vec)
         last = LastDualBlock if c.last_dual else LastBlock
         if c.remat_policy != "none":
             last = nn.remat(last, policy=REMAT_POLICIES[c.remat_policy])

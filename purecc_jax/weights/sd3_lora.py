@@ -71,8 +71,7 @@ def load(path: str | Path, cfg: SD3Config, scanned: bool = True) -> tuple[Any, L
     """
     by_name = {v: k for k, v in module_names(cfg, scanned).items()}
     pieces = {by_name[m]: ab for m, ab in lora_export.read_modules(path, by_name, "SD3").items()}
-    depth = {"dual_blocks": cfg.num_dual, "joint_blocks": cfg.num_layers - 1 - cfg.num_dual}
-    return lora_export.assemble(pieces, depth, path)
+    return lora_export.assemble(pieces, {"dual_blocks": cfg.num_dual, "joint_blocks": cfg.num_joint}, path)
 
 
 def collection(path: str | Path, cfg: SD3Config, scale: float = 1.0) -> Any:
