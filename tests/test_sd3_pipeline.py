@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import pipeline_reference
 from purecc_jax.pipeline import sd3 as sd3_pipeline
 from sd3_reference import T5_WIDTH, build_pipeline
 
@@ -130,7 +131,6 @@ def test_peft_lora_file_gives_diffusers_output(saved, tmp_path):
     metadata) and PEFT's `base_model.model.` key prefix: read, it gives diffusers' output."""
     from diffusers import StableDiffusion3Pipeline
 
-    import pipeline_reference
     from purecc_jax.models import lora as lora_lib
     from purecc_jax.models import sd3
     from purecc_jax.weights import sd3_io, sd3_lora
