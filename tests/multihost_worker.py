@@ -6,8 +6,8 @@ Runs `purecc_jax.main` in process on DEVICES virtual CPU devices. It notes in WO
 which process wrote the export. INTERRUPT > 0 stops the run with an exception when stage B asks for
 the batch of that step, as a kill would (every process at the same step).
 
-XLA compiles without LLVM's optimisations here (FAST_COMPILE): compiling is most of these tests' cost
-(the tiny model's steps take milliseconds), and this halves it. Every run the tests compare (one
+XLA compiles with the suite's quick-compile flags (tests/fast_compile.py): compiling is most of
+these tests' cost (the tiny model's steps take milliseconds). Every run the tests compare (one
 process against two, stopped against resumed) is compiled alike.
 """
 
@@ -16,7 +16,7 @@ import sys
 
 devices, interrupt = int(sys.argv[1]), int(sys.argv[2])
 assert sys.argv[3] == "--", sys.argv
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+from fast_compile import FAST_COMPILE  # noqa: E402  (this file's folder is on sys.path: it runs as a script)
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 # Every program into WORKDIR/jax_cache, not only those compiling for over a second (main's default):
@@ -34,6 +34,32 @@ faulthandler.register(signal.SIGUSR1, all_threads=True)
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def write_cache_from_every_process() -> None:
+    """Lets every process, not only process 0, write its compiled programs to the persistent cache.
+
+    On CPU a program's cache key differs between processes (the topology fingerprint and the
+    compile options name the process's own devices), so process 1 never finds what process 0
+    wrote and, jax writing from process 0 alone, recompiled everything on the rerun after the
+    interruption: a sixth of the test's time. The keys being distinct, each process writes its own
+    entries (the cache's lock guards the directory). Numerics are unchanged: the rerun loads the
+    executable the interrupted run compiled. Where jax's internals differ, nothing is patched.
+    """
+    from jax._src import compilation_cache, compiler
+
+    if not hasattr(compiler, "_cache_write") or not hasattr(compilation_cache, "put_executable_and_time"):
+        return
+
+    def cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+        if host_callbacks or compile_time_secs < jax.config.jax_persistent_cache_min_compile_time_secs:
+            return
+        compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend, int(compile_time_secs))
+
+    compiler._cache_write = cache_write
+
+
+write_cache_from_every_process()
 
 from purecc_jax import main, train  # noqa: E402
 

@@ -29,6 +29,7 @@ import pytest
 import config_files
 import dreambench_standin
 import pipeline_reference
+from fast_compile import FAST_COMPILE
 from purecc_jax import train
 from purecc_jax.purecc import loop
 
@@ -71,7 +72,7 @@ def command(folder: Path, workdir: Path) -> list[str]:
 
 def launch(base: Path, folder: Path, workdir: Path, kill_at: str | None = None, sig: str = "KILL") -> int:
     """Runs the CLI in a fresh process (one CPU device, the shared compilation cache); its exit status."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE, JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TOKENIZERS_PARALLELISM="false")
     env.pop("PURECC_TEST_KILL_AT", None)
     if kill_at:
