@@ -2,7 +2,7 @@
 
 import os
 
-from fast_compile import FAST_COMPILE  # noqa: E402  (XLA's quick compile: see that file)
+from fast_compile import FAST_COMPILE  # XLA:CPU quick-compile flags, see that file
 
 # PURECC_TEST_FULL_COMPILE=1 keeps XLA's default compile.
 QUICK = "" if os.environ.get("PURECC_TEST_FULL_COMPILE") else " " + FAST_COMPILE
