@@ -2,12 +2,10 @@
 
 import os
 
-from fast_compile import FAST_COMPILE  # XLA:CPU quick-compile flags, see that file
+from fast_compile import FAST_COMPILE  # XLA:CPU quick-compile flags (empty with PURECC_TEST_FULL_COMPILE=1)
 
-# PURECC_TEST_FULL_COMPILE=1 keeps XLA's default compile.
-QUICK = "" if os.environ.get("PURECC_TEST_FULL_COMPILE") else " " + FAST_COMPILE
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           + QUICK).strip()
+os.environ["XLA_FLAGS"] = " ".join(
+    f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", FAST_COMPILE) if f)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

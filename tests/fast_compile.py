@@ -11,8 +11,12 @@ Measured on the 2-core Xeon (AVX-512), idle: the whole suite (`pytest -n 2 tests
 1361 CPU-s with all four against 18 min 57 s and 2226 CPU-s with the first two; the one-process
 run of tests/test_multihost.py 21 s against 42 s. Every test still compares against its PyTorch
 reference or its own second run, compiled alike; speed figures come from benchmarks/, never from
-tests. PURECC_TEST_FULL_COMPILE=1 (read by conftest) keeps XLA's defaults.
+tests. PURECC_TEST_FULL_COMPILE=1 keeps XLA's defaults, in the test session and in every process
+the tests start (FAST_COMPILE is then empty).
 """
 
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-                " --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
+import os
+
+FAST_COMPILE = "" if os.environ.get("PURECC_TEST_FULL_COMPILE") else (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    " --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
