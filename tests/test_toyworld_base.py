@@ -4,6 +4,7 @@ import config_files
 import math
 import shutil
 
+import numpy as np
 import pytest
 
 from purecc_jax.pipeline.folder import load_pipeline
@@ -52,3 +53,34 @@ def test_shipped_base_reaches_its_stated_accuracy():
         # standard errors below the stated rate, so only a real loss of quality fails.
         slack = 3 * math.sqrt(max(stated * (1 - stated), 0.05 ** 2) / PROMPTS)
         assert scores[key]["rate"] >= stated - slack, (key, scores[key], stated)
+
+
+def test_encoder_dropout_empties_each_text_encoder_independently(tmp_path):
+    from purecc_jax.pipeline.tokenizers import load_tokenizers
+    from purecc_jax.toyworld import base
+    from purecc_jax.toyworld import tokenizers as toy_tokenizers
+
+    toy = _config().toy
+    tokenizers = load_tokenizers(tmp_path, *toy_tokenizers.save(tmp_path, base.words(), toy.clip_max_length))
+    empty_clip, empty_t5 = (x[0] for x in tokenizers.tokenize([""], toy.max_sequence_length))
+
+    def empties(p, steps=range(8)):
+        toy.base.encoder_drop_prob = p
+        data = base.BaseData(toy, tokenizers, toy.max_sequence_length)
+        batches = [data.batch(s) for s in steps]
+        clip = np.concatenate([(b["clip_ids"] == empty_clip).all(1) for b in batches])
+        t5 = np.concatenate([(b["t5_ids"] == empty_t5).all(1) for b in batches])
+        return clip, t5, batches
+
+    clip, t5, plain = empties(0.0)
+    np.testing.assert_array_equal(clip, t5)  # one prompt for both: only CFG dropout empties them
+    clip, t5, dropped = empties(0.5)
+    n = clip.size  # 8 batches of 32
+    assert 0.15 * n < (clip & ~t5).sum() < 0.35 * n and 0.15 * n < (t5 & ~clip).sum() < 0.35 * n
+    for a, b in zip(plain, dropped):  # the scenes and the prompts' other draws are those of p = 0
+        np.testing.assert_array_equal(a["latents"], b["latents"])
+        keep = ~(b["clip_ids"] == empty_clip).all(1)
+        np.testing.assert_array_equal(a["clip_ids"][keep], b["clip_ids"][keep])
+    toy.base.encoder_drop_prob = 1.5
+    with pytest.raises(ValueError, match="encoder_drop_prob=1.5"):
+        base.BaseData(toy, tokenizers, toy.max_sequence_length).batch(0)

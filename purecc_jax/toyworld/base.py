@@ -88,13 +88,28 @@ class BaseData:
             self._ids.update({p: (c, t) for p, c, t in zip(new, clip_ids, t5_ids)})
         return (np.stack([self._ids[p][0] for p in prompts]), np.stack([self._ids[p][1] for p in prompts]))
 
+    def encoder_dropout(self, prompts: list[str], step: int) -> tuple[list[str], list[str]]:
+        """(CLIP's prompts, T5's prompts): each encoder independently sees the empty prompt with
+        probability `toy.base.encoder_drop_prob` (SD3's independent text-encoder dropout), so that
+        neither path can leave what the prompt says to the other. Its own random stream: with
+        probability 0 the batches are those of a base trained before this option existed."""
+        p = self.toy.base.encoder_drop_prob
+        if not 0 <= p <= 1:
+            raise ValueError(f"toy.base.encoder_drop_prob={p} must be in [0, 1]")
+        if p == 0:
+            return prompts, prompts
+        drop = np.random.default_rng([self.toy.seed, 8, step]).random((2, len(prompts))) < p
+        return ([("" if d else t) for d, t in zip(drop[0], prompts)],
+                [("" if d else t) for d, t in zip(drop[1], prompts)])
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         b = self.toy.base
         rng = np.random.default_rng([self.toy.seed, 7, step])
         scenes = [world.sample_scene(rng, self.train) for _ in range(b.batch_size)]
         prompts = [world.prompt(s, rng, drop_prob=b.drop_prob, empty_prob=b.empty_prob) for s in scenes]
         images = np.stack([world.render(s, self.toy.image_size) for s in scenes]).astype(np.float32) / 127.5 - 1
-        clip_ids, t5_ids = self.ids(prompts)
+        clip_prompts, t5_prompts = self.encoder_dropout(prompts, step)
+        clip_ids, t5_ids = self.ids(clip_prompts)[0], self.ids(t5_prompts)[1]
         return dict(latents=np.asarray(pack(self.codec.encode(jnp.asarray(images)))), clip_ids=clip_ids,
                     t5_ids=t5_ids)
 
