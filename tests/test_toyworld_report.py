@@ -23,7 +23,9 @@ def _results(sg_leak=(0.20, 0.22, 0.18), eta_sg_world=(0.50, 0.55, 0.52)):
     return {
         "base": {"label": "base", "runs": {"base": {"scores": {
             "world_all": {"rate": 0.90, "se": 0.04, "n": 50}, "class_prior_striped": {"rate": 0.0, "se": 0, "n": 50},
-            "world_shape_square": {"rate": 0.85, "se": 0.05, "n": 20}}}}},
+            "world_shape_square": {"rate": 0.85, "se": 0.05, "n": 20},
+            "world_by_combination": {"white circle on a green background": {
+                "shape": {"rate": 0.25, "se": 0.2, "n": 4}, "all": {"rate": 0.0, "se": 0.0, "n": 4}}}}}}},
         "lcc": _method("lcc", fidelity_ref=(0.60, 0.70, 0.65), fidelity_other=(0.10, 0.15, 0.12),
                        class_prior_striped=(0.50, 0.45, 0.55), world_all=(0.50, 0.55, 0.45)),
         "purecc": _method("purecc", _curves(0.05, 0.02), fidelity_ref=(0.62, 0.68, 0.60),
@@ -104,4 +106,5 @@ def test_markdown_sections():
         assert section in md
     assert "Test CPU (2 usable cores; ISA flags: avx2)" in md and "--xla_cpu_max_isa=AVX2" in md
     assert "| shape, asked for a square | 0.85 ± 0.05 (n = 20) | ≥ 0.90 | **no** |" in md
+    assert "| white circle on a green background | 0.25 | 0.00 | 4 |" in md
     assert "| lcc | 0.65 ± 0.05 |" in md and "| base | – |" in md  # labels from the results

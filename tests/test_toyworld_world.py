@@ -279,3 +279,10 @@ def test_world_scores_per_asked_shape():
     assert wrong["world_shape_circle"]["rate"] == 1.0 and wrong["world_shape_cross"]["rate"] == 1.0
     n = {s: wrong[f"world_shape_{s}"]["n"] for s in world.SHAPES}
     assert sum(n.values()) == len(items) and min(n.values()) > 0
+    # per held-out combination: exactly the square ones are missed, each over its own prompts
+    by = wrong["world_by_combination"]
+    assert len(by) == len(world.split_combinations(0)[1])
+    for name, v in by.items():
+        assert v["shape"]["rate"] == v["all"]["rate"] == (0.0 if " square " in f" {name} " else 1.0), name
+    assert sum(v["shape"]["n"] for v in by.values()) == len(items)
+    assert by["white circle on a green background"] == right["world_by_combination"]["white circle on a green background"]

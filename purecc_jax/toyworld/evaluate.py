@@ -71,6 +71,7 @@ def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | N
             row["shape_ok"] = a.shape == p.shape and not a.striped
         if p.set == "world":
             row["shape"] = p.shape
+            row["combination"] = world.describe(p.colour, p.shape, p.background).split(" ", 1)[1]
             row["colour_ok"] = a.colour == p.colour
             row["all_ok"] = row["background_ok"] and row["colour_ok"] and row["shape_ok"]
         if reference is not None:
@@ -105,6 +106,12 @@ def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | N
         "drift_world": mean("world", "drift"),
         "drift_class_prior": mean("class_prior", "drift"),
     }
+    # Which held-out combinations a model gets wrong (a rate over a few prompts each): the base's
+    # misses are whole combinations, not noise spread over all of them.
+    combos = sorted({r["combination"] for r in rows if "combination" in r})
+    out["world_by_combination"] = {
+        c: {"shape": _binomial([r["shape_ok"] for r in rows if r.get("combination") == c]),
+            "all": _binomial([r["all_ok"] for r in rows if r.get("combination") == c])} for c in combos} or None
     out["fidelity_and_background_other"] = _binomial(
         [r["concept"] and r["background_ok"] for r in rows if r["set"] == "concept_other"])
     return out

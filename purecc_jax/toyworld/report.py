@@ -245,7 +245,14 @@ def base_accuracy(scores: dict[str, Any]) -> list[str]:
     v = scores.get("world_all")
     if v is not None:
         rows.append(f"| all three correct | {v['rate']:.2f} ± {v['se']:.2f} (n = {v['n']}) | | |")
-    return rows if len(rows) > 2 else []
+    if len(rows) == 2:
+        return []
+    combos = scores.get("world_by_combination") or {}
+    if combos:
+        rows += ["", "| held-out combination | shape right | all three right | n |", "|---|---|---|---|"]
+        for name, v in combos.items():
+            rows.append(f"| {name} | {v['shape']['rate']:.2f} | {v['all']['rate']:.2f} | {v['shape']['n']} |")
+    return rows
 
 
 def markdown(summary: dict[str, Any]) -> str:
