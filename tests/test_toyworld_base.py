@@ -84,3 +84,41 @@ def test_encoder_dropout_empties_each_text_encoder_independently(tmp_path):
     toy.base.encoder_drop_prob = 1.5
     with pytest.raises(ValueError, match="encoder_drop_prob=1.5"):
         base.BaseData(toy, tokenizers, toy.max_sequence_length).batch(0)
+
+
+@pytest.mark.parametrize("train_text_encoders", [True, False])
+def test_base_step_trains_or_keeps_the_text_encoders(tmp_path, train_text_encoders):
+    import jax
+
+    from purecc_jax import sharding
+    from purecc_jax.models import clip_text, t5
+    from purecc_jax.models.flux import init_fn as flux_init
+    from purecc_jax.pipeline.latents import latent_image_ids
+    from purecc_jax.pipeline.tokenizers import load_tokenizers
+    from purecc_jax.purecc import flow
+    from purecc_jax.purecc.step import init_state, make_optimizer
+    from purecc_jax.toyworld import base
+    from purecc_jax.toyworld import tokenizers as toy_tokenizers
+
+    toy = _config().toy
+    toy.base.batch_size = 4
+    sizes = toy_tokenizers.save(tmp_path, base.words(), toy.clip_max_length)
+    flux_cfg, clip_cfg, t5_cfg = configs = base.model_configs(toy, *sizes)
+    keys = jax.random.split(jax.random.key(0), 3)
+    trainable = {"transformer": sharding.unbox(flux_init(flux_cfg, keys[0], img_len=4)()),
+                 "clip": sharding.unbox(clip_text.init_fn(clip_cfg, keys[1])()),
+                 "t5": sharding.unbox(t5.init_fn(t5_cfg, keys[2])())}
+    tx = make_optimizer({k: 1e-3 for k in trainable}, weight_decay=0.0)
+    state = init_state(trainable, tx, 0)
+    state = state.replace(opt_state={"opt": state.opt_state, "ema": trainable})
+    side = toy.image_size // base.codec(toy).downsample_factor
+    step = jax.jit(base.make_step(*configs, tx, flow.TimestepConfig(), latent_image_ids(side, side), 0.9,
+                                  train_text_encoders))
+    batch = base.BaseData(toy, load_tokenizers(tmp_path, *sizes), toy.max_sequence_length).batch(0)
+    after, _ = step(state, {}, batch)
+    moved = {k: max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(trainable[k]),
+                                                                 jax.tree_util.tree_leaves(after.trainable[k])))
+             for k in trainable}
+    assert moved["transformer"] > 0
+    for k in ("clip", "t5"):
+        assert (moved[k] > 0) == train_text_encoders, moved

@@ -115,7 +115,7 @@ class BaseData:
 
 
 def make_step(flux_cfg, clip_cfg, t5_cfg, tx, timesteps: flow.TimestepConfig, img_ids: np.ndarray,
-              ema_decay: float):
+              ema_decay: float, train_text_encoders: bool = True):
     """A step whose state.opt_state is {"opt": optimizer state, "ema": EMA of the parameters}.
 
     The EMA (decay warmed up as min(decay, (1 + step) / (10 + step))) is what gets saved:
@@ -130,6 +130,8 @@ def make_step(flux_cfg, clip_cfg, t5_cfg, tx, timesteps: flow.TimestepConfig, im
         t = flow.sample_timesteps(t_rng, x0.shape[0], timesteps)
         _, pooled = clip.apply({"params": trainable["clip"]}, batch["clip_ids"])
         context = enc.apply({"params": trainable["t5"]}, batch["t5_ids"])
+        if not train_text_encoders:  # the encoders keep their random initialisation
+            pooled, context = jax.lax.stop_gradient((pooled, context))
         v = flux.apply({"params": trainable["transformer"]}, flow.noisy(x0, x1, t), context, pooled, t,
                        img_ids, jnp.zeros((context.shape[1], 3)))
         loss = flow_loss(v, x0, x1)
@@ -206,7 +208,7 @@ def pretrain(toy, workdir: Path, progress: bool = True) -> Path:
     # Uniform t with shift 3 keeps most steps at high noise, where a shape is chosen, but trains the
     # low-noise end (a square's corners) far more than a logit-normal with the same shift.
     timesteps = flow.TimestepConfig(sampler=b.timestep_sampler, shift=b.timestep_shift)
-    step = jax.jit(make_step(*configs, tx, timesteps, img_ids, b.ema_decay), donate_argnums=(0,))
+    step = jax.jit(make_step(*configs, tx, timesteps, img_ids, b.ema_decay, b.train_text_encoders), donate_argnums=(0,))
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     cfg = loop.LoopConfig(steps=b.steps, log_every=25, checkpoint_every=b.checkpoint_every or max(b.steps // 4, 1),
                           keep_checkpoints=1,
