@@ -229,6 +229,27 @@ def test_split_combinations():
     rng = np.random.default_rng(4)
     assert all(world.sample_scene(rng, allowed=train).combination in train for _ in range(300))
 
+    def shapes_per_colour_background(train):
+        out = {}
+        for c, s, b in train:
+            out.setdefault((c, b), set()).add(s)
+        return out
+
+    # the default split has held-out triples whose colour-background pair trains with one shape
+    held = [(c, b) for c, _, b in heldout]
+    assert min(len(shapes_per_colour_background(train)[p]) for p in held) == 1
+    train2, heldout2 = world.split_combinations(seed=0, min_shapes=2)
+    assert train2 | heldout2 == combos and len(heldout2) == len(heldout) and heldout2 != heldout
+    assert min(len(v) for v in shapes_per_colour_background(train2).values()) == 2
+    for i, j in itertools.combinations(range(3), 2):
+        assert {(t[i], t[j]) for t in train2} == {(t[i], t[j]) for t in combos}, (i, j)
+    with pytest.raises(ValueError, match="min_shapes=3"):
+        world.split_combinations(min_shapes=3)
+    # the evaluation's world prompts follow the split
+    from purecc_jax.toyworld import evaluate
+    asked = {(p.colour, p.shape, p.background) for p in evaluate.prompts(22, min_shapes=2) if p.set == "world"}
+    assert asked == heldout2
+
 
 def test_sample_scene_and_render(scenes):
     assert not any(s.striped for s in scenes)

@@ -77,7 +77,7 @@ class BaseData:
 
     def __init__(self, toy, tokenizers, max_len: int):
         self.toy, self.tokenizers, self.max_len = toy, tokenizers, max_len
-        self.train, self.heldout = world.split_combinations(toy.seed)
+        self.train, self.heldout = world.split_combinations(toy.seed, min_shapes=toy.split_min_shapes)
         self.codec = codec(toy)
         self._ids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 

@@ -38,7 +38,8 @@ class Prompt:
 
 
 def prompts(n: int, identifier: str = world.IDENTIFIER, class_word: str = world.CLASS_WORD,
-            reference_background: str = world.CONCEPT_BACKGROUND, seed: int = 0) -> list[Prompt]:
+            reference_background: str = world.CONCEPT_BACKGROUND, seed: int = 0, min_shapes: int = 1
+            ) -> list[Prompt]:
     """`n` prompts per set (cycling through a set's variants), deterministic."""
     others = [b for b in world.BACKGROUND_COLOURS if b != reference_background]
     out = [Prompt(world.concept_prompt(reference_background, identifier, class_word), "concept_ref",
@@ -49,7 +50,7 @@ def prompts(n: int, identifier: str = world.IDENTIFIER, class_word: str = world.
     backgrounds = list(world.BACKGROUND_COLOURS)
     out += [Prompt(world.base_prompt(backgrounds[i % len(backgrounds)], class_word), "class_prior",
                    backgrounds[i % len(backgrounds)], shape=class_word) for i in range(n)]
-    _, heldout = world.split_combinations(seed)
+    _, heldout = world.split_combinations(seed, min_shapes=min_shapes)
     combos = sorted(heldout)  # attribute combinations the base model never saw together
     for i in range(n):
         colour, shape, background = combos[i % len(combos)]

@@ -174,7 +174,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
     concept_dir = write_concept(workdir / "concept", toy, ident, cls)
 
     parts = load_pipeline(folder, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-    items = evaluate.prompts(toy.evaluation.samples, ident, cls, seed=toy.seed)
+    items = evaluate.prompts(toy.evaluation.samples, ident, cls, seed=toy.seed, min_shapes=toy.split_min_shapes)
     max_len = config.model.max_sequence_length
     sampler = Sampler(parts, toy, items, max_len)
     (workdir / "samples").mkdir(exist_ok=True)

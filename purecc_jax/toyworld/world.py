@@ -134,11 +134,15 @@ def sample_scene(rng: np.random.Generator, allowed: Iterable[Combination] | None
     return Scene(shape, colour, background, size, cx, cy)
 
 
-def split_combinations(seed: int = 0, heldout_fraction: float = 0.17
+def split_combinations(seed: int = 0, heldout_fraction: float = 0.17, min_shapes: int = 1
                        ) -> tuple[frozenset[Combination], frozenset[Combination]]:
     """(train, heldout) combinations. Every attribute value and every pair of attribute values
     (colour-shape, colour-background, shape-background) still occurs in train, so a held-out
-    triple is a new combination of familiar parts."""
+    triple is a new combination of familiar parts. With `min_shapes` = 2 every colour-background
+    pair also keeps two shapes in train, so that no held-out triple pairs a colour and a
+    background that training only ever showed with one shape."""
+    if min_shapes not in (1, 2):
+        raise ValueError(f"split_combinations: min_shapes={min_shapes} must be 1 or 2 (a pair has 3 shapes)")
     combos = all_combinations()
     order = np.random.default_rng(seed).permutation(len(combos))
     target = max(1, round(heldout_fraction * len(combos)))
@@ -156,7 +160,7 @@ def split_combinations(seed: int = 0, heldout_fraction: float = 0.17
         if len(heldout) == target:
             break
         t = combos[int(i)]
-        if all(remaining[p] > 1 for p in pairs(t)):
+        if all(remaining[p] > (min_shapes if p[0] == "cb" else 1) for p in pairs(t)):
             heldout.add(t)
             for p in pairs(t):
                 remaining[p] -= 1
