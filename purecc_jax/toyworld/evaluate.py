@@ -79,9 +79,10 @@ def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | N
             row["drift"] = float(np.mean((img - reference[i]) ** 2))
         rows.append(row)
 
-    def rate(name, key, shape=None):
+    def rate(name, key, shape=None, combination=None):
         return _binomial([r[key] for r in rows if r["set"] == name and key in r
-                          and (shape is None or r.get("shape") == shape)])
+                          and (shape is None or r.get("shape") == shape)
+                          and (combination is None or r.get("combination") == combination)])
 
     def mean(name, key):
         vals = [r[key] for r in rows if r["set"] == name and key in r]
@@ -111,8 +112,8 @@ def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | N
     # misses are whole combinations, not noise spread over all of them.
     combos = sorted({r["combination"] for r in rows if "combination" in r})
     out["world_by_combination"] = {
-        c: {"shape": _binomial([r["shape_ok"] for r in rows if r.get("combination") == c]),
-            "all": _binomial([r["all_ok"] for r in rows if r.get("combination") == c])} for c in combos} or None
+        c: {"shape": rate("world", "shape_ok", combination=c), "all": rate("world", "all_ok", combination=c)}
+        for c in combos} or None
     out["fidelity_and_background_other"] = _binomial(
         [r["concept"] and r["background_ok"] for r in rows if r["set"] == "concept_other"])
     return out
