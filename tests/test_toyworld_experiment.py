@@ -102,3 +102,11 @@ def test_one_seed_is_refused(tmp_path):
     c.toy.seeds = (0,)
     with pytest.raises(ValueError, match="need >= 2 training seeds"):
         experiment.run(c, tmp_path)
+
+
+def test_the_shipped_base_is_refused_on_another_split(tmp_path):
+    c = tiny_config()
+    c.toy.pretrain_base = False
+    c.toy.split_min_shapes = 2
+    with pytest.raises(ValueError, match="split_min_shapes=2: the shipped base was trained on the split of 1"):
+        experiment.run(c, tmp_path)

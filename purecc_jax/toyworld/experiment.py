@@ -134,6 +134,10 @@ def _base_folder(config, workdir: Path) -> tuple[Path, str]:
     if config.toy.pretrain_base:
         folder = base.pretrain(config.toy, workdir, progress=config.progress)
         return folder, f"pretrained in this workdir (sha256 {shipped.digest(folder)})"
+    if config.toy.split_min_shapes != 1:
+        raise ValueError(f"toy.split_min_shapes={config.toy.split_min_shapes}: the shipped base was trained on the "
+                         "split of 1, so its held-out prompts would include combinations it saw; pretrain a base "
+                         "on this split with --config.toy.pretrain_base=True")
     return shipped.base_folder(), f"shipped with the package (sha256 {shipped.SHA256})"
 
 
