@@ -72,7 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
                   # show"): each text encoder alone sees "" with this probability (SD3's dropout) ...
                   encoder_drop_prob=0.0,
                   # ... and False keeps CLIP and T5 at their random initialisation.
-                  train_text_encoders=True),
+                  train_text_encoders=True,
+                  # ... and False makes the transformer ignore CLIP's pooled vector (its embedder's
+                  # output layer zero and untrained), so the text conditions only through T5's tokens.
+                  use_pooled=True),
         sampling=dict(steps=20, cfg_scale=3.0, shift=3.0),
         evaluation=dict(samples=50, chunk=125),
         seeds=(0, 1, 2),  # training seeds of every method (same evaluation prompts and noise for all)

@@ -86,39 +86,53 @@ def test_encoder_dropout_empties_each_text_encoder_independently(tmp_path):
         base.BaseData(toy, tokenizers, toy.max_sequence_length).batch(0)
 
 
-@pytest.mark.parametrize("train_text_encoders", [True, False])
-def test_base_step_trains_or_keeps_the_text_encoders(tmp_path, train_text_encoders):
+@pytest.mark.parametrize("train_text_encoders,use_pooled", [(True, True), (False, True), (True, False)])
+def test_base_step_trains_what_the_recipe_says(tmp_path, train_text_encoders, use_pooled):
     import jax
+    import jax.numpy as jnp
 
-    from purecc_jax import sharding
-    from purecc_jax.models import clip_text, t5
-    from purecc_jax.models.flux import init_fn as flux_init
+    from purecc_jax.models.flux import FluxTransformer
     from purecc_jax.pipeline.latents import latent_image_ids
     from purecc_jax.pipeline.tokenizers import load_tokenizers
     from purecc_jax.purecc import flow
-    from purecc_jax.purecc.step import init_state, make_optimizer
+    from purecc_jax.purecc.step import make_optimizer
     from purecc_jax.toyworld import base
     from purecc_jax.toyworld import tokenizers as toy_tokenizers
 
     toy = _config().toy
     toy.base.batch_size = 4
+    toy.base.use_pooled = use_pooled
     sizes = toy_tokenizers.save(tmp_path, base.words(), toy.clip_max_length)
-    flux_cfg, clip_cfg, t5_cfg = configs = base.model_configs(toy, *sizes)
-    keys = jax.random.split(jax.random.key(0), 3)
-    trainable = {"transformer": sharding.unbox(flux_init(flux_cfg, keys[0], img_len=4)()),
-                 "clip": sharding.unbox(clip_text.init_fn(clip_cfg, keys[1])()),
-                 "t5": sharding.unbox(t5.init_fn(t5_cfg, keys[2])())}
-    tx = make_optimizer({k: 1e-3 for k in trainable}, weight_decay=0.0)
-    state = init_state(trainable, tx, 0)
-    state = state.replace(opt_state={"opt": state.opt_state, "ema": trainable})
+    configs = base.model_configs(toy, *sizes)
+    tx = make_optimizer({k: 1e-3 for k in ("transformer", "clip", "t5")}, weight_decay=0.0)
+    state = base.initial_state(toy, configs, tx)
+    before = jax.device_get(state.trainable)
     side = toy.image_size // base.codec(toy).downsample_factor
-    step = jax.jit(base.make_step(*configs, tx, flow.TimestepConfig(), latent_image_ids(side, side), 0.9,
-                                  train_text_encoders))
+    img_ids = latent_image_ids(side, side)
+    step = jax.jit(base.make_step(*configs, tx, flow.TimestepConfig(), img_ids, 0.9, train_text_encoders,
+                                  use_pooled))
     batch = base.BaseData(toy, load_tokenizers(tmp_path, *sizes), toy.max_sequence_length).batch(0)
-    after, _ = step(state, {}, batch)
-    moved = {k: max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(trainable[k]),
-                                                                 jax.tree_util.tree_leaves(after.trainable[k])))
-             for k in trainable}
-    assert moved["transformer"] > 0
-    for k in ("clip", "t5"):
-        assert (moved[k] > 0) == train_text_encoders, moved
+    for _ in range(3):  # from adaLN-Zero, the text encoders get their first gradient at step 3
+        state, _ = step(state, {}, batch)
+    after = jax.device_get(state.trainable)
+
+    def moved(tree_a, tree_b):
+        return max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(tree_a),
+                                                              jax.tree_util.tree_leaves(tree_b)))
+
+    assert moved(before["transformer"], after["transformer"]) > 0
+    assert (moved(before["t5"], after["t5"]) > 0) == train_text_encoders
+    # CLIP reaches the transformer only through the pooled vector: without it, CLIP gets no gradient.
+    assert (moved(before["clip"], after["clip"]) > 0) == (train_text_encoders and use_pooled)
+    pooled_embedder = after["transformer"]["vector_in"]
+    assert (moved(before["transformer"]["vector_in"], pooled_embedder) > 0) == use_pooled
+    # Without the pooled vector the trained transformer's velocity does not depend on it at all
+    # (after three steps from adaLN-Zero the dependence with it is small, but not zero).
+    flux_cfg = configs[0]
+    x = jax.random.normal(jax.random.key(1), (1, img_ids.shape[0], flux_cfg.in_channels))
+    context = jax.random.normal(jax.random.key(2), (1, toy.max_sequence_length, flux_cfg.context_dim))
+    v = [FluxTransformer(flux_cfg).apply({"params": after["transformer"]}, x, context,
+                                         jnp.full((1, flux_cfg.pooled_dim), p), jnp.array([0.5]), img_ids,
+                                         jnp.zeros((toy.max_sequence_length, 3)))
+         for p in (0.0, 3.0)]
+    assert (float(jnp.abs(v[0] - v[1]).max()) > 0) == use_pooled

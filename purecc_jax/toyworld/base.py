@@ -72,6 +72,15 @@ def _zero_residual_branches(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(zero, params)
 
 
+def _ignore_pooled(transformer: Any) -> Any:
+    """Zeroes the output layer of the pooled-text embedder (`vector_in`): the conditioning vector
+    is then the timestep's alone, and the text reaches the model only through T5's tokens in the
+    joint attention. The folder stays a standard FLUX transformer (diffusers loads it as is)."""
+    out = transformer["vector_in"]["out_layer"]
+    return {**transformer, "vector_in": {**transformer["vector_in"],
+                                         "out_layer": jax.tree_util.tree_map(jnp.zeros_like, out)}}
+
+
 class BaseData:
     """Random scenes from the training combinations, rendered and tokenized per step."""
 
@@ -115,8 +124,11 @@ class BaseData:
 
 
 def make_step(flux_cfg, clip_cfg, t5_cfg, tx, timesteps: flow.TimestepConfig, img_ids: np.ndarray,
-              ema_decay: float, train_text_encoders: bool = True):
+              ema_decay: float, train_text_encoders: bool = True, use_pooled: bool = True):
     """A step whose state.opt_state is {"opt": optimizer state, "ema": EMA of the parameters}.
+
+    With `use_pooled` False the transformer's pooled-text embedder (`vector_in`) gets no
+    gradient, so a base initialised by `_ignore_pooled` keeps ignoring CLIP's pooled vector.
 
     The EMA (decay warmed up as min(decay, (1 + step) / (10 + step))) is what gets saved:
     a tiny model trained for minutes at a high learning rate samples far cleaner from it.
@@ -141,6 +153,9 @@ def make_step(flux_cfg, clip_cfg, t5_cfg, tx, timesteps: flow.TimestepConfig, im
         del frozen
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, batch, rng)
+        if not use_pooled:
+            grads = {**grads, "transformer": {**grads["transformer"], "vector_in": jax.tree_util.tree_map(
+                jnp.zeros_like, grads["transformer"]["vector_in"])}}
         updates, opt_state = tx.update(grads, state.opt_state["opt"], state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         d = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
@@ -176,6 +191,23 @@ def write_folder(folder: Path, params: dict[str, Any], configs, toy) -> None:
     (folder / DONE).write_text(json.dumps(index, indent=2))  # written last: marks the folder complete
 
 
+def initial_state(toy, configs, tx):
+    """The base's training state at step 0: every block an identity (adaLN-Zero), the pooled
+    embedder zero where `toy.base.use_pooled` is False, and opt_state {"opt": tx's state, "ema":
+    a copy of the parameters}."""
+    flux_cfg, clip_cfg, t5_cfg = configs
+    keys = jax.random.split(jax.random.key(toy.seed), 3)
+    trainable = {
+        "transformer": _zero_residual_branches(sharding.unbox(jax.jit(flux_init(flux_cfg, keys[0], img_len=4))())),
+        "clip": sharding.unbox(jax.jit(clip_text.init_fn(clip_cfg, keys[1]))()),
+        "t5": sharding.unbox(jax.jit(t5.init_fn(t5_cfg, keys[2]))()),
+    }
+    if not toy.base.use_pooled:
+        trainable["transformer"] = _ignore_pooled(trainable["transformer"])
+    state = jax.jit(lambda tr: init_state(tr, tx, toy.seed))(trainable)
+    return state.replace(opt_state={"opt": state.opt_state, "ema": jax.tree_util.tree_map(jnp.copy, trainable)})
+
+
 def pretrain(toy, workdir: Path, progress: bool = True) -> Path:
     """Trains the toy base model (resuming if interrupted) and returns its pipeline folder."""
     folder = workdir / "base"
@@ -186,29 +218,21 @@ def pretrain(toy, workdir: Path, progress: bool = True) -> Path:
     sizes = toy_tokenizers.save(folder, words(), toy.clip_max_length)
     tokenizers = load_tokenizers(folder, *sizes)
     configs = model_configs(toy, *sizes)
-    flux_cfg, clip_cfg, t5_cfg = configs
     b = toy.base
-    keys = jax.random.split(jax.random.key(toy.seed), 3)
-    trainable = {
-        "transformer": _zero_residual_branches(sharding.unbox(jax.jit(flux_init(flux_cfg, keys[0], img_len=4))())),
-        "clip": sharding.unbox(jax.jit(clip_text.init_fn(clip_cfg, keys[1]))()),
-        "t5": sharding.unbox(jax.jit(t5.init_fn(t5_cfg, keys[2]))()),
-    }
     # The schedule has its own length, so a run stopped at b.steps < b.schedule_steps is the same
     # trajectory as a longer one (the shipped base is such a prefix; see configs/toy_concept.py).
     decay_steps = b.schedule_steps or b.steps
     sched = optax.warmup_cosine_decay_schedule(0.0, b.learning_rate, b.warmup_steps, decay_steps,
                                                b.learning_rate * 0.1)
-    tx = make_optimizer({k: sched for k in trainable}, b2=b.b2, weight_decay=b.weight_decay, grad_clip=1.0)
-    state = jax.jit(lambda tr: init_state(tr, tx, toy.seed))(trainable)
-    state = state.replace(opt_state={"opt": state.opt_state, "ema": jax.tree_util.tree_map(jnp.copy, trainable)})
+    tx = make_optimizer({k: sched for k in ("transformer", "clip", "t5")}, b2=b.b2,
+                        weight_decay=b.weight_decay, grad_clip=1.0)
+    state = initial_state(toy, configs, tx)
     data = BaseData(toy, tokenizers, toy.max_sequence_length)
     f = codec(toy).downsample_factor
     img_ids = latent_image_ids(toy.image_size // f, toy.image_size // f)
-    # Uniform t with shift 3 keeps most steps at high noise, where a shape is chosen, but trains the
-    # low-noise end (a square's corners) far more than a logit-normal with the same shift.
     timesteps = flow.TimestepConfig(sampler=b.timestep_sampler, shift=b.timestep_shift)
-    step = jax.jit(make_step(*configs, tx, timesteps, img_ids, b.ema_decay, b.train_text_encoders), donate_argnums=(0,))
+    step = jax.jit(make_step(*configs, tx, timesteps, img_ids, b.ema_decay, b.train_text_encoders,
+                             b.use_pooled), donate_argnums=(0,))
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     cfg = loop.LoopConfig(steps=b.steps, log_every=25, checkpoint_every=b.checkpoint_every or max(b.steps // 4, 1),
                           keep_checkpoints=1,
