@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
                   # Tried for the held-out shapes, off in the shipped recipe (README, "What it does not
                   # show"): each text encoder alone sees "" with this probability (SD3's dropout) ...
                   encoder_drop_prob=0.0,
+                  encoder_drop_which="both",  # or only "clip" / "t5" sees ""
                   # ... and False keeps CLIP and T5 at their random initialisation.
                   train_text_encoders=True,
                   # ... and False makes the transformer ignore CLIP's pooled vector (its embedder's

@@ -74,6 +74,7 @@ def test_encoder_dropout_empties_each_text_encoder_independently(tmp_path):
 
     clip, t5, plain = empties(0.0)
     np.testing.assert_array_equal(clip, t5)  # one prompt for both: only CFG dropout empties them
+    cfg_empty = t5
     clip, t5, dropped = empties(0.5)
     n = clip.size  # 8 batches of 32
     assert 0.15 * n < (clip & ~t5).sum() < 0.35 * n and 0.15 * n < (t5 & ~clip).sum() < 0.35 * n
@@ -81,6 +82,14 @@ def test_encoder_dropout_empties_each_text_encoder_independently(tmp_path):
         np.testing.assert_array_equal(a["latents"], b["latents"])
         keep = ~(b["clip_ids"] == empty_clip).all(1)
         np.testing.assert_array_equal(a["clip_ids"][keep], b["clip_ids"][keep])
+    toy.base.encoder_drop_which = "clip"  # the same draws, applied to CLIP's prompts only
+    clip_only, t5_only, _ = empties(0.5)
+    np.testing.assert_array_equal(clip_only, clip)
+    np.testing.assert_array_equal(t5_only, cfg_empty)  # T5 is empty only where CFG emptied both
+    toy.base.encoder_drop_which = "text"
+    with pytest.raises(ValueError, match="encoder_drop_which='text'"):
+        base.BaseData(toy, tokenizers, toy.max_sequence_length).batch(0)
+    toy.base.encoder_drop_which = "both"
     toy.base.encoder_drop_prob = 1.5
     with pytest.raises(ValueError, match="encoder_drop_prob=1.5"):
         base.BaseData(toy, tokenizers, toy.max_sequence_length).batch(0)

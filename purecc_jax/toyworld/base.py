@@ -100,14 +100,19 @@ class BaseData:
     def encoder_dropout(self, prompts: list[str], step: int) -> tuple[list[str], list[str]]:
         """(CLIP's prompts, T5's prompts): each encoder independently sees the empty prompt with
         probability `toy.base.encoder_drop_prob` (SD3's independent text-encoder dropout), so that
-        neither path can leave what the prompt says to the other. Its own random stream: with
+        neither path can leave what the prompt says to the other; `toy.base.encoder_drop_which`
+        ("both", "clip" or "t5") limits it to one encoder. Its own random stream: with
         probability 0 the batches are those of a base trained before this option existed."""
-        p = self.toy.base.encoder_drop_prob
+        p, which = self.toy.base.encoder_drop_prob, self.toy.base.encoder_drop_which
         if not 0 <= p <= 1:
             raise ValueError(f"toy.base.encoder_drop_prob={p} must be in [0, 1]")
+        if which not in ("both", "clip", "t5"):
+            raise ValueError(f"toy.base.encoder_drop_which={which!r} must be 'both', 'clip' or 't5'")
         if p == 0:
             return prompts, prompts
         drop = np.random.default_rng([self.toy.seed, 8, step]).random((2, len(prompts))) < p
+        drop[0] &= which != "t5"
+        drop[1] &= which != "clip"
         return ([("" if d else t) for d, t in zip(drop[0], prompts)],
                 [("" if d else t) for d, t in zip(drop[1], prompts)])
 
