@@ -133,7 +133,8 @@ def make_step(flux_cfg, clip_cfg, t5_cfg, tx, timesteps: flow.TimestepConfig, im
     """A step whose state.opt_state is {"opt": optimizer state, "ema": EMA of the parameters}.
 
     With `use_pooled` False the transformer's pooled-text embedder (`vector_in`) gets no
-    gradient, so a base initialised by `_ignore_pooled` keeps ignoring CLIP's pooled vector.
+    gradient, so a base initialised by `_ignore_pooled` keeps ignoring CLIP's pooled vector, and
+    CLIP is not run (its output would be multiplied by that zero layer; its gradient is zero).
 
     The EMA (decay warmed up as min(decay, (1 + step) / (10 + step))) is what gets saved:
     a tiny model trained for minutes at a high learning rate samples far cleaner from it.
@@ -145,7 +146,10 @@ def make_step(flux_cfg, clip_cfg, t5_cfg, tx, timesteps: flow.TimestepConfig, im
         noise_rng, t_rng = jax.random.split(rng)
         x1 = jax.random.normal(noise_rng, x0.shape)
         t = flow.sample_timesteps(t_rng, x0.shape[0], timesteps)
-        _, pooled = clip.apply({"params": trainable["clip"]}, batch["clip_ids"])
+        if use_pooled:
+            _, pooled = clip.apply({"params": trainable["clip"]}, batch["clip_ids"])
+        else:  # the zeroed embedder would multiply CLIP's output by zero: skip CLIP altogether
+            pooled = jnp.zeros((x0.shape[0], clip_cfg.hidden_size), x0.dtype)
         context = enc.apply({"params": trainable["t5"]}, batch["t5_ids"])
         if not train_text_encoders:  # the encoders keep their random initialisation
             pooled, context = jax.lax.stop_gradient((pooled, context))
