@@ -78,7 +78,11 @@ def get_config() -> ml_collections.ConfigDict:
                   encoder_drop_prob=0.0,
                   encoder_drop_which="both",  # or only "clip" / "t5" sees ""
                   # ... and False keeps CLIP and T5 at their random initialisation.
-                  train_text_encoders=True),
+                  train_text_encoders=True,
+                  # "cosine" (warmup, then cosine to 0.1x over schedule_steps, then flat) or "constant"
+                  # (warmup, then learning_rate); a base folder to start from instead of the random
+                  # initialisation (fresh optimizer and EMA), to continue a finished base.
+                  schedule="cosine", init_from=""),
         sampling=dict(steps=20, cfg_scale=3.0, shift=3.0),
         evaluation=dict(samples=50, chunk=125),
         seeds=(0, 1, 2),  # training seeds of every method (same evaluation prompts and noise for all)

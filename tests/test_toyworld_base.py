@@ -145,3 +145,42 @@ def test_base_step_trains_what_the_recipe_says(tmp_path, train_text_encoders, us
                                          jnp.zeros((toy.max_sequence_length, 3)))
          for p in (0.0, 3.0)]
     assert (float(jnp.abs(v[0] - v[1]).max()) > 0) == use_pooled
+
+
+def test_a_base_continues_from_a_finished_folder(tmp_path):
+    """toy.base.init_from starts the base's training state (parameters and EMA) from a finished
+    base folder, and refuses one made with another model size, naming the parameter."""
+    import jax
+
+    from purecc_jax.purecc.step import make_optimizer
+    from purecc_jax.toyworld import base
+    from purecc_jax.toyworld import tokenizers as toy_tokenizers
+
+    toy = _config().toy
+    toy.base.init_from = str(shipped.ASSET)
+    sizes = toy_tokenizers.save(tmp_path, base.words(), toy.clip_max_length)
+    tx = make_optimizer({k: 1e-3 for k in ("transformer", "clip", "t5")}, weight_decay=0.0)
+    state = base.initial_state(toy, base.model_configs(toy, *sizes), tx)
+    parts = load_pipeline(shipped.ASSET)
+    want = {"transformer": parts.transformer_params, "clip": parts.text.clip_params, "t5": parts.text.t5_params}
+    for tree in (state.trainable, state.opt_state["ema"]):
+        assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(want)
+        for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The shipped T5 has 4 layers; a recipe with 2 does not fit it.
+    toy.t5.layers = 2
+    with pytest.raises(ValueError, match=r"init_from=.*parameter .*t5.* other toy.transformer / toy.clip / toy.t5"):
+        base.initial_state(toy, base.model_configs(toy, *sizes), tx)
+    toy.t5.layers = 4
+    toy.base.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere.*not a finished toy base folder"):
+        base.initial_state(toy, base.model_configs(toy, *sizes), tx)
+
+
+def test_an_unknown_base_schedule_is_refused(tmp_path):
+    from purecc_jax.toyworld import base
+
+    toy = _config().toy
+    toy.base.schedule = "linear"
+    with pytest.raises(ValueError, match="toy.base.schedule='linear'"):
+        base.pretrain(toy, tmp_path, progress=False)

@@ -31,8 +31,8 @@ from purecc_jax.toyworld import tokenizers as toy_tokenizers
 from purecc_jax.toyworld import world
 from purecc_jax.pipeline.codec import PixelCodec
 from purecc_jax.weights import flux_io, loader
-from purecc_jax.weights.clip_rules import clip_rules
-from purecc_jax.weights.t5_rules import t5_rules
+from purecc_jax.weights.clip_rules import clip_rules, load_clip
+from purecc_jax.weights.t5_rules import load_t5, t5_rules
 
 log = logging.getLogger(__name__)
 DONE = "model_index.json"
@@ -200,10 +200,32 @@ def write_folder(folder: Path, params: dict[str, Any], configs, toy) -> None:
     (folder / DONE).write_text(json.dumps(index, indent=2))  # written last: marks the folder complete
 
 
+def _load_trainable(folder: Path, fresh: dict[str, Any]) -> dict[str, Any]:
+    """The transformer, CLIP and T5 parameters of a toy base folder, checked against `fresh` (the
+    tree the recipe's configs initialise): same parameters, shapes and dtypes, or an error naming
+    the first that differs."""
+    if not (folder / DONE).is_file():
+        raise FileNotFoundError(f"toy.base.init_from={str(folder)!r}: not a finished toy base folder "
+                                f"(no {DONE})")
+    loaded = {"transformer": flux_io.load_transformer(folder / "transformer")[1],
+              "clip": load_clip(folder / "text_encoder")[1],
+              "t5": load_t5(folder / "text_encoder_2")[1]}
+    loaded = sharding.unbox(loaded)
+    want = {jax.tree_util.keystr(k): (v.shape, v.dtype) for k, v in jax.tree_util.tree_leaves_with_path(fresh)}
+    got = {jax.tree_util.keystr(k): (v.shape, v.dtype) for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+    for key in sorted(set(want) | set(got)):
+        if want.get(key) != got.get(key):
+            raise ValueError(f"toy.base.init_from={str(folder)!r}: parameter {key} is {got.get(key)} there but "
+                             f"{want.get(key)} in this recipe's model (shape, dtype); the folder was made "
+                             "with other toy.transformer / toy.clip / toy.t5 settings")
+    return jax.tree_util.tree_map(jnp.asarray, loaded)
+
+
 def initial_state(toy, configs, tx):
     """The base's training state at step 0: every block an identity (adaLN-Zero), the pooled
-    embedder zero where `toy.base.use_pooled` is False, and opt_state {"opt": tx's state, "ema":
-    a copy of the parameters}."""
+    embedder zero where `toy.base.use_pooled` is False (or, with `toy.base.init_from`, the
+    parameters of that base folder), and opt_state {"opt": tx's fresh state, "ema": a copy of the
+    parameters}."""
     flux_cfg, clip_cfg, t5_cfg = configs
     keys = jax.random.split(jax.random.key(toy.seed), 3)
     trainable = {
@@ -213,6 +235,8 @@ def initial_state(toy, configs, tx):
     }
     if not toy.base.use_pooled:
         trainable["transformer"] = _ignore_pooled(trainable["transformer"])
+    if toy.base.init_from:
+        trainable = _load_trainable(Path(toy.base.init_from), trainable)
     state = jax.jit(lambda tr: init_state(tr, tx, toy.seed))(trainable)
     return state.replace(opt_state={"opt": state.opt_state, "ema": jax.tree_util.tree_map(jnp.copy, trainable)})
 
@@ -231,8 +255,13 @@ def pretrain(toy, workdir: Path, progress: bool = True) -> Path:
     # The schedule has its own length, so a run stopped at b.steps < b.schedule_steps is the same
     # trajectory as a longer one (the shipped base is such a prefix; see configs/toy_concept.py).
     decay_steps = b.schedule_steps or b.steps
-    sched = optax.warmup_cosine_decay_schedule(0.0, b.learning_rate, b.warmup_steps, decay_steps,
-                                               b.learning_rate * 0.1)
+    if b.schedule == "cosine":
+        sched = optax.warmup_cosine_decay_schedule(0.0, b.learning_rate, b.warmup_steps, decay_steps,
+                                                   b.learning_rate * 0.1)
+    elif b.schedule == "constant":  # e.g. continuing a base (init_from) at the cosine's final rate
+        sched = optax.linear_schedule(0.0, b.learning_rate, max(b.warmup_steps, 1))
+    else:
+        raise ValueError(f"toy.base.schedule={b.schedule!r}: expected 'cosine' or 'constant'")
     tx = make_optimizer({k: sched for k in ("transformer", "clip", "t5")}, b2=b.b2,
                         weight_decay=b.weight_decay, grad_clip=1.0)
     state = initial_state(toy, configs, tx)
