@@ -63,10 +63,12 @@ def get_config() -> ml_collections.ConfigDict:
         transformer=dict(num_heads=2, head_dim=64, axes_dim=(16, 24, 24), depth=2, depth_single=2, theta=1000.0),
         clip=dict(width=64, mlp=128, layers=2, heads=2),
         t5=dict(d_model=64, d_kv=32, d_ff=128, layers=4, heads=4),
-        # The shipped base's recipe (--config.toy.pretrain_base=True): the learning rate follows a
-        # cosine schedule of schedule_steps and then stays at its final value; training stops at
-        # `steps` (9000: 3000 steps at the final rate). AdamW's weight decay 0.1 and T5's 4 layers
-        # and 4 heads are what made the held-out combinations come right (README, "The shipped base").
+        # The first of the shipped base's two runs (--config.toy.pretrain_base=True): the learning
+        # rate follows a cosine schedule of schedule_steps and then stays at its final value;
+        # training stops at `steps` (9000: 3000 steps at the final rate). AdamW's weight decay 0.1
+        # and T5's 4 layers and 4 heads are what made the held-out combinations come right. The
+        # second run continues it (init_from, schedule="constant", learning_rate=2e-4, steps=3000);
+        # README "The shipped base" and toyworld/shipped.py have both commands.
         base=dict(steps=9000, schedule_steps=6000, checkpoint_every=500, batch_size=32, learning_rate=2e-3,
                   warmup_steps=50, weight_decay=0.1, b2=0.999, drop_prob=0.15, empty_prob=0.1, ema_decay=0.995,
                   timestep_sampler="logit_normal", timestep_shift=3.0,
