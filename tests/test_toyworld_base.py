@@ -184,3 +184,4 @@ def test_an_unknown_base_schedule_is_refused(tmp_path):
     toy.base.schedule = "linear"
     with pytest.raises(ValueError, match="toy.base.schedule='linear'"):
         base.pretrain(toy, tmp_path, progress=False)
+    assert not (tmp_path / "base").exists()  # refused before anything is written

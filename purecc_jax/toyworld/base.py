@@ -243,15 +243,7 @@ def initial_state(toy, configs, tx):
 
 def pretrain(toy, workdir: Path, progress: bool = True) -> Path:
     """Trains the toy base model (resuming if interrupted) and returns its pipeline folder."""
-    folder = workdir / "base"
-    if (folder / DONE).exists():
-        log.info("toy base model found in %s", folder)
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    sizes = toy_tokenizers.save(folder, words(), toy.clip_max_length)
-    tokenizers = load_tokenizers(folder, *sizes)
-    configs = model_configs(toy, *sizes)
-    b = toy.base
+    b = toy.base  # the schedule first: a bad toy.base.schedule fails before any file is written
     # The schedule has its own length, so a run stopped at b.steps < b.schedule_steps is the same
     # trajectory as a longer one (the shipped base is such a prefix; see configs/toy_concept.py).
     decay_steps = b.schedule_steps or b.steps
@@ -262,6 +254,14 @@ def pretrain(toy, workdir: Path, progress: bool = True) -> Path:
         sched = optax.linear_schedule(0.0, b.learning_rate, max(b.warmup_steps, 1))
     else:
         raise ValueError(f"toy.base.schedule={b.schedule!r}: expected 'cosine' or 'constant'")
+    folder = workdir / "base"
+    if (folder / DONE).exists():
+        log.info("toy base model found in %s", folder)
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = toy_tokenizers.save(folder, words(), toy.clip_max_length)
+    tokenizers = load_tokenizers(folder, *sizes)
+    configs = model_configs(toy, *sizes)
     tx = make_optimizer({k: sched for k in ("transformer", "clip", "t5")}, b2=b.b2,
                         weight_decay=b.weight_decay, grad_clip=1.0)
     state = initial_state(toy, configs, tx)
