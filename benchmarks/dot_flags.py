@@ -22,6 +22,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from benchmarks.report import fmt, fmt_ratio
+
 VARIANTS = {
     "default": "",  # YNNPACK dots (jaxlib 0.10)
     "eigen": "--xla_cpu_experimental_ynn_fusion_type=",  # YNNPACK off: Eigen's dot kernels
@@ -53,7 +55,7 @@ def _median_gflops(fn, flop: float, reps: int) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return round(flop / statistics.median(times) / 1e9, 1)
+    return flop / statistics.median(times) / 1e9  # rounded only when printed (report.fmt)
 
 
 def _operands(m: int, k: int, n: int):
@@ -114,14 +116,19 @@ def main(argv):
     print("|---|---|" + "---|" * len(names))
     for i, (m, k, n) in enumerate(mkn):
         for layout in ("nn", "tn"):
-            print(f"| {m} x {k} x {n} | {layout} | " + " | ".join(f"{results[x][i][layout]:.0f}" for x in names) + " |")
+            print(f"| {m} x {k} x {n} | {layout} | " + " | ".join(fmt(results[x][i][layout], ".0f") for x in names) + " |")
     print()
-    print("| variant | median GFLOP/s over shapes | / torch.matmul |")
-    print("|---|---|---|")
+    print("\n".join(summary_table(results)))
+
+
+def summary_table(results: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Each variant's median GFLOP/s over the shapes and its ratio to torch.matmul's (n/a if that is 0)."""
+    lines = ["| variant | median GFLOP/s over shapes | / torch.matmul |", "|---|---|---|"]
     ref = statistics.median(r[layout] for r in results["torch.matmul"] for layout in ("nn", "tn"))
-    for x in names:
-        med = statistics.median(r[layout] for r in results[x] for layout in ("nn", "tn"))
-        print(f"| {x} | {med:.0f} | {med / ref:.2f} |")
+    for x, rows in results.items():
+        med = statistics.median(r[layout] for r in rows for layout in ("nn", "tn"))
+        lines.append(f"| {x} | {fmt(med, '.0f')} | {fmt_ratio(med, ref)} |")
+    return lines
 
 
 if __name__ == "__main__":

