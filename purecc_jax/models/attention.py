@@ -6,14 +6,17 @@ and returns the same layout. Implementations:
   xla     plain XLA attention in (batch, heads, seq, head_dim) layout, logits and softmax in
           float32 (materialised); runs anywhere.
   cudnn   cuDNN fused attention on NVIDIA GPUs (bf16/fp16 inputs).
-  splash  TPU splash attention (Pallas). Falls back to `xla` when the sequence length
-          has no block size that divides it. `interpret=True` runs the kernel on CPU.
+  splash  TPU splash attention (Pallas), at any sequence length: q, k and v are padded to a
+          multiple of the kernel's block and the padded keys masked out with segment ids, so
+          SD3's 77 + 256 + 1024 = 1357 tokens run the kernel too. `interpret=True` runs the
+          kernel on CPU.
   auto    splash on TPU, cudnn on GPU for half-precision inputs, xla otherwise.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
@@ -23,6 +26,9 @@ from jax.sharding import PartitionSpec
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _SPLASH_BLOCKS = (512, 256, 128)
+
+log = logging.getLogger(__name__)
+_logged: set[tuple] = set()
 
 
 def attention(
@@ -34,13 +40,42 @@ def attention(
     if implementation == "auto":
         implementation = _auto(q.dtype)
     if implementation == "splash":
-        block = next((b for b in _SPLASH_BLOCKS if q.shape[1] % b == 0 and k.shape[1] % b == 0), None)
-        if block is not None:
-            return _splash(q, k, v, block, interpret)
-        implementation = "xla"
+        block = splash_block(q.shape[1], k.shape[1])
+        _log_once(implementation, q, k, block)
+        return _splash(q, k, v, block, interpret)
+    _log_once(implementation, q, k)
     if implementation == "xla":
         return _xla(q, k, v)
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def splash_block(q_len: int, kv_len: int) -> int:
+    """The splash block size for these lengths: the one that pads them least, the larger on ties.
+
+    Lengths that a block divides get that block unpadded (the largest such block); others are
+    padded to the next multiple, e.g. 1357 -> 1408 with block 128 rather than 1536 with 512.
+    """
+    return min(_SPLASH_BLOCKS, key=lambda b: (_round_up(q_len, b) + _round_up(kv_len, b), -b))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _log_once(implementation: str, q, k, block: int | None = None) -> None:
+    """Says, once per shape, which attention a traced program uses and whether splash pads."""
+    key = (implementation, q.shape, k.shape, str(q.dtype), block)
+    if key in _logged:
+        return
+    _logged.add(key)
+    shapes = f"q {tuple(q.shape)} kv length {k.shape[1]} {q.dtype}"
+    if block is None:
+        log.info("attention %s: %s", implementation, shapes)
+        return
+    q_pad, kv_pad = _round_up(q.shape[1], block), _round_up(k.shape[1], block)
+    padding = ("unpadded" if (q_pad, kv_pad) == (q.shape[1], k.shape[1])
+               else f"padded to q {q_pad} kv {kv_pad}, padded keys masked")
+    log.info("attention splash (block %d, %s): %s", block, padding, shapes)
 
 
 def _xla(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -78,11 +113,25 @@ def _splash_kernel(heads: int, q_len: int, kv_len: int, block: int, interpret: b
 
 def _splash(q, k, v, block: int, interpret: bool) -> jax.Array:
     def local(q, k, v):
-        kernel = _splash_kernel(q.shape[2], q.shape[1], k.shape[1], block, interpret)
+        from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+        q_len, kv_len = q.shape[1], k.shape[1]
+        q_pad, kv_pad = _round_up(q_len, block), _round_up(kv_len, block)
+        pad = lambda x, n: x if n == x.shape[1] else jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+        q, k, v = pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad)
+        segments = None
+        if kv_pad != kv_len:
+            # Keys past kv_len get segment 0, every query segment 1: no query attends to padding,
+            # and every query row (padded ones too, sliced away below) keeps real keys to attend to.
+            segments = SegmentIds(q=np.ones((q_pad,), np.int32), kv=(np.arange(kv_pad) < kv_len).astype(np.int32))
+        kernel = _splash_kernel(q.shape[2], q_pad, kv_pad, block, interpret)
+        run = lambda q, k, v: jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, segments)
+        if jnp.dtype(q.dtype).itemsize == 2:
+            run = _default_precision(run)
         scale = 1.0 / math.sqrt(q.shape[-1])
         to_hsd = lambda x: jnp.swapaxes(x, 1, 2)  # (B, S, H, D) -> (B, H, S, D)
-        out = jax.vmap(kernel)(to_hsd(q * jnp.asarray(scale, q.dtype)), to_hsd(k), to_hsd(v))
-        return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+        out = run(to_hsd(q * jnp.asarray(scale, q.dtype)), to_hsd(k), to_hsd(v))
+        return jnp.swapaxes(out, 1, 2)[:, :q_len].astype(q.dtype)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -90,6 +139,32 @@ def _splash(q, k, v, block: int, interpret: bool) -> jax.Array:
     # Batch over the data axes, heads over tensor; every device runs the kernel on its block.
     spec = PartitionSpec(("data", "fsdp"), None, "tensor", None)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _default_precision(f):
+    """`f` traced at the default matmul precision, its backward pass included.
+
+    Mosaic refuses a float32 contract precision on 16-bit operands (whose products float32 holds
+    exactly anyway), so a global jax_default_matmul_precision="highest" (the tests set it) must not
+    reach the kernel; the backward kernels are traced when the gradient is, hence the custom_vjp.
+    """
+    default = functools.partial(jax.default_matmul_precision, "default")
+
+    @jax.custom_vjp
+    def g(*args):
+        with default():
+            return f(*args)
+
+    def forward(*args):
+        with default():
+            return jax.vjp(f, *args)
+
+    def backward(vjp, cotangent):
+        with default():
+            return vjp(cotangent)
+
+    g.defvjp(forward, backward)
+    return g
 
 
 def reference_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
