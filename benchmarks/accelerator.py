@@ -27,7 +27,7 @@ from purecc_jax.models.lora import LoRAConfig
 
 _TINY = flags.DEFINE_bool("tiny", False, "tiny FLUX and 32x32 images: a smoke test that runs on CPU in seconds")
 _RES = flags.DEFINE_list("resolutions", ["512", "1024"], "square image sizes (multiples of 16)")
-_REMAT = flags.DEFINE_string("remat", "dots_no_batch", "remat policy (purecc_jax.models.flux.REMAT_POLICIES)")
+_REMAT = flags.DEFINE_string("remat", "dots_no_batch", "remat policy (purecc_jax.models.runtime.REMAT_POLICIES)")
 _ATTENTION = flags.DEFINE_string("attention", "auto", "attention implementation (auto: cuDNN on GPU, splash on TPU)")
 _QUANT = flags.DEFINE_string("base_quantization", "none", "frozen weights: none (bf16), int8, fp8")
 _BATCH = flags.DEFINE_integer("batch", 2, "images per step")

@@ -1,4 +1,4 @@
-"""Host memory of an export that merges a LoRA into FLUX.1-width weights while writing (`weights.formats`).
+"""Host memory of an export that merges a LoRA into FLUX.1-width weights while writing (`backbones.flux.formats`).
 
     python -m benchmarks.export_memory [--single=2] [--rank=16]
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purecc_jax import sharding, trained
+from purecc_jax import backbones, sharding, trained
 from purecc_jax.models import flux, lora
 
 
@@ -79,8 +79,8 @@ def main() -> None:
     for fmt in ("bfl", "diffusers-full"):
         with tempfile.TemporaryDirectory() as tmp, Peak() as peak:
             t0 = time.perf_counter()
-            out = trained.write_export(Path(tmp) / "e", info, {"lora": adapter}, lcfg, cfg, formats=(fmt,),
-                                       dtype=jnp.bfloat16, merge_lora=True, base_params=params)
+            out = trained.write_export(Path(tmp) / "e", info, {"lora": adapter}, lcfg, cfg, backbones.FLUX,
+                                       formats=(fmt,), dtype=jnp.bfloat16, merge_lora=True, base_params=params)
             seconds = time.perf_counter() - t0
             written = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
         rows.append((fmt, written, peak.rise("RssAnon"), peak.rise("VmRSS"), seconds))

@@ -12,7 +12,7 @@ the outputs, the outputs aliased to donated arguments (the train state) and the 
 A backend-independent column, "saved for bwd", adds up the arrays JAX's vjp keeps for the
 backward pass (read from the jaxpr, before XLA; the weights themselves are not counted).
 
-Two extractor layouts are compared (METHOD.md §4, memory shape):
+Two extractor layouts are compared (docs/method.md §4, memory shape):
   shared  θ1 = pretrained + stage-A LoRA, θ2 = pretrained + fresh LoRA: one copy of the weights
   copy    θ1 = its own copy of the weights (stage-A LoRA merged), θ2 = pretrained + LoRA: two copies
 On the CPU backend the XLA columns show XLA's buffer assignment for CPU, which fuses and schedules
@@ -116,7 +116,7 @@ def main(argv):
         cfg = base_cfg.replace(remat_policy=policy)
         ab = abstract_inputs(cfg, variants[e], lcfg, shapes, mesh, base_quantization=quant)
         if not counted:
-            params, adapter = ab.frozen["params"], ab.state.trainable["lora"]
+            params, adapter = ab.frozen.params, ab.state.trainable["lora"]
             print(f"parameters: FLUX {_count(params) / 1e9:.3f} B ({_nbytes(params) / GIB:.2f} GiB in "
                   f"{cfg.param_dtype}); LoRA per adapter {_count(adapter) / 1e6:.3f} M "
                   f"({_nbytes(adapter) / 2**20:.1f} MiB float32); whole train state "

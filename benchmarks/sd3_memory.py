@@ -3,14 +3,14 @@ r"""Per-device memory of a PureCC stage-B train step for full SD3.5-Medium, from
     python -m benchmarks.sd3_memory                       # 1 CPU device, remat full/dots_no_batch/none
     python -m benchmarks.sd3_memory --remat=full --extractor=shared
 
-The paper's recipe (METHOD.md §5): LoRA rank 4 on the image-stream attention projections
+The paper's recipe (docs/method.md §5): LoRA rank 4 on the image-stream attention projections
 (`models.sd3.LORA_TARGETS`), batch 2 at 512x512 (64x64 latents: 1024 image tokens), 77 CLIP +
 256 T5 text tokens, bf16 weights and compute. The step is compiled ahead of time on abstract
 inputs, as `benchmarks/memory.py` does for FLUX.1-dev (same columns, so the two tables sit side
 by side). The trainable SD3 model runs once on [complete; base] (2B sequences) with gradients,
 the frozen extractor once on [target; null] without, then `objective.purecc_loss` and AdamW
-(`step.make_optimizer`) on the LoRA. This is the computation of `purecc.step`'s stage B written
-against the SD3 model directly: the trainer's step itself drives FLUX only (no backbone seam yet).
+(`step.make_optimizer`) on the LoRA: the trainer's own step (`purecc.step.make_train_step`) on SD3's
+denoiser (`backbones.sd3.SD3Denoiser`).
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 
 from purecc_jax import sharding
+from purecc_jax.backbones.sd3.backbone import SD3Denoiser
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models import sd3
-from purecc_jax.purecc import flow
-from purecc_jax.purecc.objective import ObjectiveConfig, purecc_loss
-from purecc_jax.purecc.step import make_optimizer
+from purecc_jax.purecc.step import Extractor, Frozen, StepConfig, init_state, make_optimizer, make_train_step
 
 _PRESET = flags.DEFINE_string("preset", "sd3.5-medium", "SD3 preset (sd3.5-medium, sd3.5-large, tiny)")
 _BATCH = flags.DEFINE_integer("batch", 2, "images per step (B)")
@@ -51,40 +49,6 @@ def _count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def _step(cfg: sd3.SD3Config, lcfg: lora_lib.LoRAConfig, tx: optax.GradientTransformation):
-    model = sd3.SD3Transformer(cfg)
-
-    def velocity(params, adapter, x, t, context, pooled):
-        variables = {"params": params, "lora": lora_lib.variables(adapter, lcfg)}
-        return model.apply(variables, x, context, pooled, t)
-
-    def loss_fn(trainable, frozen, batch, rng):
-        lora = trainable["lora"]
-        cache = frozen["cache"]
-        x0 = cache["latents"][batch["image"]].astype(jnp.float32)
-        b = x0.shape[0]
-        noise_rng, t_rng = jax.random.split(rng)
-        x1 = jax.random.normal(noise_rng, x0.shape, jnp.float32)
-        t = flow.sample_timesteps(t_rng, b, flow.TimestepConfig())
-        xt, tt = flow.noisy(x0, x1, t), jnp.concatenate([t, t])
-        text = lambda *kinds: tuple(jnp.concatenate([cache[k][batch[kind]] for kind in kinds])
-                                    for k in ("context", "pooled"))
-        params = jax.lax.stop_gradient(frozen["params"])
-        v = velocity(params, lora, jnp.concatenate([xt, xt]), tt, *text("complete", "base"))
-        fr = jax.lax.stop_gradient(frozen)
-        r = velocity(fr.get("extractor_params", fr["params"]), fr["extractor_lora"], jnp.concatenate([xt, xt]), tt,
-                     *text("target", "null")).astype(jnp.float32)
-        return purecc_loss(v[:b], v[b:], r[:b] - r[b:], x0, x1, ObjectiveConfig())
-
-    def step(state, frozen, batch):
-        lora, opt_state, key = state
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora, frozen, batch, key)
-        updates, opt_state = tx.update(grads, opt_state, lora)
-        return (optax.apply_updates(lora, updates), opt_state, key), metrics
-
-    return step
-
-
 def main(argv):
     del argv
     side = _RESOLUTION.value // 8
@@ -94,11 +58,11 @@ def main(argv):
     params = sharding.unbox(jax.eval_shape(sd3.init_fn(base_cfg, jax.random.key(0))))
     lora = jax.eval_shape(lambda: lora_lib.init(jax.random.key(1), params, lcfg))
     tx = make_optimizer({"lora": 1e-4})
-    state = jax.eval_shape(lambda: ({"lora": lora}, tx.init({"lora": lora}), jax.random.key(0)))
+    state = jax.eval_shape(lambda: init_state({"lora": lora}, tx, 0))
     spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
     text_len, b = 77 + _T5.value, _BATCH.value
     cache = dict(latents=spec((3, side, side, base_cfg.in_channels)),
-                 context=spec((4, text_len, base_cfg.context_dim), base_cfg.dtype),
+                 t5=spec((4, text_len, base_cfg.context_dim), base_cfg.dtype),
                  pooled=spec((4, base_cfg.pooled_dim), base_cfg.dtype))
     batch = {k: spec((b,), jnp.int32) for k in ("image", "complete", "base", "target", "null")}
     print(f"jax {jax.__version__}, 1 x {dev.device_kind} ({dev.platform})")
@@ -106,7 +70,8 @@ def main(argv):
           f"{base_cfg.hidden_size}, params {base_cfg.param_dtype}, compute {base_cfg.dtype}; batch {b} at "
           f"{_RESOLUTION.value}px ({(side // 2) ** 2} image + {text_len} text tokens); LoRA rank {lcfg.rank}")
     print(f"parameters: {_count(params) / 1e9:.3f} B ({_nbytes(params) / GIB:.2f} GiB); LoRA per adapter "
-          f"{_count(lora) / 1e6:.3f} M; train state {_nbytes(state[:2]) / 2**20:.1f} MiB\n", flush=True)
+          f"{_count(lora) / 1e6:.3f} M; train state {_nbytes((state.trainable, state.opt_state)) / 2**20:.1f} MiB\n",
+          flush=True)
 
     rows = []
     for policy in _REMAT.value:
@@ -114,11 +79,12 @@ def main(argv):
         for e in _EXTRACTOR.value:
             if e not in ("shared", "copy"):
                 raise ValueError(f"--extractor entry {e!r} is not 'shared' or 'copy'")
-            frozen = dict(params=params, extractor_lora=lora, cache=cache)
-            if e == "copy":
-                frozen["extractor_params"] = params
+            extractor = Extractor(lora=lora, params=params if e == "copy" else None)
+            frozen = Frozen(params=params, cache=cache, extractor=extractor)
+            step = make_train_step(SD3Denoiser(sd3.SD3Transformer(cfg)),
+                                   StepConfig(stage="purecc", trainable_lora=lcfg, extractor_lora=lcfg), tx)
             t0 = time.perf_counter()
-            compiled = jax.jit(_step(cfg, lcfg, tx), donate_argnums=(0,)).lower(state, frozen, batch).compile()
+            compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch).compile()
             secs = time.perf_counter() - t0
             m = compiled.memory_analysis()
             arg, out, alias, temp = (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,

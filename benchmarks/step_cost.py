@@ -8,7 +8,7 @@ Each variant's step is compiled ahead of time (`jit(...).lower(...).compile()`, 
 then the variants run interleaved, one step each per round in a rotating order, so that
 load from other processes hits them alike; the table gives the median over rounds after
 warm-up. The ratios PureCC / DreamBooth (ratio of medians, and median of the per-round
-ratios) are printed next to METHOD.md §4's ideal: 3.0 with LoRA, 2.7 with full fine-tuning.
+ratios) are printed next to docs/method.md §4's ideal: 3.0 with LoRA, 2.7 with full fine-tuning.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ _IMG = flags.DEFINE_integer("img_tokens", 256, "packed image tokens (1024 for 51
 _TXT = flags.DEFINE_integer("txt_tokens", 64, "T5 tokens (512 for FLUX.1-dev)")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype")
 _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "dtype of the pretrained weights")
-_REMAT = flags.DEFINE_string("remat", "none", "remat policy (purecc_jax.models.flux.REMAT_POLICIES)")
+_REMAT = flags.DEFINE_string("remat", "none", "remat policy (purecc_jax.models.runtime.REMAT_POLICIES)")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "nn.scan over blocks")
 _ATTENTION = flags.DEFINE_string("attention", "xla", "attention implementation (purecc_jax.models.attention)")
 _RANK = flags.DEFINE_integer("lora_rank", 4, "LoRA rank (alpha = rank), attention targets")
@@ -55,7 +55,7 @@ _FSDP = flags.DEFINE_integer("fsdp", 1, "mesh: fsdp size")
 _TENSOR = flags.DEFINE_integer("tensor", 1, "mesh: tensor-parallel size")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "CPU only: number of virtual host devices (0: as is)")
 
-IDEAL = {"lora": 3.0, "full": 8 / 3}  # METHOD.md §4: (2*2 + 2*1) / 2 and (2*3 + 2*1) / 3
+IDEAL = {"lora": 3.0, "full": 8 / 3}  # docs/method.md §4: (2*2 + 2*1) / 2 and (2*3 + 2*1) / 3
 
 
 def flux_config() -> FluxConfig:
@@ -182,7 +182,7 @@ def main(argv):
     def per_round(num, den):
         return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
-    print("\n| PureCC / DreamBooth step | ratio of medians | median of per-round ratios | ideal (METHOD.md §4) |")
+    print("\n| PureCC / DreamBooth step | ratio of medians | median of per-round ratios | ideal (docs/method.md §4) |")
     print("|---|---|---|---|")
     for how in ("lora", "full"):
         a, b = f"cc/{how}", f"purecc/{how}"

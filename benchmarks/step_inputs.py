@@ -3,12 +3,12 @@
 A variant is a stage ("cc": DreamBooth, L_CC only; "purecc": stage B) and a way to train
 (LoRA or full fine-tuning). Its inputs mirror what `purecc_jax.train.Trainer` passes the step:
 
-    LoRA, cc       trainable {"lora"}     frozen {"params", "cache"}
-    LoRA, purecc   trainable {"lora"}     frozen {"params", "cache", "extractor_lora"}  one copy of the weights
-    full, cc       trainable {"params"}   frozen {"params", "cache"}                      float32 master copy
-    full, purecc   trainable {"params"}   frozen {"params", "cache", "extractor_params"}  stage A was full FT too
-    LoRA, purecc, extractor_copy          frozen {"params", "cache", "extractor_params"}  stage-A LoRA merged into
-                                                                                          a second copy (the naive way)
+    LoRA, cc       trainable {"lora"}     Frozen(params, cache)
+    LoRA, purecc   trainable {"lora"}     Frozen(params, cache, extractor=Extractor(lora))  one copy of the weights
+    full, cc       trainable {"params"}   Frozen(params, cache)                             float32 master copy
+    full, purecc   trainable {"params"}   Frozen(params, cache, extractor=Extractor(params)) stage A was full FT too
+    LoRA, purecc, extractor_copy          Frozen(params, cache, extractor=Extractor(params)) stage-A LoRA merged
+                                                                                          into a second copy
 
 `abstract_inputs` returns ShapeDtypeStructs that carry their shardings (for AOT lowering, no
 memory used); `concrete_inputs` creates real arrays of the same shapes in those shardings.
@@ -27,9 +27,11 @@ import numpy as np
 from purecc_jax import sharding
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models import quantize
+from purecc_jax.backbones.flux.denoiser import FluxDenoiser
 from purecc_jax.models.flux import FluxConfig, FluxTransformer, init_fn
 from purecc_jax.pipeline.latents import latent_image_ids
-from purecc_jax.purecc.step import StepConfig, init_state, make_loss_fn, make_optimizer, make_train_step
+from purecc_jax.purecc.step import (Extractor, Frozen, StepConfig, init_state, make_loss_fn, make_optimizer,
+                                    make_train_step)
 
 N_IMAGES = 3  # cached concept images
 TEXTS = ("complete", "base", "target", "null")  # one cached text of each kind
@@ -120,12 +122,13 @@ def abstract_inputs(cfg: FluxConfig, variant: Variant, lcfg: lora_lib.LoRAConfig
         pooled=_sds((len(TEXTS), cfg.pooled_dim), f32, rep),
         img_ids=_sds(latent_image_ids(h, w).shape, f32, rep),
     )
-    frozen: dict[str, Any] = dict(params=params, cache=cache)
+    extractor = None
     if variant.stage == "purecc":
         if variant.full_finetune or variant.extractor_copy:
-            frozen["extractor_params"] = params  # same shapes, a separate argument: a second copy
+            extractor = Extractor(params=params)  # same shapes, a separate argument: a second copy
         else:
-            frozen["extractor_lora"] = lora_tree(1)
+            extractor = Extractor(lora=lora_tree(1))
+    frozen = Frozen(params=params, cache=cache, extractor=extractor)
 
     if variant.full_finetune:
         trainable = {"params": jax.tree_util.tree_map(lambda x: _sds(x.shape, f32, x.sharding), params)}
@@ -140,8 +143,9 @@ def abstract_inputs(cfg: FluxConfig, variant: Variant, lcfg: lora_lib.LoRAConfig
 
     batch = {k: _sds((shapes.batch,), jnp.int32, sharding.batch_sharding(mesh, (shapes.batch,)))
              for k in ("image",) + TEXTS}
-    model, scfg = FluxTransformer(cfg), step_config(variant, lcfg)
-    return StepInputs(make_train_step(model, scfg, tx), make_loss_fn(model, scfg), tx, state, frozen, batch)
+    # Training guidance 1.0, as the trainer's default (a model without a guidance embedder ignores it).
+    denoiser, scfg = FluxDenoiser(FluxTransformer(cfg), guidance=1.0), step_config(variant, lcfg)
+    return StepInputs(make_train_step(denoiser, scfg, tx), make_loss_fn(denoiser, scfg), tx, state, frozen, batch)
 
 
 def pretrained(cfg: FluxConfig, mesh: jax.sharding.Mesh, seed: int = 0) -> Any:
@@ -158,13 +162,14 @@ def concrete_inputs(abstract: StepInputs, params: Any, shapes: Shapes, seed: int
         return jax.jit(lambda k: 0.02 * jax.random.normal(k, x.shape, x.dtype), out_shardings=x.sharding)(key)
 
     h, w = _image_grid(shapes.img_tokens)
-    cache = {k: random(v) for k, v in abstract.frozen["cache"].items() if k != "img_ids"}
-    cache["img_ids"] = jax.device_put(latent_image_ids(h, w), abstract.frozen["cache"]["img_ids"].sharding)
-    frozen = dict(params=params, cache=cache)
-    if "extractor_lora" in abstract.frozen:
-        frozen["extractor_lora"] = jax.tree_util.tree_map(random, abstract.frozen["extractor_lora"])
-    if "extractor_params" in abstract.frozen:
-        frozen["extractor_params"] = jax.tree_util.tree_map(jnp.copy, params)
+    cache = {k: random(v) for k, v in abstract.frozen.cache.items() if k != "img_ids"}
+    cache["img_ids"] = jax.device_put(latent_image_ids(h, w), abstract.frozen.cache["img_ids"].sharding)
+    extractor = abstract.frozen.extractor
+    if extractor is not None and extractor.lora is not None:
+        extractor = Extractor(lora=jax.tree_util.tree_map(random, extractor.lora))
+    elif extractor is not None:
+        extractor = Extractor(params=jax.tree_util.tree_map(jnp.copy, params))
+    frozen = Frozen(params=params, cache=cache, extractor=extractor)
 
     tr_abstract = abstract.state.trainable
     if "params" in tr_abstract:

@@ -1,4 +1,4 @@
-r"""PureCC on FLUX.1-dev: the paper's recipe (METHOD.md §5), both stages, LoRA export.
+r"""PureCC on FLUX.1-dev: the paper's recipe (docs/method.md §5), both stages, LoRA export.
 
 Command (a FLUX.1-dev diffusers folder is needed: `huggingface-cli download
 black-forest-labs/FLUX.1-dev --local-dir ~/FLUX.1-dev`, after accepting its licence):
@@ -25,7 +25,7 @@ diffusers' `FluxPipeline.load_lora_weights` / `load_textual_inversion`.
 Expected cost (bf16, 512 px, batch 2, one 80 GB accelerator, LoRA both stages so the
 12 B pretrained weights are held once): memory ~45 GB in stage B (24 GB weights, T5-XXL
 and CLIP on device for the concept token in stage A, activations with remat); the PureCC
-step does about 3x the work of a DreamBooth-LoRA step (METHOD.md §4). See
+step does about 3x the work of a DreamBooth-LoRA step (docs/method.md §4). See
 benchmarks/README.md for measured figures.
 """
 

@@ -1,4 +1,4 @@
-r"""PureCC on Stable Diffusion 3.5 Medium: the paper's own backbone and recipe (METHOD.md §5).
+r"""PureCC on Stable Diffusion 3.5 Medium: the paper's own backbone and recipe (docs/method.md §5).
 
 Command (a diffusers `stabilityai/stable-diffusion-3.5-medium` folder is needed: `huggingface-cli
 download stabilityai/stable-diffusion-3.5-medium --local-dir ~/sd3.5-medium`, after accepting its

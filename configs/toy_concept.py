@@ -39,9 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.concept.resolution = "32"
     c.concept.flip = True
     c.concept_embedding = "token"
-    c.model = ml_collections.ConfigDict(dict(dtype="float32", param_dtype="float32", scan_layers=True,
-                                             remat_policy="none", attention="xla", max_sequence_length=12,
-                                             base_quantization="none"))
+    c.model.update(dict(dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none",
+                        attention="xla", max_sequence_length=12, base_quantization="none"))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     c.stage_a = toy_stage(500)
     c.stage_b = toy_stage(500)

@@ -33,8 +33,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from purecc_jax import cli as cli_lib
+from purecc_jax.backbones.flux import weights as flux_io
 from purecc_jax.models.flux import FluxConfig, FluxTransformer
-from purecc_jax.weights import flux_io
 
 FLAGS = flags.FlagValues()  # this entry point's own registry (see purecc_jax.cli)
 _INPUT = flags.DEFINE_string("input", None, "diffusers folder (pipeline or transformer/) or BFL .safetensors file",
@@ -153,7 +153,7 @@ def verify(output: str | Path, input_path: str | Path, sizes: list[str], text_le
 
 def convert(input_path: str | Path, output: str | Path, param_dtype: str = "auto", scan_layers: bool = True,
             axes_dim: tuple[int, ...] | None = None) -> FluxConfig:
-    """Loads `input_path` (any format `flux_io` reads) and writes it as an orbax checkpoint."""
+    """Loads `input_path` (any format `backbones.flux.weights` reads) and writes it as an orbax checkpoint."""
     if param_dtype == "auto":
         param_dtype = flux_io.checkpoint_dtype(input_path).name
     runtime: dict[str, Any] = dict(param_dtype=param_dtype, scan_layers=scan_layers)

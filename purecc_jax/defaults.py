@@ -50,6 +50,7 @@ def concept_config() -> ml_collections.ConfigDict:
     ))
 
     c.model = ml_collections.ConfigDict(dict(
+        backbone="auto",  # auto (the pretrained folder's model_index.json) | flux | sd3
         dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat_policy="dots_no_batch",
         attention="auto", max_sequence_length=512,
         # none | int8 | fp8: frozen FLUX weights held quantized (per-output-channel scales), LoRA in float32

@@ -25,9 +25,6 @@ from ml_collections import config_flags
 from purecc_jax import cli as cli_lib
 from purecc_jax import paths
 
-# What a diffusers FLUX.1 / SD3 folder holds that the pipelines read (not the single-file checkpoints beside it).
-PIPELINE_PARTS = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "text_encoder_2",
-                  "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy_concept.py")
 
 
@@ -52,37 +49,16 @@ def make_flags(argv: Sequence[str]) -> flags.FlagValues:
     return fv
 
 
-def run(config, workdir: str | Path):
-    """Runs the job a config describes; returns what it produced (the toy report or the final stage)."""
+def run(config, workdir: str | Path) -> Any:
+    """Runs the job a config describes: the toy world (configs/toy_concept.py, the default) or a training
+    run (`train.run`); returns what it produced (the toy report, or the final stage)."""
     if config.get("toy") is not None:
         from purecc_jax.toyworld import experiment
 
         return experiment.run(config, workdir)
+    from purecc_jax import train
 
-    import jax
-
-    from purecc_jax import backbones, sharding, train
-
-    train.validate(config)
-    # The mesh is settled (or refused) before anything is read or compiled.
-    running = [config.stage_a] * (not config.get("extractor_lora")) + [config.stage_b] * (config.method == "purecc")
-    mesh = sharding.make_mesh(*sharding.mesh_sizes(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                                                   jax.device_count(), [st.batch_size for st in running]))
-    if not config.pretrained:
-        raise ValueError("config.pretrained is empty: point it at a diffusers FLUX.1-dev folder "
-                         "(huggingface-cli download black-forest-labs/FLUX.1-dev --local-dir DIR) or an SD3.5 one "
-                         "(stabilityai/stable-diffusion-3.5-medium)")
-    # A bucket folder is copied once per host (checked, cached) for the readers that need local files.
-    pretrained = str(paths.local_copy(config.pretrained, only=PIPELINE_PARTS))
-    backbone = backbones.select(pretrained, config.model.get("backbone", backbones.AUTO))
-    backbone.check_folder(pretrained, config)
-    backbone.check_config(config)
-    train.check_resume(config, workdir)
-    rules = sharding.rules_from_config(config.axis_rules)
-    m = config.model
-    parts = backbone.load(pretrained, mesh=mesh, rules=rules, dtype=m.dtype, param_dtype=m.param_dtype,
-                          scan_layers=m.scan_layers, remat_policy=m.remat_policy, attention=m.attention)
-    return train.Trainer(config, workdir, parts, backbone=backbone).run()
+    return train.run(config, workdir)
 
 
 def compilation_cache(workdir: str | Path, several_processes: bool) -> None:

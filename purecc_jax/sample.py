@@ -8,7 +8,7 @@ r"""Text-to-image sampling from a diffusers FLUX pipeline folder, as FluxPipelin
 writes /tmp/dog_0.png .. dog_3.png (prompt-major: prompt p, image i is number p * num_images + i;
 a single image is written to --output itself). An --output ending in .npy receives all images
 as float32 (B, H, W, 3) in [0, 1]. Image i of a prompt starts from the noise of seed
---seed + i (see pipeline.sampler.initial_noise), or from --init_latents (packed (B, N, 64)
+--seed + i (see backbones.flux.sampler.initial_noise), or from --init_latents (packed (B, N, 64)
 .npy as FluxPipeline's `latents=`, or (1, N, 64) for every image).
 
 A PureCC training run is sampled with `--workdir=W`: the LoRA (or fine-tuned weights) and
@@ -20,8 +20,8 @@ kohya file) at `--lora_scale`:
     python -m purecc_jax.sample --workdir=runs/dog --prompt="a photo of sks dog" --output=/tmp/sks.png
     python -m purecc_jax.sample --pretrained=/models/FLUX.1-dev --lora=style.safetensors --lora_scale=0.8 ...
 
-The library half is `purecc_jax.pipeline.generate` (sampling) and `purecc_jax.trained`
-(reading what a run adds).
+The library half is the backbone's `generate` (`purecc_jax.backbones`; FLUX's is
+`backbones.flux.generate`) and `purecc_jax.trained` (reading what a run adds).
 
 Every path may be a bucket URL (gs://...; `purecc_jax.paths`): --workdir, --export and
 --pretrained are read from checked copies on this host (made once, in PURECC_CACHE), --lora and
@@ -31,10 +31,10 @@ Every path may be a bucket URL (gs://...; `purecc_jax.paths`): --workdir, --expo
         --output=gs://BUCKET/samples/sks.png
 
 A `--pretrained` folder whose model_index.json names StableDiffusion3Pipeline (SD3 / SD3.5) is
-sampled as that pipeline does (`purecc_jax.pipeline.sd3`): --guidance is its guidance_scale
+sampled as that pipeline does (`purecc_jax.backbones.sd3`): --guidance is its guidance_scale
 (default 7.0, CFG with --negative_prompt), --max_sequence_length defaults to 256, and
---init_latents takes its NCHW `latents=` array (B, 16, H/8, W/8); --lora takes a diffusers SD3 LoRA, and
---workdir / --export sample an SD3 PureCC run's LoRA (configs/sd35_concept.py).
+--init_latents takes its NCHW `latents=` array (B, 16, H/8, W/8), one row per image; --lora takes a
+diffusers SD3 LoRA, and --workdir / --export sample an SD3 PureCC run's LoRA (configs/sd35_concept.py).
 """
 
 from __future__ import annotations
@@ -46,13 +46,12 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from purecc_jax import backbones
 from purecc_jax import cli as cli_lib
 from purecc_jax import paths
 from purecc_jax import trained as trained_lib
-from purecc_jax.pipeline.folder import load_pipeline
-from purecc_jax.pipeline import sd3 as sd3_pipeline
-from purecc_jax.pipeline.generate import SampleSettings, generate, write_images
-from purecc_jax.weights import formats, sd3_lora
+from purecc_jax.pipeline.images import write_images
+from purecc_jax.pipeline.settings import SampleSettings
 
 # Flags live in their own FlagValues (see purecc_jax.cli).
 FLAGS = flags.FlagValues()
@@ -70,10 +69,10 @@ _PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt (repeat the flag for
 _HEIGHT = flags.DEFINE_integer("height", 1024, "image height in pixels (multiple of 16)", flag_values=FLAGS)
 _WIDTH = flags.DEFINE_integer("width", 1024, "image width in pixels (multiple of 16)", flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer("steps", 28, "denoising steps", flag_values=FLAGS)
-_GUIDANCE = flags.DEFINE_float("guidance", 3.5, "embedded guidance scale (FLUX.1-dev; ignored by schnell)",
-                               flag_values=FLAGS)
-_MAX_SEQ = flags.DEFINE_integer("max_sequence_length", 512, "T5 tokens (512 for dev, 256 for schnell)",
-                                flag_values=FLAGS)
+_GUIDANCE = flags.DEFINE_float("guidance", None, "FLUX.1-dev's embedded guidance (default 3.5; ignored by schnell); "
+                               "SD3's classifier-free guidance_scale (default 7.0)", flag_values=FLAGS)
+_MAX_SEQ = flags.DEFINE_integer("max_sequence_length", None, "T5 tokens (default: FLUX 512, for schnell give 256; "
+                                "SD3 256)", flag_values=FLAGS)
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the first image of each prompt", flag_values=FLAGS)
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "images per prompt", flag_values=FLAGS)
 _OUTPUT = flags.DEFINE_string("output", None, "PNG path (several images: stem_i.png) or .npy", flag_values=FLAGS)
@@ -101,11 +100,9 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--pretrained (or --workdir of a training run, or --export) is required")
     if _WORKDIR.value and _EXPORT.value:
         raise app.UsageError("--workdir samples the run's export/; give --export only without it")
-    settings = SampleSettings(_HEIGHT.value, _WIDTH.value, _STEPS.value, _GUIDANCE.value, _MAX_SEQ.value,
-                              _NEGATIVE.value, _TRUE_CFG.value)
-    for name, value in (("height", settings.height), ("width", settings.width)):
-        if value <= 0 or value % 16:
-            raise app.UsageError(f"--{name}={value} is not a positive multiple of 16")
+    for flag in (_HEIGHT, _WIDTH):
+        if flag.value <= 0 or flag.value % 16:
+            raise app.UsageError(f"--{flag.name}={flag.value} is not a positive multiple of 16")
     if _NUM_IMAGES.value < 1:
         raise app.UsageError(f"--num_images={_NUM_IMAGES.value} must be at least 1")
     init_latents = None if _INIT_LATENTS.value is None else _load_npy(_INIT_LATENTS.value)
@@ -114,40 +111,29 @@ def main(argv: Sequence[str]) -> None:
         pretrained = trained_lib.read_meta(_EXPORT.value).get("pretrained")
         if not pretrained:
             raise app.UsageError(f"{_EXPORT.value}/purecc.json names no pretrained folder: pass --pretrained")
-    pretrained = _local_pipeline(pretrained or trained_lib.workdir_pretrained(_WORKDIR.value))
-    if sd3_pipeline.is_sd3_folder(pretrained):
-        _sample_sd3(pretrained, init_latents)
-        return
-
-    parts = load_pipeline(pretrained, mesh=cli_lib.mesh_from_flag(_MESH.value), dtype=_DTYPE.value,
+    pretrained = backbones.local_pipeline(pretrained or trained_lib.workdir_pretrained(_WORKDIR.value))
+    backbone = backbones.from_folder(pretrained)
+    settings = SampleSettings(
+        _HEIGHT.value, _WIDTH.value, _STEPS.value,
+        backbone.default_guidance if _GUIDANCE.value is None else _GUIDANCE.value,
+        backbone.default_max_sequence_length if _MAX_SEQ.value is None else _MAX_SEQ.value,
+        _NEGATIVE.value, _TRUE_CFG.value)
+    parts = backbone.load(pretrained, mesh=cli_lib.mesh_from_flag(_MESH.value), dtype=_DTYPE.value,
                           param_dtype=_PARAM_DTYPE.value)
     trained = None
     if _WORKDIR.value:
-        parts, trained = trained_lib.load_trained(_WORKDIR.value, parts, _LORA_SCALE.value)
+        parts, trained = trained_lib.load_trained(_WORKDIR.value, parts, _LORA_SCALE.value, backbone)
     elif _EXPORT.value:
-        parts, trained = trained_lib.load_export(_EXPORT.value, parts, _LORA_SCALE.value)
-    prompts = list(_PROMPT.value)
-    overrides = trained_lib.trained_overrides(parts, prompts, settings, trained)
+        parts, trained = trained_lib.load_export(_EXPORT.value, parts, _LORA_SCALE.value, backbone)
+    lora = None
     if _LORA.value:
-        if overrides.get("lora") is not None:
-            raise app.UsageError(f"--lora={_LORA.value}: the trained run already brings a LoRA; "
-                                 "sample one LoRA at a time")
-        with _local_lora() as lora:
-            overrides["lora"] = formats.lora_variables(lora, parts, _LORA_SCALE.value)
-    out = generate(parts, prompts, settings, seeds=[_SEED.value + i for i in range(_NUM_IMAGES.value)],
-                   init_latents=init_latents, progress=_PROGRESS.value, **overrides)
-    for path in _write_images(np.asarray(jax.device_get(out.images)), _OUTPUT.value):
+        with _local_lora() as file:
+            lora = backbone.lora_collection(file, parts, _LORA_SCALE.value)
+    images = backbone.generate(parts, list(_PROMPT.value), settings,
+                               seeds=[_SEED.value + i for i in range(_NUM_IMAGES.value)], init_latents=init_latents,
+                               trained=trained, lora=lora, progress=_PROGRESS.value)
+    for path in _write_images(np.asarray(jax.device_get(images)), _OUTPUT.value):
         logging.info("wrote %s", path)
-
-
-# Everything a diffusers FLUX.1 / SD3 folder holds that the pipelines read (not single-file checkpoints beside it).
-_PIPELINE_PARTS = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "text_encoder_2",
-                   "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
-
-
-def _local_pipeline(folder: str) -> str:
-    """A pipeline folder on this host: `folder` itself, or the checked per-host copy of a bucket folder."""
-    return str(paths.local_copy(folder, only=_PIPELINE_PARTS)) if paths.is_remote(folder) else folder
 
 
 def _load_npy(file: str) -> np.ndarray:
@@ -178,37 +164,6 @@ def _write_images(images: np.ndarray, output: str) -> list:
     with paths.local_folder(out.parent) as local:
         written = write_images(images, local / out.name)
     return [out.parent / p.name for p in written]
-
-
-def _sample_sd3(pretrained: str, init_latents: np.ndarray | None) -> None:
-    """`pretrained` is an SD3 folder: StableDiffusion3Pipeline's sampling, one batch of prompts x num_images,
-    with a trained run's (--workdir, --export) or a file's (--lora) LoRA."""
-    from purecc_jax import backbones
-
-    unsupported = [f.name for f in (_MESH,) if f.value] + (["true_cfg_scale"] if _TRUE_CFG.value != 1.0 else [])
-    if unsupported:
-        raise app.UsageError(f"--{', --'.join(unsupported)}: not supported for SD3 pipeline folders yet")
-    prompts = [p for p in _PROMPT.value for _ in range(_NUM_IMAGES.value)]
-    parts = sd3_pipeline.load_sd3_pipeline(pretrained, dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value)
-    lora = None
-    export = _EXPORT.value or (_WORKDIR.value and f"{_WORKDIR.value.rstrip('/')}/export")
-    if export:
-        parts, lora = backbones.SD3.load_export(export, parts, _LORA_SCALE.value)
-    if _LORA.value:
-        if lora is not None:
-            raise app.UsageError(f"--lora={_LORA.value}: the trained run already brings a LoRA; "
-                                 "sample one LoRA at a time")
-        with _local_lora() as file:
-            lora = sd3_lora.collection(file, parts.transformer_config, _LORA_SCALE.value)
-    images = sd3_pipeline.sample_sd3(
-        parts, prompts, height=_HEIGHT.value, width=_WIDTH.value, steps=_STEPS.value,
-        guidance=_GUIDANCE.value if FLAGS["guidance"].present else sd3_pipeline.DEFAULT_GUIDANCE,
-        negative_prompts=None if _NEGATIVE.value is None else [_NEGATIVE.value] * len(prompts),
-        init_latents=init_latents, seed=_SEED.value,
-        max_sequence_length=_MAX_SEQ.value if FLAGS["max_sequence_length"].present
-        else sd3_pipeline.DEFAULT_MAX_SEQUENCE_LENGTH, lora=lora)
-    for path in _write_images(images, _OUTPUT.value):
-        logging.info("wrote %s", path)
 
 
 def cli(argv: Sequence[str]) -> None:

@@ -7,8 +7,8 @@
 
 Each stage resumes from its latest checkpoint and is skipped when finished. `method=dreambooth`
 runs stage A alone (L_CC only) and exports it: the baseline. The pretrained model is any
-backbone's (`purecc_jax.backbones`: FLUX.1, SD3 / SD3.5), reached through its interface; only the
-learned concept embeddings (token rows, layer-wise vectors) are FLUX's, and other backbones refuse them.
+backbone's (`purecc_jax.backbones`: FLUX.1, SD3 / SD3.5), reached only through its interface
+(`backbones.Backbone`); `run(config, workdir)` is the whole job from a config.
 """
 
 from __future__ import annotations
@@ -23,21 +23,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from purecc_jax import backbones, defaults, multihost, paths, sharding
+from purecc_jax import trained as trained_lib
+from purecc_jax.backbones.base import Backbone, Trained
 from purecc_jax.data import cache as cache_lib
 from purecc_jax.data import concept as concept_lib
+from purecc_jax.data import texts as texts_lib
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models import quantize
-from purecc_jax.models.flux import ConceptInjection
-from purecc_jax.pipeline.text import TextEmbeddings, _encode  # the jitted pure function, for in-step use
-from purecc_jax.purecc import embeddings as emb_lib
-from purecc_jax.purecc import flow, loop
-from purecc_jax.purecc import texts as texts_lib
+from purecc_jax.pipeline import flow
+from purecc_jax.pipeline.settings import SampleSettings
+from purecc_jax.purecc import loop
 from purecc_jax.purecc.objective import ObjectiveConfig
-from purecc_jax.purecc.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
+from purecc_jax.purecc.step import (Extractor, Frozen, StepConfig, init_state, jit_train_step, make_optimizer,
+                                    make_train_step)
 
 log = logging.getLogger(__name__)
 METHODS = ("purecc", "dreambooth")
@@ -54,7 +55,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.concept.path:
         raise ValueError("config.concept.path is empty: give a folder of 3-5 images or a DreamBench subject name")
     texts_lib.check_identifier(config.concept.identifier, config.concept.class_word)
-    if config.get("extractor_lora"):
+    if config.extractor_lora:
         if config.method != "purecc":
             raise ValueError(f"config.extractor_lora is stage B's extractor; method={config.method!r} has no stage B")
         if config.concept_embedding != "none":
@@ -62,12 +63,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                              f"set concept_embedding=none (not {config.concept_embedding!r})")
         if not Path(config.extractor_lora).expanduser().is_file():
             raise FileNotFoundError(f"config.extractor_lora={config.extractor_lora!r} is not a file")
-    quant = config.model.get("base_quantization", "none")
+    quant = config.model.base_quantization
     quantize.check_mode(quant)
     if quant != "none" and (config.stage_a.full_finetune or config.stage_b.full_finetune):
         raise ValueError(f"config.model.base_quantization={quant!r} holds the frozen weights quantized: it needs "
                          "LoRA in both stages (set stage_a/stage_b.full_finetune=False or base_quantization=none)")
-    runs = {"stage_a": not config.get("extractor_lora"), "stage_b": config.method == "purecc"}
+    runs = {"stage_a": not config.extractor_lora, "stage_b": config.method == "purecc"}
     for name in ("stage_a", "stage_b"):
         st = config[name]
         if st.steps < int(runs[name]) or st.batch_size < 1:
@@ -90,10 +91,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if config[key] < 1:
             raise ValueError(f"config.{key}={config[key]} must be >= 1")
-    if config.get("max_nonfinite_steps", 0) < 0:
+    if config.max_nonfinite_steps < 0:
         raise ValueError(f"config.max_nonfinite_steps={config.max_nonfinite_steps} must be >= 0 (0: never stop)")
     ObjectiveConfig(**_objective_kwargs(config))
     flow.TimestepConfig(**config.timesteps)
+
+
+def check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
+    """`validate` and what `backbone` cannot run; cheap, so it runs before anything is loaded."""
+    validate(config)
+    backbone.check_config(config)
 
 
 def _objective_kwargs(config) -> dict[str, Any]:
@@ -103,7 +110,7 @@ def _objective_kwargs(config) -> dict[str, Any]:
                 stop_grad_original=o.stop_grad_original)
 
 
-def lora_config(stage_cfg, backbone: backbones.Backbone = backbones.FLUX) -> lora_lib.LoRAConfig:
+def lora_config(stage_cfg, backbone: Backbone) -> lora_lib.LoRAConfig:
     """A stage's LoRA; `targets` is a preset name of the backbone (e.g. "attention") or a list of regexes."""
     c = stage_cfg.lora
     return lora_lib.LoRAConfig(rank=c.rank, alpha=float(c.alpha), targets=backbone.lora_targets(c.targets),
@@ -122,7 +129,7 @@ def schedule(stage_cfg, lr: float) -> optax.Schedule:
     else:
         main = optax.linear_schedule(lr, 0.0, max(total - warm, 1))
     per_step = optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm]) if warm else main
-    k = stage_cfg.get("grad_accum", 1)
+    k = stage_cfg.grad_accum
     return per_step if k == 1 else (lambda update: per_step(update * k))
 
 
@@ -134,17 +141,13 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 
 # Config keys (and groups) that change how a run reports or exports, not the parameters it trains.
-# The toy world's experiment-level keys (which methods and seeds run, how they are evaluated and
-# tested) do not change any one method's run, so a rerun with more methods or seeds resumes them.
 RESUME_IGNORES = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps",
-                  "force_resume", "sample", "export", "toy.seeds", "toy.ablations", "toy.etas",
-                  "toy.fixed_lambdas", "toy.methods", "toy.alpha", "toy.quick", "toy.base_only", "toy.evaluation",
-                  "toy.sampling")
+                  "force_resume", "sample", "export")
 
 
-def _ignored(key: str) -> bool:
+def _ignored(key: str, ignore: Sequence[str]) -> bool:
     parts = key.rstrip(".").split(".")
-    return any(".".join(parts[:i]) in RESUME_IGNORES for i in range(1, len(parts) + 1))
+    return any(".".join(parts[:i]) in ignore for i in range(1, len(parts) + 1))
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -153,17 +156,18 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()} or {prefix: {}}
 
 
-def check_resume(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+def check_resume(config: ml_collections.ConfigDict, workdir: str | Path, ignore: Sequence[str] = ()) -> None:
     """Refuses a workdir that holds a run of a different config (its config.json), unless
-    `config.force_resume`: resuming it would mix two runs' checkpoints."""
+    `config.force_resume`: resuming it would mix two runs' checkpoints. Keys in `RESUME_IGNORES` and
+    `ignore` (an application's keys that change no single run) may differ."""
     path = paths.path(workdir) / "config.json"
-    if not path.is_file() or config.get("force_resume"):
+    if not path.is_file() or config.force_resume:
         return
     saved, now = _flat(json.loads(path.read_text())), _flat(json.loads(config.to_json_best_effort()))
     # A key newer than the saved run, at its default, is the behaviour that run had.
     default = _flat(json.loads(defaults.concept_config().to_json_best_effort()))
     keys = sorted(k for k in saved.keys() | now.keys()
-                  if not _ignored(k) and saved.get(k, "<unset>") != now.get(k, "<unset>")
+                  if not _ignored(k, (*RESUME_IGNORES, *ignore)) and saved.get(k, "<unset>") != now.get(k, "<unset>")
                   and not (k not in saved and k in default and now[k] == default[k]))
     if keys:
         diffs = "\n  ".join(f"{k.rstrip('.')}: {saved.get(k, '<unset>')!r} there, {now.get(k, '<unset>')!r} now"
@@ -187,39 +191,36 @@ class Stage:
 class Trainer:
     """Holds the pretrained model, the concept cache and the mesh for both stages.
 
-    `parts` is what a backbone loaded (`backbones.Backbone.load`: FluxParts, SD3Parts); every
-    backbone-specific step (cache, velocity, sampling, export) goes through `self.backbone`.
+    `parts` is what a backbone loaded (`Backbone.load`); everything backbone-specific (the cache,
+    the denoiser the step runs, learned embeddings, sampling, export) goes through `self.backbone`.
+    `resume_ignores`: config keys an application (the toy world) may change between runs of one workdir.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, parts: Any,
                  concept: concept_lib.Concept | None = None, codec: Any = None,
-                 backbone: backbones.Backbone | None = None):
-        validate(config)
+                 backbone: Backbone | None = None, resume_ignores: Sequence[str] = ()):
         self.backbone = backbone or backbones.for_parts(parts)
-        self.backbone.check_config(config)
-        quant = config.model.get("base_quantization", "none")
+        check(config, self.backbone)
+        quant = config.model.base_quantization
         if quant != "none":  # QLoRA-style: one quantized copy, shared by the trainable model and the extractor
             parts = dataclasses.replace(parts, transformer_params=quantize.quantize(parts.transformer_params, quant))
         self.config, self.workdir, self.parts = config, paths.path(workdir), parts
+        self.resume_ignores = tuple(resume_ignores)
         self.mesh = parts.mesh or sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
         self.rules = parts.rules
         self.codec = codec or parts.codec
-        self.model = self.backbone.model(parts.transformer_config)
         c = config.concept
         self.concept = concept or concept_lib.find(
             c.path, identifier=c.identifier, class_word=c.class_word, template=c.template,
             dreambench_root=c.dreambench_root or None)
         self.token_mode = config.concept_embedding == "token"
-        ident = self.concept.identifier
-        self.backbone.check_identifier(parts, ident, config.concept_embedding)
         if self.token_mode:
             _check_whole_word_identifier(self.concept)
-            if ident not in self.parts.tokenizers.concept_words:
-                self.parts.tokenizers.add_concept_token(ident)
+        self.backbone.prepare_identifier(parts, self.concept.identifier, config.concept_embedding)
         self.max_len = config.model.max_sequence_length
+        self.guidance = self.backbone.train_guidance(parts, config)
         self.cache = self._build_cache()
         self.cache_device = jax.device_put(self.cache.arrays, sharding.replicated(self.mesh))
-        self.guidance = self.backbone.train_guidance(parts, config)
 
     # --- data
 
@@ -228,7 +229,9 @@ class Trainer:
         size = concept_lib.parse_resolution(c.resolution)
         images, view_image = concept_lib.views(self.concept, size, crop=c.crop, crops_per_image=c.crops_per_image,
                                                flip=c.flip, seed=self.config.seed)
-        extra = self.initial_embeddings() if self.token_mode else None
+        # Token rows start from the class word's embeddings and enter the cached encodings.
+        extra = self.backbone.initial_embeddings(self.parts, "token", self.concept, None, self.config.seed,
+                                                 self.guidance) if self.token_mode else None
         log.info("encoding %d views of %d images and their texts", len(images), len(self.concept.images))
         return self.backbone.build_cache(self.concept, images, view_image, self.parts, self.codec, self.max_len, extra)
 
@@ -236,52 +239,27 @@ class Trainer:
         def get(step: int):
             b = self.cache.batch(step, batch_size, seed)  # indices, the same in every process
             # each process puts only the rows of its own devices
-            return multihost.put(b, jax.tree_util.tree_map(lambda x: sharding.batch_sharding(self.mesh, x.shape), b))
+            return multihost.put(b, jax.tree_util.tree_map(
+                lambda x: sharding.batch_sharding(self.mesh, x.shape, self.rules), b))
         return get
 
-    # --- concept embeddings
-
-    def initial_embeddings(self) -> dict[str, jax.Array] | None:
-        kind = self.config.concept_embedding
-        if kind == "none":
-            return None
-        if kind == "token":
-            tok, text = self.parts.tokenizers, self.parts.text
-            return emb_lib.init_token(text.clip_params["token_embedding"], text.t5_params["token_embedding"],
-                                      tok.word_ids(self.concept.class_word, "clip"),
-                                      tok.word_ids(self.concept.class_word, "t5"))
-        a = self.cache.arrays
-        views = np.arange(min(self.cache.n_views, 8))
-        text_idx = np.asarray([self.cache.view_texts["complete"][v] for v in views])
-        x0 = jnp.asarray(a["latents"][views])
-        t = jnp.full((len(views),), 0.5)
-        xt = flow.noisy(x0, jax.random.normal(jax.random.key(self.config.seed), x0.shape), t)
-        inputs = dict(img=xt, txt=jnp.asarray(a["t5"][text_idx]), pooled=jnp.asarray(a["pooled"][text_idx]),
-                      timesteps=t, img_ids=jnp.asarray(a["img_ids"]), txt_ids=jnp.zeros((a["t5"].shape[1], 3)),
-                      guidance=None if self.guidance is None else jnp.full((len(views),), self.guidance))
-        return emb_lib.init_layerwise(self.model, {"params": self.parts.transformer_params}, inputs,
-                                      jnp.asarray(a["ident_mask"][text_idx]))
+    def initial_embeddings(self) -> Any:
+        """The concept embeddings' starting values (layer-wise ones read the model on the concept cache)."""
+        return self.backbone.initial_embeddings(self.parts, self.config.concept_embedding, self.concept, self.cache,
+                                                self.config.seed, self.guidance)
 
     # --- one stage
 
-    def _encode_fn(self):
-        text = self.parts.text
-
-        def encode(text_params, clip_ids, t5_ids, clip_extra, t5_extra):
-            return tuple(_encode(text.clip_config, text.t5_config, text_params["clip"], text_params["t5"],
-                                 clip_ids, t5_ids, clip_extra, t5_extra))
-        return encode
-
     def run_stage(self, name: str, stage_cfg, step_cfg: StepConfig, trainable: dict[str, Any],
-                  frozen: dict[str, Any], sample_lora: lora_lib.LoRAConfig | None) -> dict[str, Any]:
+                  frozen: Frozen, sample_lora: lora_lib.LoRAConfig | None) -> dict[str, Any]:
         lrs = {k: schedule(stage_cfg, stage_cfg.embedding_learning_rate if k == "embeddings"
                            else stage_cfg.learning_rate) for k in trainable}
         o = self.config.optimizer
         tx = make_optimizer(lrs, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                             grad_clip=o.grad_clip or None, grad_accum=stage_cfg.grad_accum)
         main_lr = lrs.get("lora", lrs.get("params"))
-        encode = self._encode_fn() if self.token_mode else None  # learned token rows re-encode texts in the step
-        step = make_train_step(self.model, step_cfg, tx, main_lr, encode, stage_cfg.grad_accum)
+        denoiser = self.backbone.denoiser(self.parts, self.config)
+        step = make_train_step(denoiser, step_cfg, tx, main_lr, stage_cfg.grad_accum)
         seed = self.config.seed + (0 if name == "stage_a" else 1)
         with sharding.activate(self.mesh, self.rules):
             state = jax.jit(lambda tr: init_state(tr, tx, seed))(trainable)
@@ -302,30 +280,23 @@ class Trainer:
         c = self.concept
         return [p.format(identifier=c.identifier, class_word=c.class_word) for p in self.config.sample.prompts]
 
-    def embed_prompts(self, prompts: Sequence[str], embeddings: dict[str, Any] | None
-                      ) -> tuple[TextEmbeddings, ConceptInjection | None]:
-        """Text embeddings (+ layer-wise injection) of prompts under the learned concept embeddings."""
-        return emb_lib.embed_prompts(self.parts.text, prompts, self.max_len, self.config.concept_embedding,
-                                     self.concept.identifier, embeddings)
-
-    def _sample_fn(self, lcfg: lora_lib.LoRAConfig | None, frozen: dict[str, Any]):
-        from purecc_jax.pipeline.generate import SampleSettings
-
+    def _sample_fn(self, lcfg: lora_lib.LoRAConfig | None, frozen: Frozen):
         s = self.config.sample
         prompts = self.sample_prompts()
         settings = SampleSettings(height=s.height, width=s.width, steps=s.steps, guidance=s.guidance,
                                   max_sequence_length=self.max_len)
+        c = self.concept
 
         def sample(state):
             tr = state.trainable
-            emb = tr.get("embeddings", frozen.get("embeddings"))
             parts = self.parts
             if "params" in tr:
                 parts = dataclasses.replace(parts, transformer_params=tr["params"])
             adapter = None if "lora" not in tr else lora_lib.variables(tr["lora"], lcfg)
-            images = self.backbone.sample(parts, prompts, settings, seed=s.seed, lora=adapter,
-                                          concept_embedding=self.config.concept_embedding,
-                                          identifier=self.concept.identifier, embeddings=emb, codec=self.codec)
+            trained = Trained(c.identifier, c.class_word, self.config.concept_embedding, adapter,
+                              tr.get("embeddings", frozen.embeddings))
+            images = self.backbone.generate(parts, prompts, settings, seeds=(s.seed,), trained=trained,
+                                            codec=self.codec)
             return multihost.to_host(images), prompts
         return sample
 
@@ -346,30 +317,24 @@ class Trainer:
             trainable["embeddings"] = jax.device_put(embeddings, sharding.replicated(self.mesh))
         return trainable
 
-    def text_params(self) -> dict[str, Any]:
-        return {"clip": self.parts.text.clip_params, "t5": self.parts.text.t5_params}
-
     def stage_a(self) -> Stage:
         cfg = self.config
         st = cfg.stage_a
         trainable = self.fresh_trainable(st, jax.random.key(cfg.seed), self.initial_embeddings())
-        frozen = {"params": self.parts.transformer_params, "cache": self.cache_device}
-        if self.token_mode:
-            frozen["text"] = self.text_params()
+        text = self.backbone.text_params(self.parts) if self.token_mode else None
+        frozen = Frozen(params=self.parts.transformer_params, cache=self.cache_device, text=text)
         lcfg = None if st.full_finetune else lora_config(st, self.backbone)
-        step_cfg = StepConfig(stage="cc", timesteps=flow.TimestepConfig(**cfg.timesteps), guidance=self.guidance,
-                              concept_embedding=cfg.concept_embedding, trainable_lora=lcfg, extractor_lora=None)
+        step_cfg = StepConfig(stage="cc", timesteps=flow.TimestepConfig(**cfg.timesteps), trainable_lora=lcfg,
+                              extractor_lora=None)
         trained = self.run_stage("stage_a", st, step_cfg, trainable, frozen, lcfg)
         return Stage("stage_a", trained, lcfg, self.workdir / "stage_a")
 
     def imported_extractor(self) -> Stage:
         """Stage A's result taken from an existing LoRA file (`config.extractor_lora`), placed like the model."""
-        from purecc_jax.weights import formats
-
         path = Path(self.config.extractor_lora).expanduser()
         params, cfg = self.parts.transformer_params, self.parts.transformer_config
         tree, lcfg = self.backbone.read_lora(path, cfg, scanned=cfg.scan_layers)
-        formats.check_fits(tree, params, path)
+        lora_lib.check_fits(tree, params, path)
         placed = jax.device_put(tree, lora_lib.shardings(tree, jax.tree_util.tree_map(lambda x: x.sharding, params)))
         log.info("stage A skipped: the extractor is the LoRA of %s (rank %d)", path, lcfg.rank)
         return Stage("extractor_lora", {"lora": placed}, lcfg, path)
@@ -379,31 +344,30 @@ class Trainer:
         st = cfg.stage_b
         learned = a.trainable.get("embeddings")
         train_emb = cfg.train_embeddings_in_stage_b and learned is not None
-        if self.token_mode and learned is not None:
+        if learned is not None:
             # Frozen token embeddings are baked into the cached encodings of the complete/target texts.
-            self.cache = cache_lib.encode_texts(self.cache, self.parts.text, learned)
+            self.cache = self.backbone.bake_embeddings(self.cache, self.parts, learned, cfg.concept_embedding)
             self.cache_device = jax.device_put(self.cache.arrays, sharding.replicated(self.mesh))
         trainable = self.fresh_trainable(st, jax.random.key(cfg.seed + 1), learned if train_emb else None)
-        frozen = {"params": self.parts.transformer_params, "cache": self.cache_device}
-        if learned is not None and not train_emb:
-            frozen["embeddings"] = learned
-        if self.token_mode and train_emb:
-            frozen["text"] = self.text_params()
+        extractor = Extractor()
         if train_emb:
             # θ1 is frozen, its concept embedding included: the extractor keeps stage A's while stage B's move.
             # A copy: the trainable embeddings may share these buffers, and the step donates them.
-            frozen["extractor_embeddings"] = jax.tree_util.tree_map(jnp.copy, learned)
+            extractor = extractor.replace(embeddings=jax.tree_util.tree_map(jnp.copy, learned))
         extractor_lora = None
         if cfg.objective.extractor_uses_stage_a_lora:
             if "lora" in a.trainable:
-                frozen["extractor_lora"] = a.trainable["lora"]
+                extractor = extractor.replace(lora=a.trainable["lora"])
                 extractor_lora = a.lora
             else:
-                frozen["extractor_params"] = a.trainable["params"]
+                extractor = extractor.replace(params=a.trainable["params"])
+        frozen = Frozen(params=self.parts.transformer_params, cache=self.cache_device,
+                        embeddings=learned if learned is not None and not train_emb else None,
+                        text=self.backbone.text_params(self.parts) if self.token_mode and train_emb else None,
+                        extractor=extractor)
         lcfg = None if st.full_finetune else lora_config(st, self.backbone)
         step_cfg = StepConfig(stage="purecc", objective=ObjectiveConfig(**_objective_kwargs(cfg)),
-                              timesteps=flow.TimestepConfig(**cfg.timesteps), guidance=self.guidance,
-                              concept_embedding=cfg.concept_embedding, trainable_lora=lcfg,
+                              timesteps=flow.TimestepConfig(**cfg.timesteps), trainable_lora=lcfg,
                               extractor_lora=extractor_lora)
         trained = self.run_stage("stage_b", st, step_cfg, trainable, frozen, lcfg)
         if not train_emb and learned is not None:
@@ -411,9 +375,9 @@ class Trainer:
         return Stage("stage_b", trained, lcfg, self.workdir / "stage_b")
 
     def run(self) -> Stage:
-        check_resume(self.config, self.workdir)
+        check_resume(self.config, self.workdir, self.resume_ignores)
         save_config(self.config, self.workdir)
-        a = self.imported_extractor() if self.config.get("extractor_lora") else self.stage_a()
+        a = self.imported_extractor() if self.config.extractor_lora else self.stage_a()
         final = a if self.config.method == "dreambooth" else self.stage_b(a)
         host = dataclasses.replace(final, trainable=multihost.to_host(final.trainable))  # every process gathers
         if multihost.is_main():
@@ -435,7 +399,7 @@ def _check_whole_word_identifier(concept: concept_lib.Concept) -> None:
 def loop_config(config, steps: int) -> loop.LoopConfig:
     return loop.LoopConfig(steps=steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                            keep_checkpoints=config.keep_checkpoints, sample_every=config.sample.every,
-                           progress=config.progress, max_nonfinite_steps=config.get("max_nonfinite_steps", 10))
+                           progress=config.progress, max_nonfinite_steps=config.max_nonfinite_steps)
 
 
 # ----------------------------------------------------------------------------- export
@@ -443,9 +407,6 @@ def loop_config(config, steps: int) -> loop.LoopConfig:
 def export(stage: Stage, trainer: Trainer, folder: Path) -> Path:
     """The final stage in the default format (diffusers LoRA, or a transformer/ folder for full weights),
     with the concept embeddings and a model card: the same writer as `python -m purecc_jax.export`."""
-    from purecc_jax import trained as trained_lib
-    from purecc_jax.weights.formats import dtype_named
-
     c = trainer.config
     step = c[stage.name].steps
     info = trained_lib.ConceptInfo(trainer.concept.identifier, trainer.concept.class_word, c.concept_embedding,
@@ -454,6 +415,35 @@ def export(stage: Stage, trainer: Trainer, folder: Path) -> Path:
     # The writers need local files: a bucket folder is written locally, then copied up.
     with paths.local_folder(folder) as local, paths.local_file(grid) as local_grid:
         trained_lib.write_export(local, info, stage.trainable, stage.lora, trainer.parts.transformer_config,
-                                 dtype=dtype_named(c.export.dtype), sample_grid=local_grid,
-                                 backbone=trainer.backbone)
+                                 trainer.backbone, dtype=trained_lib.dtype_named(c.export.dtype),
+                                 sample_grid=local_grid)
     return folder
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Stage:
+    """The whole job of a config: checks, the mesh, the pretrained folder, both stages, the export.
+
+    Everything that can be refused is refused before the pretrained weights are read.
+    """
+    validate(config)
+    running = [config.stage_a] * (not config.extractor_lora) + [config.stage_b] * (config.method == "purecc")
+    mesh = sharding.make_mesh(*sharding.mesh_sizes(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                                                   jax.device_count(), [st.batch_size for st in running]))
+    if not config.pretrained:
+        raise ValueError("config.pretrained is empty: point it at a diffusers FLUX.1-dev folder "
+                         "(huggingface-cli download black-forest-labs/FLUX.1-dev --local-dir DIR) or an SD3.5 one "
+                         "(stabilityai/stable-diffusion-3.5-medium)")
+    # A bucket folder is copied once per host (checked, cached) for the readers that need local files.
+    pretrained = backbones.local_pipeline(config.pretrained)
+    backbone = backbones.select(pretrained, config.model.backbone)
+    backbone.check_folder(pretrained, config)
+    check(config, backbone)
+    check_resume(config, workdir)
+    m = config.model
+    parts = backbone.load(pretrained, mesh=mesh, rules=sharding.rules_from_config(config.axis_rules), dtype=m.dtype,
+                          param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
+                          attention=m.attention)
+    return Trainer(config, workdir, parts, backbone=backbone).run()

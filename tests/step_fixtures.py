@@ -8,8 +8,9 @@ import numpy as np
 
 from flux_reference import latent_ids
 from purecc_jax import sharding
+from purecc_jax.backbones.flux.denoiser import FluxDenoiser
 from purecc_jax.models import lora
-from purecc_jax.models.flux import init_fn, preset
+from purecc_jax.models.flux import FluxTransformer, init_fn, preset
 
 
 def tiny_flux(**kw):
@@ -21,6 +22,11 @@ def tiny_flux(**kw):
     params = jax.tree_util.tree_unflatten(
         treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
     return cfg, params
+
+
+def denoiser_of(cfg, concept_embedding="none", guidance=1.0):
+    """The step's view of a tiny FLUX (training guidance 1.0, as the trainer's default)."""
+    return FluxDenoiser(FluxTransformer(cfg), guidance, concept_embedding)
 
 
 def random_cache(cfg, n_images=3, n_texts=5, text_len=6, h=2, w=3, seed=0):

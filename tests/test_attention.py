@@ -7,7 +7,8 @@ import pytest
 
 from flux_reference import random_inputs
 from purecc_jax.models.attention import attention, reference_attention, splash_block
-from purecc_jax.models.flux import REMAT_POLICIES, FluxTransformer, init_fn, preset
+from purecc_jax.models.flux import FluxTransformer, init_fn, preset
+from purecc_jax.models.runtime import REMAT_POLICIES
 
 
 def _qkv(seq, heads=2, dim=16, batch=2, seed=0):

@@ -13,7 +13,7 @@ from PIL import Image
 from purecc_jax.data import cache as cache_lib
 from purecc_jax.data import concept as concept_lib
 from purecc_jax.data import dreambench
-from purecc_jax.purecc.texts import Texts
+from purecc_jax.data.texts import Texts
 
 DREAMBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dreambench"
 needs_dreambench = pytest.mark.skipif(not (DREAMBENCH / "prompts_and_classes.txt").is_file(),

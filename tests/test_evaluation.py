@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import pipeline_reference
+import tiny_runs
 from purecc_jax import main as main_lib
 from purecc_jax import sample as sample_cli
 from purecc_jax import trained as trained_lib
@@ -25,13 +26,10 @@ from purecc_jax.evaluation import sweep
 ROOT = Path(__file__).resolve().parents[1]
 L = 16  # T5 tokens
 SEEDS = 2
-TINY = {  # configs/flux_concept.py shrunk to the tiny pipeline (as in test_train); one stage, no concept
-    # token: the cheapest run to compile (the sweep hands token and layer-wise exports to sample.load_trained)
-    "method": "dreambooth", "concept_embedding": "none", "concept.path": "dog", "concept.resolution": "32",
-    "model.dtype": "float32", "model.param_dtype": "float32", "model.remat_policy": "none", "model.attention": "xla",
-    "model.max_sequence_length": L, "stage_a.steps": 2, "stage_a.learning_rate": 1e-2, "checkpoint_every": 2,
-    "log_every": 1, "progress": False, "sample.every": 0, "sample.prompts": (), "export.dtype": "float32",
-}
+TINY = tiny_runs.tiny(**{  # one stage, no concept token: the cheapest run to compile
+    "method": "dreambooth", "concept_embedding": "none", "concept.path": "dog", "stage_a.steps": 2,
+    "stage_a.learning_rate": 1e-2, "checkpoint_every": 2, "sample.prompts": (),
+})
 
 
 # ----------------------------------------------------------------------------- tiny checkpoints

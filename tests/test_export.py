@@ -27,40 +27,30 @@ from flax import traverse_util
 import config_files
 import flux_reference
 import pipeline_reference
+import tiny_runs
+from purecc_jax import backbones
 from purecc_jax import export as export_cli
 from purecc_jax import main as main_lib
 from purecc_jax import sample as sample_cli
 from purecc_jax import trained as trained_lib
+from purecc_jax.backbones.flux import formats
+from purecc_jax.backbones.flux import kohya
+from purecc_jax.backbones.flux import weights as flux_io
+from purecc_jax.backbones.flux.weights import load_transformer
 from purecc_jax.models import lora
 from purecc_jax.models.flux import FluxConfig, FluxTransformer
-from purecc_jax.weights import flux_io, formats, kohya, lora_export, manifest
-from purecc_jax.weights.flux_io import load_transformer
+from purecc_jax.purecc import loop
+from purecc_jax.weights import diffusers_lora as lora_export
+from purecc_jax.weights import manifest
 from purecc_jax.weights.safetensors_io import SafetensorsFile, save_file
 
 L = 16
-TINY = {
-    "concept.path": "dog",
-    "concept.resolution": "32",
-    "model.dtype": "float32",
-    "model.param_dtype": "float32",
-    "model.remat_policy": "none",
-    "model.attention": "xla",
-    "model.max_sequence_length": L,
-    "stage_a.steps": 2,
-    "stage_b.steps": 2,
-    "stage_a.learning_rate": 1e-2,
-    "stage_b.learning_rate": 1e-2,
-    "stage_b.lora.targets": "all_blocks",
-    "checkpoint_every": 1,
-    "log_every": 1,
-    "progress": False,
-    "sample.every": 0,
-    "sample.steps": 1,
-    "sample.height": 32,
-    "sample.width": 32,
+TINY = tiny_runs.tiny(**{
+    "concept.path": "dog", "stage_a.steps": 2, "stage_b.steps": 2, "stage_a.learning_rate": 1e-2,
+    "stage_b.learning_rate": 1e-2, "stage_b.lora.targets": "all_blocks", "checkpoint_every": 1, "sample.steps": 1,
+    "sample.height": 32, "sample.width": 32,
     "sample.prompts": (),  # no sampler to compile: the card's grid is tested with write_export
-    "export.dtype": "float32",
-}
+})
 
 
 def make_config(folder: Path, **overrides):
@@ -137,7 +127,7 @@ def test_final_export_and_cli_default_are_the_same_files(folder, run, tmp_path):
         for key, value in tensors(out / name).items():
             np.testing.assert_array_equal(value, tensors(workdir / "export" / name)[key], err_msg=f"{name}: {key}")
     # ... and they hold the run's final state (alpha / rank = 1 here).
-    want = lora_export.to_diffusers(final.trainable["lora"], final.lora, flux_config(folder))
+    want = lora_export.to_diffusers(final.trainable["lora"], final.lora, flux_io.lora_layout(flux_config(folder)))
     got = tensors(out / "pytorch_lora_weights.safetensors")
     assert got.keys() == want.keys()
     for key in want:
@@ -231,7 +221,7 @@ def test_kohya_file_reads_in_diffusers_converter_at_flux_width(tmp_path):
     adapter = lora.init(jax.random.key(0), abstract, lcfg)
     adapter = jax.tree_util.tree_map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape), adapter)
     kohya_file = kohya.save(adapter, lcfg, cfg, tmp_path / "k.safetensors")
-    ours = lora_export.to_diffusers(adapter, lcfg, cfg)
+    ours = lora_export.to_diffusers(adapter, lcfg, flux_io.lora_layout(cfg))
     # The converter names the embedders' and the final layer's modules without the "transformer." prefix.
     theirs = {"transformer." + k.removeprefix("transformer."): v.float().numpy()
               for k, v in FluxPipeline.lora_state_dict(kohya_file).items()}
@@ -269,8 +259,8 @@ def test_bfl_layout_reads_in_diffusers_single_file_converter_at_flux_width():
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
+    from purecc_jax.backbones.flux.rules import bfl_rules
     from purecc_jax.weights import loader
-    from purecc_jax.weights.flux_rules import bfl_rules
 
     cfg = flux_width_config()
     abstract, _ = flux_io.abstract_params(cfg)
@@ -286,14 +276,14 @@ def test_bfl_layout_reads_in_diffusers_single_file_converter_at_flux_width():
 
 def test_full_weights_export_and_read_back(folder, tmp_path):
     """A full fine-tune's weights (here the pretrained ones, shifted) through write_export and load_export."""
-    from purecc_jax.pipeline.folder import load_pipeline
+    from purecc_jax.backbones.flux.folder import load_pipeline
 
     cfg, params = load_transformer(folder / "transformer")
     tuned = jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.01, params)
     info = trained_lib.ConceptInfo("sks", "dog", "none", "dreambooth", "stage_a", 5, str(folder))
     grid = tmp_path / "000005.png"
     grid.write_bytes(b"a png")
-    out = trained_lib.write_export(tmp_path / "full", info, {"params": tuned}, None, cfg,
+    out = trained_lib.write_export(tmp_path / "full", info, {"params": tuned}, None, cfg, backbones.FLUX,
                                    formats=("diffusers-full", "bfl"), sample_grid=grid)
     manifest.verify(out)
     assert (out / "samples.png").read_bytes() == b"a png" and "![last samples" in (out / "README.md").read_text()
@@ -306,7 +296,7 @@ def test_full_weights_export_and_read_back(folder, tmp_path):
         for got, want in zip(jax.tree_util.tree_leaves(parts.transformer_params), jax.tree_util.tree_leaves(tuned)):
             np.testing.assert_array_equal(np.asarray(got), want)
     with pytest.raises(ValueError, match="needs a LoRA, but this run fine-tuned the full weights"):
-        trained_lib.write_export(tmp_path / "x", info, {"params": tuned}, None, cfg, formats=("kohya",))
+        trained_lib.write_export(tmp_path / "x", info, {"params": tuned}, None, cfg, backbones.FLUX, formats=("kohya",))
 
 
 # ----------------------------------------------------------------------------- verification
@@ -343,7 +333,7 @@ def test_peft_lora_file_gives_diffusers_output(folder, inputs, tmp_path):
     """A LoRA made and saved by peft / diffusers (alpha != rank, kept in the file's metadata), at two scales."""
     from diffusers import FluxPipeline
 
-    from purecc_jax.pipeline.folder import load_pipeline
+    from purecc_jax.backbones.flux.folder import load_pipeline
 
     file = pipeline_reference.save_peft_lora(
         FluxPipeline.from_pretrained(folder),
@@ -362,8 +352,9 @@ def test_kohya_file_samples_as_diffusers_with_the_diffusers_file(folder, run, in
     `sample --lora=<kohya file>` equals generate() with that adapter."""
     from diffusers import FluxPipeline
 
-    from purecc_jax.pipeline.folder import load_pipeline
-    from purecc_jax.pipeline.generate import SampleSettings, generate
+    from purecc_jax.backbones.flux.folder import load_pipeline
+    from purecc_jax.backbones.flux.generate import generate
+    from purecc_jax.pipeline.settings import SampleSettings
 
     out = export(run[0], tmp_path / "both", "--format=diffusers-lora,kohya")
     pipe = FluxPipeline.from_pretrained(folder)
@@ -433,12 +424,12 @@ def test_extractor_lora_replaces_stage_a(folder, run, tmp_path, monkeypatch):
     assert seen["name"] == "stage_b" and not (workdir / "stage_a").exists()
     want, lcfg = kohya.load(file, flux_config(folder))
     assert seen["step_cfg"].extractor_lora == lcfg
-    got = traverse_util.flatten_dict(jax.device_get(seen["frozen"]["extractor_lora"]))
+    got = traverse_util.flatten_dict(jax.device_get(seen["frozen"].extractor.lora))
     assert got.keys() == traverse_util.flatten_dict(want).keys()
     for key, value in traverse_util.flatten_dict(want).items():
         np.testing.assert_array_equal(got[key], value)
     # ... and it is stage A's trained LoRA (alpha / rank = 1 here).
-    stage_a = export_cli.restore_trainable(run[0] / "stage_a")[0]["lora"]
+    stage_a = loop.restore_trainable(run[0] / "stage_a")[0]["lora"]
     np.testing.assert_allclose(got[("double_blocks", "img_attn", "q", "b")],
                                stage_a["double_blocks"]["img_attn"]["q"]["b"], rtol=1e-6)
     assert json.loads((workdir / "export" / "purecc.json").read_text())["stage"] == "stage_b"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from flux_reference import build_torch, random_inputs, run_torch, save_torch, tiny_config
+from purecc_jax.backbones.flux import weights as flux_io
 from purecc_jax.models.flux import FluxTransformer
-from purecc_jax.weights import flux_io
 
 CONFIGS = {
     "guidance": tiny_config(),

@@ -32,6 +32,7 @@ import pytest
 
 import dreambench_standin
 import pipeline_reference
+import tiny_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -39,13 +40,11 @@ WORKER = HERE / "multihost_worker.py"
 BUCKET = "gs://purecc-test"
 INTERRUPT = 3  # stage B stops when it asks for its 4th batch: checkpoint 2 is the latest
 L = 16  # T5 tokens
-TINY = {  # stage A: 2 steps, one checkpoint; stage B: 4 steps, checkpoints 2 and 4 (stopped at 3)
-    "concept.path": f"{BUCKET}/concepts/dog", "concept.class_word": "dog", "concept.resolution": "32",
-    "model.dtype": "float32", "model.param_dtype": "float32", "model.remat_policy": "none", "model.attention": "xla",
-    "model.max_sequence_length": L, "stage_a.steps": 2, "stage_b.steps": 4, "checkpoint_every": 2, "log_every": 1,
-    "progress": False, "sample.every": 0, "sample.steps": 2, "sample.height": 32, "sample.width": 32,
-    "sample.prompts": "('a photo of {identifier} {class_word}',)", "export.dtype": "float32",
-}
+TINY = tiny_runs.tiny(**{  # stage A: 2 steps, one checkpoint; stage B: 4 steps, checkpoints 2 and 4 (stopped at 3)
+    "concept.path": f"{BUCKET}/concepts/dog", "concept.class_word": "dog", "stage_a.steps": 2, "stage_b.steps": 4,
+    "checkpoint_every": 2, "sample.steps": 2, "sample.height": 32, "sample.width": 32,
+    "sample.prompts": "('a photo of {identifier} {class_word}',)",
+})
 
 
 def free_port() -> int:
@@ -150,8 +149,8 @@ def test_stopped_run_resumes_from_the_bucket(bucket_run):
 
 
 def test_export_in_the_bucket_loads(bucket_run):
-    from purecc_jax.weights.safetensors_io import SafetensorsFile
     from purecc_jax import paths
+    from purecc_jax.weights.safetensors_io import SafetensorsFile
 
     export = bucket_run["workdir"] / "export"
     meta = json.loads((export / "purecc.json").read_text())

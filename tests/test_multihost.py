@@ -24,6 +24,7 @@ import pytest
 
 import dreambench_standin
 import pipeline_reference
+import tiny_runs
 from purecc_jax.purecc import loop
 from purecc_jax.weights.safetensors_io import SafetensorsFile
 
@@ -32,14 +33,11 @@ WORKER = Path(__file__).resolve().parent / "multihost_worker.py"
 INTERRUPT = 3  # stage B stops when it asks for its 4th batch: checkpoint 2 is the latest
 # Stage A: 2 steps and one checkpoint; stage B: 4 steps, checkpoints 2 and 4. Each run compiles both
 # stages' steps, the data cache's encoders and the sampler (most of the cost); steps take milliseconds.
-TINY = {
-    "concept.class_word": "dog", "concept.resolution": "32",
-    "model.dtype": "float32", "model.param_dtype": "float32", "model.remat_policy": "none", "model.attention": "xla",
-    "model.max_sequence_length": 16, "stage_a.steps": 2, "stage_b.steps": 4, "stage_a.batch_size": 8,
-    "stage_b.batch_size": 8, "checkpoint_every": 2, "log_every": 1, "progress": False, "sample.every": 0,
-    "sample.steps": 2, "sample.height": 32, "sample.width": 32, "sample.prompts": "('a photo of {identifier} {class_word}',)",
-    "export.dtype": "float32", "mesh.data": 2, "mesh.fsdp": 4,
-}
+TINY = tiny_runs.tiny(**{
+    "concept.class_word": "dog", "stage_a.steps": 2, "stage_b.steps": 4, "stage_a.batch_size": 8,
+    "stage_b.batch_size": 8, "checkpoint_every": 2, "sample.steps": 2, "sample.height": 32, "sample.width": 32,
+    "sample.prompts": "('a photo of {identifier} {class_word}',)", "mesh.data": 2, "mesh.fsdp": 4,
+})
 
 
 def free_port() -> int:

@@ -1,11 +1,11 @@
-"""METHOD.md Eq. 8-15 against a float64 numpy transcription, per sample."""
+"""docs/method.md Eq. 8-15 against a float64 numpy transcription, per sample."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from purecc_jax.purecc import flow
+from purecc_jax.pipeline import flow
 from purecc_jax.purecc.objective import ObjectiveConfig, adaptive_lambda, flow_loss, purecc_loss
 
 

@@ -24,16 +24,18 @@ from PIL import Image
 import pipeline_reference as ref
 from purecc_jax import sample as cli
 from purecc_jax import sharding
+from purecc_jax.backbones.flux import sampler
+from purecc_jax.backbones.flux import text
+from purecc_jax.backbones.flux.folder import load_pipeline
+from purecc_jax.backbones.flux.generate import generate
+from purecc_jax.backbones.flux.text import PromptCache, TextEncoders
 from purecc_jax.models import clip_text, flux, lora, t5, vae
 from purecc_jax.models.flux import ConceptInjection
-from purecc_jax.pipeline import sampler, text
 from purecc_jax.pipeline.codec import VAECodec
-from purecc_jax.pipeline.folder import load_pipeline
 from purecc_jax.pipeline.latents import unpack
 from purecc_jax.pipeline.schedule import flux_sigmas
-from purecc_jax.pipeline.text import PromptCache, TextEncoders
+from purecc_jax.pipeline.settings import SampleSettings
 from purecc_jax.pipeline.tokenizers import load_tokenizers
-from purecc_jax.sample import SampleSettings, generate
 
 PROMPTS = ["a photo of a dog", "a red cat sitting on the blue grass"]
 L = 16  # T5 tokens

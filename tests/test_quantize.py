@@ -95,7 +95,7 @@ def test_train_step_on_quantized_base_updates_only_the_lora():
     params = pretrained(cfg, mesh)
     compiled, x = compiled_step(cfg, Variant("purecc"), lora_lib.LoRAConfig(), Shapes(2, 16, 8), mesh, params,
                                 base_quantization="int8")
-    assert quantize.is_quantized(x.frozen["params"])
+    assert quantize.is_quantized(x.frozen.params)
     before = jax.tree_util.tree_map(np.asarray, x.state.trainable)
     state, metrics = compiled(x.state, x.frozen, x.batch)
     assert np.isfinite(float(metrics["loss"]))

@@ -28,15 +28,18 @@ import dreambench_standin
 import flux_reference
 import pipeline_reference
 import real_tokenizers
+import tiny_runs
+from tiny_runs import compilation_cache  # noqa: F401  (the module's autouse fixture)
 from purecc_jax import main as main_lib
 from purecc_jax import train
 from purecc_jax import trained as trained_lib
+from purecc_jax.backbones.flux.folder import load_pipeline
+from purecc_jax.backbones.flux.generate import trained_overrides
+from purecc_jax.data import texts as texts_lib
 from purecc_jax.models.flux import FluxTransformer
-from purecc_jax.pipeline.folder import load_pipeline
-from purecc_jax.pipeline.generate import SampleSettings
+from purecc_jax.pipeline.settings import SampleSettings
 from purecc_jax.pipeline.tokenizers import MAX_PLAIN_PIECES, load_tokenizers
 from purecc_jax.purecc import loop
-from purecc_jax.purecc import texts as texts_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = ROOT / "configs" / "flux_concept.py"
@@ -45,41 +48,10 @@ L = 16  # T5 tokens
 README_PROMPT = "a photo of {identifier} dog on the beach"
 
 # The README's command shrunk to the tiny folder: what the command line leaves at the defaults.
-TINY = {
-    "concept.resolution": "32",
-    "model.dtype": "float32",
-    "model.param_dtype": "float32",
-    "model.remat_policy": "none",
-    "model.attention": "xla",
-    "model.max_sequence_length": L,
-    "stage_a.steps": 2,
-    "stage_b.steps": 2,
-    "stage_a.learning_rate": 1e-2,
-    "stage_b.learning_rate": 1e-2,
-    "stage_a.embedding_learning_rate": 1e-1,
-    "checkpoint_every": 2,
-    "log_every": 1,
-    "progress": False,
-    "sample.every": 0,
-    "sample.prompts": (),
-    "export.dtype": "float32",
-}
-CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module: the second run reuses the first's programs."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    saved = {n: getattr(jax.config, n) for n in CACHE_OPTIONS}
-    cc.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+TINY = tiny_runs.tiny(**{
+    "stage_a.steps": 2, "stage_b.steps": 2, "stage_a.learning_rate": 1e-2, "stage_b.learning_rate": 1e-2,
+    "stage_a.embedding_learning_rate": 1e-1, "checkpoint_every": 2, "sample.prompts": (),
+})
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +247,7 @@ def photos(tmp_path_factory) -> Path:
 
 
 def run_cli(argv: list[str]):
-    saved = {n: getattr(jax.config, n) for n in CACHE_OPTIONS}
+    saved = {n: getattr(jax.config, n) for n in tiny_runs.CACHE_OPTIONS}
     try:
         return main_lib.cli(argv)
     finally:
@@ -335,7 +307,7 @@ def test_export_loads_in_diffusers_with_the_same_prompt(run, folder, request):
 
     # What `python -m purecc_jax.sample --workdir=W --prompt=...` computes for the same prompts.
     parts, trained = trained_lib.load_trained(workdir, load_pipeline(folder))
-    ours = trained_lib.trained_overrides(parts, prompts, SampleSettings(max_sequence_length=L), trained)
+    ours = trained_overrides(parts, prompts, SampleSettings(max_sequence_length=L), trained)
     assert parts.tokenizers.concept_words == [word] and ours["concept"] is None
     for got, want in ((ours["text"].t5, t5_want), (ours["text"].pooled, pooled_want)):
         want = want.numpy()
@@ -386,7 +358,7 @@ def test_trainer_refuses_identifiers_before_encoding_anything(folder, tmp_path_f
 
 
 def test_identifier_equal_to_the_class_word_fails_before_loading(folder, tmp_path_factory, monkeypatch):
-    from purecc_jax.pipeline import folder as folder_lib
+    from purecc_jax.backbones.flux import folder as folder_lib
 
     def load_pipeline(*args, **kwargs):
         raise AssertionError("the pipeline was loaded before the config was validated")

@@ -18,10 +18,10 @@ import config_files
 from flux_reference import build_torch, tiny_config
 from purecc_jax import defaults, sharding, train
 from purecc_jax import main as main_lib
-from purecc_jax.pipeline.folder import check_guidance
+from purecc_jax.backbones.flux import weights as flux_io
+from purecc_jax.backbones.flux.folder import check_guidance
 from purecc_jax.purecc import loop
 from purecc_jax.purecc.step import init_state, make_optimizer
-from purecc_jax.weights import flux_io
 from purecc_jax.weights.loader import WeightsError
 from purecc_jax.weights.safetensors_io import SafetensorsFile, save_file
 
@@ -222,17 +222,22 @@ def test_metrics_file_cut_mid_line_is_repaired(tmp_path):
 
 
 def test_toy_experiment_keys_do_not_block_a_method_runs_resume(tmp_path):
-    """More methods or seeds in the toy world resume the finished runs; a training key still refuses."""
+    """More methods or seeds in the toy world resume the finished runs (the experiment's keys are its own
+    `RESUME_IGNORES`, not the trainer's); a training key still refuses."""
+    from purecc_jax.toyworld.experiment import RESUME_IGNORES
+
     config = config_files.load("toy_concept", {"concept.path": str(tmp_path / "concept")})
     train.save_config(config, tmp_path)
     config.toy.seeds, config.toy.ablations, config.toy.etas = (0, 1), True, (100.0,)
     config.toy.evaluation.samples = 20
-    train.check_resume(config, tmp_path)
+    with pytest.raises(ValueError, match="toy.seeds"):
+        train.check_resume(config, tmp_path)  # the trainer alone knows no toy keys
+    train.check_resume(config, tmp_path, RESUME_IGNORES)
     config.toy.transformer.depth = 3  # the base model's shape: a different run
     config.stage_b.lora.rank = 2
     with pytest.raises(ValueError, match=r"(?s)stage_b.lora.rank: 8 there, 2 now.*toy.transformer.depth: 2 there, "
                                          r"3 now"):
-        train.check_resume(config, tmp_path)
+        train.check_resume(config, tmp_path, RESUME_IGNORES)
 
 
 def test_config_is_rewritten_in_one_piece(tmp_path, monkeypatch):

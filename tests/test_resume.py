@@ -30,29 +30,16 @@ import config_files
 import dreambench_standin
 import pipeline_reference
 from fast_compile import FAST_COMPILE
+import tiny_runs
 from purecc_jax import train
 from purecc_jax.purecc import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = ROOT / "configs" / "flux_concept.py"
-OVERRIDES = {
-    "concept.path": "dog",
-    "concept.resolution": "32",
-    "model.dtype": "float32",
-    "model.param_dtype": "float32",
-    "model.remat_policy": "none",
-    "model.attention": "xla",
-    "model.max_sequence_length": 16,
-    "stage_a.steps": 4,
-    "stage_b.steps": 4,
-    "stage_a.learning_rate": 1e-3,
-    "stage_b.learning_rate": 1e-3,
-    "checkpoint_every": 2,
-    "log_every": 1,
-    "progress": False,
-    "sample.prompts": "()",
-    "export.dtype": "float32",
-}
+OVERRIDES = tiny_runs.tiny(**{
+    "concept.path": "dog", "stage_a.steps": 4, "stage_b.steps": 4, "stage_a.learning_rate": 1e-3,
+    "stage_b.learning_rate": 1e-3, "checkpoint_every": 2, "sample.prompts": "()",
+})
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from purecc_jax import sharding
+from purecc_jax.backbones.sd3 import weights as sd3_io
 from purecc_jax.models import sd3
 from purecc_jax.models.sd3 import SD3Transformer
-from purecc_jax.weights import sd3_io
 from sd3_reference import build_torch, random_inputs, run_torch, save_torch, tiny_config
 
 # (diffusers config, latent height, width, text length)

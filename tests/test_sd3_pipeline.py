@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pipeline_reference
-from purecc_jax.pipeline import sd3 as sd3_pipeline
+from purecc_jax.backbones.sd3 import pipeline as sd3_pipeline
 from sd3_reference import T5_WIDTH, build_pipeline
 
 PROMPTS = ["a photo of a red dog", "a blue cat sitting on the grass"]
@@ -99,9 +99,10 @@ def test_lora_export_loads_in_diffusers(saved, tmp_path):
     import jax
     from diffusers import StableDiffusion3Pipeline
 
+    from purecc_jax.weights import diffusers_lora
+    from purecc_jax.backbones.sd3 import weights as sd3_io
     from purecc_jax.models import lora as lora_lib
     from purecc_jax.models import sd3
-    from purecc_jax.weights import sd3_io, sd3_lora
     from sd3_reference import random_inputs, run_torch
 
     _, folder = saved
@@ -109,7 +110,7 @@ def test_lora_export_loads_in_diffusers(saved, tmp_path):
     lcfg = lora_lib.LoRAConfig(rank=4, alpha=8.0, targets=sd3.LORA_TARGETS)
     adapter = lora_lib.init(jax.random.key(0), params, lcfg)
     adapter = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), adapter)
-    sd3_lora.save(adapter, lcfg, cfg, tmp_path / "pytorch_lora_weights.safetensors")
+    diffusers_lora.save(adapter, lcfg, sd3_io.lora_layout(cfg), tmp_path / "pytorch_lora_weights.safetensors")
 
     pipe = StableDiffusion3Pipeline.from_pretrained(folder)
     inputs = random_inputs(cfg, 2, 4, 6, 9, seed=5)
@@ -121,7 +122,7 @@ def test_lora_export_loads_in_diffusers(saved, tmp_path):
     assert np.abs(np.asarray(ours) - expected).max() < 1e-4 * scale
     assert np.abs(expected - without).max() > 1e-2 * scale
     # ... and reads back (scale folded into B) to the same output.
-    loaded, loaded_cfg = sd3_lora.load(tmp_path / "pytorch_lora_weights.safetensors", cfg)
+    loaded, loaded_cfg = diffusers_lora.load(tmp_path / "pytorch_lora_weights.safetensors", sd3_io.lora_layout(cfg))
     again = sd3.SD3Transformer(cfg).apply({"params": params, "lora": lora_lib.variables(loaded, loaded_cfg)}, **inputs)
     assert np.abs(np.asarray(again) - expected).max() < 1e-4 * scale
 
@@ -131,9 +132,10 @@ def test_peft_lora_file_gives_diffusers_output(saved, tmp_path):
     metadata) and PEFT's `base_model.model.` key prefix: read, it gives diffusers' output."""
     from diffusers import StableDiffusion3Pipeline
 
+    from purecc_jax.weights import diffusers_lora
+    from purecc_jax.backbones.sd3 import weights as sd3_io
     from purecc_jax.models import lora as lora_lib
     from purecc_jax.models import sd3
-    from purecc_jax.weights import sd3_io, sd3_lora
     from purecc_jax.weights.safetensors_io import SafetensorsFile, save_file
     from sd3_reference import random_inputs, run_torch
 
@@ -148,7 +150,7 @@ def test_peft_lora_file_gives_diffusers_output(saved, tmp_path):
     scale = np.abs(expected).max()
 
     def ours(path):
-        adapter, lcfg = sd3_lora.load(path, cfg)
+        adapter, lcfg = diffusers_lora.load(path, sd3_io.lora_layout(cfg))
         return np.asarray(sd3.SD3Transformer(cfg).apply({"params": params, "lora": lora_lib.variables(adapter, lcfg)},
                                                         **inputs))
 
@@ -166,16 +168,17 @@ def test_sample_cli_with_lora(saved, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
     from purecc_jax import sample
+    from purecc_jax.weights import diffusers_lora
+    from purecc_jax.backbones.sd3 import weights as sd3_io
     from purecc_jax.models import lora as lora_lib
     from purecc_jax.models import sd3
-    from purecc_jax.weights import sd3_io, sd3_lora
 
     _, folder = saved
     cfg, params = sd3_io.load_transformer(folder / "transformer")
     lcfg = lora_lib.LoRAConfig(rank=2, alpha=2.0, targets=sd3.LORA_TARGETS)
     adapter = jax.tree_util.tree_map(lambda x: 0.2 * jax.random.normal(jax.random.key(2), x.shape),
                                      lora_lib.init(jax.random.key(0), params, lcfg))
-    sd3_lora.save(adapter, lcfg, cfg, tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    diffusers_lora.save(adapter, lcfg, sd3_io.lora_layout(cfg), tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     latents = np.random.default_rng(6).standard_normal((1, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
     np.save(tmp_path / "latents.npy", latents)
     pipe = StableDiffusion3Pipeline.from_pretrained(folder)

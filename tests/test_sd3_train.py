@@ -21,14 +21,18 @@ import torch
 
 import config_files
 import dreambench_standin
+import tiny_runs
 from purecc_jax import backbones
 from purecc_jax import main as main_lib
+from purecc_jax import trained as trained_lib
+from purecc_jax.backbones.sd3 import weights as sd3_io
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models import sd3
-from purecc_jax.purecc import flow, loop
+from purecc_jax.pipeline import flow
+from purecc_jax.purecc import loop
 from purecc_jax.purecc import step as step_lib
 from purecc_jax.purecc.objective import flow_loss
-from purecc_jax.weights import sd3_io
+from purecc_jax.weights import diffusers_lora
 from sd3_reference import build_pipeline, random_inputs, run_torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,28 +42,13 @@ SIZE = 32  # pixels: 4x4 latents, 2x2 patches
 PROMPT = "a photo of sks dog"
 
 # configs/sd35_concept.py shrunk to the tiny pipeline.
-TINY = {
-    "concept.path": "dog",
-    "concept.dreambench_root": str(dreambench_standin.root()),
-    "concept.resolution": str(SIZE),
-    "model.dtype": "float32",
-    "model.param_dtype": "float32",
-    "model.remat_policy": "none",
-    "model.attention": "xla",
-    "model.max_sequence_length": L,
-    "stage_a.steps": 2,
-    "stage_b.steps": 2,
+TINY = tiny_runs.tiny(**{
+    "concept.path": "dog", "concept.dreambench_root": str(dreambench_standin.root()), "concept.resolution": str(SIZE),
+    "model.max_sequence_length": L, "stage_a.steps": 2, "stage_b.steps": 2,
     "stage_a.learning_rate": 1e-2,  # two steps must move the LoRA far beyond the parity tolerance
-    "stage_b.learning_rate": 1e-2,
-    "checkpoint_every": 2,
-    "log_every": 1,
-    "progress": False,
-    "sample.every": 0,
-    "sample.steps": 2,
-    "sample.height": SIZE,
+    "stage_b.learning_rate": 1e-2, "checkpoint_every": 2, "sample.steps": 2, "sample.height": SIZE,
     "sample.width": SIZE,
-    "export.dtype": "float32",
-}
+})
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +66,7 @@ def load_config(**overrides):
 
 
 def test_step_velocity_is_the_sd3_transformer(folder):
-    """`_velocity` through the seam is SD3Transformer's call with the LoRA; L_CC is the flow loss of it."""
+    """SD3's denoiser (the seam) is SD3Transformer's call with the LoRA; L_CC is the flow loss of it."""
     cfg, params = sd3_io.load_transformer(folder / "transformer")
     model = sd3.SD3Transformer(cfg)
     lcfg = lora_lib.LoRAConfig(rank=2, alpha=4.0, targets=backbones.SD3.lora_targets("attention"))
@@ -85,20 +74,22 @@ def test_step_velocity_is_the_sd3_transformer(folder):
                                      lora_lib.init(jax.random.key(0), params, lcfg))
     x = random_inputs(cfg, 2, 4, 6, 7, seed=3)
     want = model.apply({"params": params, "lora": lora_lib.variables(adapter, lcfg)}, **x)
-    got = step_lib._velocity(model, params, adapter, lcfg, x["latents"], x["timesteps"], (x["txt"], x["pooled"]),
-                             {}, None, None)
+    config = load_config()
+    parts = backbones.SD3.load(folder)
+    denoiser = backbones.SD3.denoiser(parts, config)
+    weights = step_lib.Weights(params=params, lora=lora_lib.variables(adapter, lcfg))
+    got = denoiser.velocity(weights, {}, x["latents"], x["timesteps"], (x["txt"], x["pooled"]))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="no guidance embedding"):
-        step_lib._velocity(model, params, adapter, lcfg, x["latents"], x["timesteps"], (x["txt"], x["pooled"]),
-                           {}, 3.5, None)
+    assert backbones.SD3.train_guidance(parts, config) is None
 
     # The loss function on NHWC latents: the same draws of x1 and t as the step makes.
     tcfg = flow.TimestepConfig(shift=3.0)
     cache = {"latents": jnp.asarray(x["latents"]), "t5": jnp.asarray(x["txt"]), "pooled": jnp.asarray(x["pooled"])}
     batch = {"image": jnp.array([1, 0]), "complete": jnp.array([0, 1])}
-    scfg = step_lib.StepConfig(stage="cc", timesteps=tcfg, guidance=None, trainable_lora=lcfg, extractor_lora=None)
+    scfg = step_lib.StepConfig(stage="cc", timesteps=tcfg, trainable_lora=lcfg, extractor_lora=None)
     rng = jax.random.key(7)
-    loss, _ = step_lib.make_loss_fn(model, scfg)({"lora": adapter}, {"params": params, "cache": cache}, batch, rng)
+    frozen = step_lib.Frozen(params=params, cache=cache)
+    loss, _ = step_lib.make_loss_fn(denoiser, scfg)({"lora": adapter}, frozen, batch, rng)
     noise_rng, t_rng = jax.random.split(rng)
     x0 = cache["latents"][batch["image"]]
     x1 = jax.random.normal(noise_rng, x0.shape)
@@ -175,11 +166,9 @@ def test_cli_runs_stage_a_then_stage_b_and_exports(cli_run):
 
 def trained_lora(workdir: Path):
     """Stage B's final LoRA as the checkpoint holds it (not read from the export) and its config."""
-    from purecc_jax import export
-
     config = json.loads((workdir / "config.json").read_text())
-    trainable, _ = export.restore_trainable(workdir / "stage_b")
-    return trainable["lora"], export.lora_config(config, "stage_b")
+    trainable, _ = loop.restore_trainable(workdir / "stage_b")
+    return trainable["lora"], trained_lib.stage_lora_config(config, "stage_b")
 
 
 def test_export_loads_in_diffusers(folder, cli_run):
@@ -223,39 +212,34 @@ def test_sample_workdir_equals_diffusers_with_the_lora(folder, cli_run, tmp_path
 
 def test_export_cli_writes_the_sd3_lora(cli_run, tmp_path):
     """`python -m purecc_jax.export` of the stage-A checkpoint: the SD3 format, stage A's adapter."""
-    from purecc_jax import export
-    from purecc_jax.weights import sd3_lora
-
-    out = export.export_checkpoint(cli_run, tmp_path / "a", stage="a")
+    out = trained_lib.export_checkpoint(cli_run, tmp_path / "a", stage="a")
     meta = json.loads((out / "purecc.json").read_text())
     assert meta["stage"] == "stage_a" and meta["files"] == ["pytorch_lora_weights.safetensors"]
     cfg = sd3_io.read_config(json.loads((cli_run / "config.json").read_text())["pretrained"])
-    adapter, lcfg = sd3_lora.load(out / "pytorch_lora_weights.safetensors", cfg)
-    trainable, _ = export.restore_trainable(cli_run / "stage_a")
-    want = lora_lib.variables(trainable["lora"], export.lora_config(json.loads((cli_run / "config.json").read_text()),
-                                                                   "stage_a"))
+    adapter, lcfg = diffusers_lora.load(out / "pytorch_lora_weights.safetensors", sd3_io.lora_layout(cfg))
+    trainable, _ = loop.restore_trainable(cli_run / "stage_a")
+    run_config = json.loads((cli_run / "config.json").read_text())
+    want = lora_lib.variables(trainable["lora"], trained_lib.stage_lora_config(run_config, "stage_a"))
     for a, b in zip(jax.tree_util.tree_leaves(lora_lib.variables(adapter, lcfg)), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="not available for SD3"):
-        export.export_checkpoint(cli_run, tmp_path / "k", formats=("kohya",))
+        trained_lib.export_checkpoint(cli_run, tmp_path / "k", formats=("kohya",))
 
 
 def test_full_weights_export_round_trip(folder, tmp_path):
     """A full fine-tune's SD3 export is a diffusers transformer/ folder; load_export puts it in place."""
-    from purecc_jax import trained as trained_lib
-    from purecc_jax.pipeline.sd3 import load_sd3_pipeline
+    from purecc_jax.backbones.sd3.pipeline import load_sd3_pipeline
 
     cfg, params = sd3_io.load_transformer(folder / "transformer")
     tuned = jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.01, params)
     info = trained_lib.ConceptInfo("sks", "dog", "none", "dreambooth", "stage_a", 2, str(folder))
-    out = trained_lib.write_export(tmp_path / "full", info, {"params": tuned}, None, cfg, backbone=backbones.SD3)
+    out = trained_lib.write_export(tmp_path / "full", info, {"params": tuned}, None, cfg, backbones.SD3)
     meta = json.loads((out / "purecc.json").read_text())
     assert meta["formats"] == ["diffusers-full"] and "transformer/config.json" in meta["files"]
-    parts, lora = backbones.SD3.load_export(out, load_sd3_pipeline(folder))
-    assert lora is None
+    parts, trained = trained_lib.load_export(out, load_sd3_pipeline(folder))
+    assert trained.lora is None
     for got, want in zip(jax.tree_util.tree_leaves(parts.transformer_params), jax.tree_util.tree_leaves(tuned)):
         np.testing.assert_array_equal(np.asarray(got), want)
     for fmt in ("bfl", "kohya"):
         with pytest.raises(ValueError, match="not available for SD3"):
-            trained_lib.write_export(tmp_path / fmt, info, {"params": tuned}, None, cfg, formats=(fmt,),
-                                     backbone=backbones.SD3)
+            trained_lib.write_export(tmp_path / fmt, info, {"params": tuned}, None, cfg, backbones.SD3, formats=(fmt,))

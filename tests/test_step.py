@@ -1,4 +1,4 @@
-"""The fused train step against a plain transcription of METHOD.md Eq. 8-15, frozen-weight
+"""The fused train step against a plain transcription of docs/method.md Eq. 8-15, frozen-weight
 invariance, and equality on an 8-device mesh."""
 
 import jax
@@ -10,10 +10,11 @@ import pytest
 from purecc_jax import sharding
 from purecc_jax.models import lora
 from purecc_jax.models.flux import ConceptInjection, FluxTransformer, init_fn
-from purecc_jax.purecc import flow
+from purecc_jax.pipeline import flow
 from purecc_jax.purecc.objective import ObjectiveConfig
-from purecc_jax.purecc.step import StepConfig, init_state, make_loss_fn, make_optimizer, make_train_step
-from step_fixtures import batch, random_cache, random_lora, tiny_flux
+from purecc_jax.purecc.step import (Extractor, Frozen, StepConfig, init_state, make_loss_fn, make_optimizer,
+                                    make_train_step)
+from step_fixtures import batch, denoiser_of, random_cache, random_lora, tiny_flux
 
 LCFG = lora.LoRAConfig(rank=2, alpha=4.0)
 
@@ -34,7 +35,7 @@ def _unfused_loss(model, params, cache, extractor, trainable, b, rng, cfg: StepC
     x1 = jax.random.normal(noise_rng, x0.shape, jnp.float32)
     t = flow.sample_timesteps(t_rng, x0.shape[0], cfg.timesteps)
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
-    g = jnp.full((x0.shape[0],), cfg.guidance)
+    g = jnp.full((x0.shape[0],), 1.0)  # the training guidance of `denoiser_of`
     txt_ids = jnp.zeros((cache["t5"].shape[1], 3))
 
     def v(adapter, kind):
@@ -59,19 +60,17 @@ def _unfused_loss(model, params, cache, extractor, trainable, b, rng, cfg: StepC
 def test_fused_equals_unfused(setup, layerwise):
     cfg, params, cache, extractor, trainable = setup
     model = FluxTransformer(cfg)
-    scfg = StepConfig(objective=ObjectiveConfig(eta=1.5), trainable_lora=LCFG, extractor_lora=LCFG,
-                      concept_embedding="layerwise" if layerwise else "none")
+    denoiser = denoiser_of(cfg, "layerwise" if layerwise else "none")
+    scfg = StepConfig(objective=ObjectiveConfig(eta=1.5), trainable_lora=LCFG, extractor_lora=LCFG)
     emb = None
     if layerwise:
         k1, k2 = jax.random.split(jax.random.key(5))
         emb = dict(double=jax.random.normal(k1, (cfg.depth, cfg.hidden_size)),
                    single=jax.random.normal(k2, (cfg.depth_single, cfg.hidden_size)))
-    frozen = dict(params=params, cache=cache, extractor_lora=extractor)
-    if emb is not None:
-        frozen["embeddings"] = emb
+    frozen = Frozen(params=params, cache=cache, embeddings=emb, extractor=Extractor(lora=extractor))
     b, rng = batch(), jax.random.key(3)
 
-    fused = jax.jit(jax.value_and_grad(make_loss_fn(model, scfg), has_aux=True))
+    fused = jax.jit(jax.value_and_grad(make_loss_fn(denoiser, scfg), has_aux=True))
     (loss, m), grads = fused({"lora": trainable}, frozen, b, rng)
     ref = jax.jit(jax.value_and_grad(
         lambda tr: _unfused_loss(model, params, cache, extractor, tr, b, rng, scfg, emb), has_aux=True))
@@ -88,14 +87,14 @@ def test_fused_equals_unfused(setup, layerwise):
 
 def test_frozen_weights_stay_bit_identical(setup):
     cfg, params, cache, extractor, trainable = setup
-    model = FluxTransformer(cfg)
+    denoiser = denoiser_of(cfg)
     scfg = StepConfig(trainable_lora=LCFG, extractor_lora=LCFG)
     tx = make_optimizer({"lora": 1e-2})
-    frozen = dict(params=params, cache=cache, extractor_lora=extractor)
+    frozen = Frozen(params=params, cache=cache, extractor=Extractor(lora=extractor))
     before = jax.tree_util.tree_map(np.array, frozen)
     state = init_state({"lora": jax.tree_util.tree_map(jnp.copy, trainable)}, tx, seed=0)  # donated below
     start = jax.tree_util.tree_map(np.array, state.trainable)
-    step = jax.jit(make_train_step(model, scfg, tx), donate_argnums=(0,))
+    step = jax.jit(make_train_step(denoiser, scfg, tx), donate_argnums=(0,))
     for i in range(3):
         state, metrics = step(state, frozen, batch(seed=i))
     after = jax.tree_util.tree_map(np.array, frozen)
@@ -110,12 +109,12 @@ def test_frozen_weights_stay_bit_identical(setup):
 
 def test_step_on_mesh_equals_single_device(setup):
     cfg, params, cache, extractor, trainable = setup
-    model = FluxTransformer(cfg)
+    denoiser = denoiser_of(cfg)
     scfg = StepConfig(trainable_lora=LCFG, extractor_lora=LCFG)
     sched = optax.constant_schedule(1e-2)
     tx = make_optimizer({"lora": sched})
-    step = make_train_step(model, scfg, tx, sched)
-    frozen = dict(params=params, cache=cache, extractor_lora=extractor)
+    step = make_train_step(denoiser, scfg, tx, sched)
+    frozen = Frozen(params=params, cache=cache, extractor=Extractor(lora=extractor))
     b = batch(b=2)
 
     ref_state, ref_m = jax.jit(step)(init_state({"lora": trainable}, tx, 0), frozen, b)
@@ -124,7 +123,8 @@ def test_step_on_mesh_equals_single_device(setup):
     _, pshard = sharding.abstract_and_shardings(init_fn(cfg, jax.random.key(0)), mesh)
     lshard = lora.shardings(trainable, pshard)
     rep = sharding.replicated(mesh)
-    frozen_sh = dict(params=pshard, cache=jax.tree_util.tree_map(lambda _: rep, cache), extractor_lora=lshard)
+    frozen_sh = Frozen(params=pshard, cache=jax.tree_util.tree_map(lambda _: rep, cache),
+                       extractor=Extractor(lora=lshard))
     state0 = init_state({"lora": trainable}, tx, 0)
     state_sh = jax.tree_util.tree_map(lambda _: rep, state0).replace(trainable={"lora": lshard})
     state_sh = state_sh.replace(opt_state=jax.tree_util.tree_map(lambda _: rep, state0.opt_state))
@@ -144,15 +144,15 @@ def test_extractor_reads_its_own_embeddings(setup):
     """With `extractor_embeddings` (stage A's) the extractor ignores the embeddings stage B trains."""
     cfg, params, cache, extractor, trainable = setup
     model = FluxTransformer(cfg)
-    scfg = StepConfig(trainable_lora=LCFG, extractor_lora=LCFG, concept_embedding="layerwise")
+    scfg = StepConfig(trainable_lora=LCFG, extractor_lora=LCFG)
     keys = jax.random.split(jax.random.key(7), 4)
     stage_a = dict(double=jax.random.normal(keys[0], (cfg.depth, cfg.hidden_size)),
                    single=jax.random.normal(keys[1], (cfg.depth_single, cfg.hidden_size)))
     moving = dict(double=jax.random.normal(keys[2], (cfg.depth, cfg.hidden_size)),
                   single=jax.random.normal(keys[3], (cfg.depth_single, cfg.hidden_size)))
-    frozen = dict(params=params, cache=cache, extractor_lora=extractor, extractor_embeddings=stage_a)
+    frozen = Frozen(params=params, cache=cache, extractor=Extractor(lora=extractor, embeddings=stage_a))
     b, rng = batch(), jax.random.key(3)
-    (_, m), _ = jax.jit(jax.value_and_grad(make_loss_fn(model, scfg), has_aux=True))(
+    (_, m), _ = jax.jit(jax.value_and_grad(make_loss_fn(denoiser_of(cfg, "layerwise"), scfg), has_aux=True))(
         {"lora": trainable, "embeddings": moving}, frozen, b, rng)
 
     def reference(extractor_emb):
@@ -182,12 +182,12 @@ def test_nonfinite_step_is_skipped(setup):
     """A NaN in the batch's latents: parameters and optimizer state stay bit-identical, the skip is
     counted, the next finite step updates again and ends the streak."""
     cfg, params, cache, extractor, trainable = setup
-    model = FluxTransformer(cfg)
+    denoiser = denoiser_of(cfg)
     scfg = StepConfig(trainable_lora=LCFG, extractor_lora=LCFG)
     tx = make_optimizer({"lora": 1e-2})
     poisoned = dict(cache, latents=cache["latents"].at[0, 0, 0].set(jnp.nan))
-    frozen = dict(params=params, cache=poisoned, extractor_lora=extractor)
-    step = jax.jit(make_train_step(model, scfg, tx))
+    frozen = Frozen(params=params, cache=poisoned, extractor=Extractor(lora=extractor))
+    step = jax.jit(make_train_step(denoiser, scfg, tx))
     state = step(init_state({"lora": trainable}, tx, seed=0), frozen, dict(batch(), image=jnp.asarray([1, 2])))[0]
     before = jax.tree_util.tree_map(np.array, (state.trainable, state.opt_state))
 
@@ -231,10 +231,10 @@ def test_learning_rate_counts_updates_with_grad_accum(setup):
     cfg, params_, cache, extractor, trainable = setup
     sched = train.schedule(stage, 1e-3)
     tx = make_optimizer({"lora": sched}, grad_accum=2)
-    step = jax.jit(make_train_step(FluxTransformer(cfg), StepConfig(trainable_lora=LCFG, extractor_lora=LCFG),
+    step = jax.jit(make_train_step(denoiser_of(cfg), StepConfig(trainable_lora=LCFG, extractor_lora=LCFG),
                                    tx, sched, grad_accum=2))
     state = init_state({"lora": trainable}, tx, seed=0)
-    frozen = dict(params=params_, cache=cache, extractor_lora=extractor)
+    frozen = Frozen(params=params_, cache=cache, extractor=Extractor(lora=extractor))
     logged = []
     for i in range(4):
         state, m = step(state, frozen, batch(seed=i))
@@ -258,8 +258,8 @@ def test_bfloat16_step_follows_float32(setup):
     b, rng = batch(), jax.random.key(3)
     out = {}
     for name, c, p in (("f32", cfg, params), ("bf16", cfg16, params16)):
-        fn = jax.jit(jax.value_and_grad(make_loss_fn(FluxTransformer(c), scfg), has_aux=True))
-        out[name] = fn({"lora": trainable}, dict(params=p, cache=cache, extractor_lora=extractor), b, rng)
+        fn = jax.jit(jax.value_and_grad(make_loss_fn(denoiser_of(c), scfg), has_aux=True))
+        out[name] = fn({"lora": trainable}, Frozen(params=p, cache=cache, extractor=Extractor(lora=extractor)), b, rng)
     (loss, m), g = out["f32"]
     (loss16, m16), g16 = out["bf16"]
     assert loss16.dtype == jnp.float32 and m16["lambda_mean"].dtype == jnp.float32

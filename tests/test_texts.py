@@ -1,6 +1,6 @@
 import pytest
 
-from purecc_jax.purecc import texts
+from purecc_jax.data import texts
 
 
 def test_derive_texts():

@@ -4,7 +4,7 @@ identifier's occurrences removed, every other word kept once and in order."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from purecc_jax.purecc import texts
+from purecc_jax.data import texts
 
 # Words: any printable characters but separators and controls (punctuation, accents, CJK ...).
 WORD = st.text(st.characters(blacklist_categories=("Z", "C")), min_size=1, max_size=8)

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from purecc_jax.pipeline.folder import load_pipeline
+from purecc_jax.backbones.flux.folder import load_pipeline
 from purecc_jax.toyworld import evaluate, experiment, shipped
 
 # Two world prompts per held-out combination: enough to catch a broken base or sampler, few
@@ -103,7 +103,7 @@ def test_base_step_trains_what_the_recipe_says(tmp_path, train_text_encoders, us
     from purecc_jax.models.flux import FluxTransformer
     from purecc_jax.pipeline.latents import latent_image_ids
     from purecc_jax.pipeline.tokenizers import load_tokenizers
-    from purecc_jax.purecc import flow
+    from purecc_jax.pipeline import flow
     from purecc_jax.purecc.step import make_optimizer
     from purecc_jax.toyworld import base
     from purecc_jax.toyworld import tokenizers as toy_tokenizers

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from purecc_jax.pipeline.folder import load_pipeline
+from purecc_jax.backbones.flux.folder import load_pipeline
 from purecc_jax.toyworld import experiment
 
 

@@ -108,3 +108,18 @@ def test_markdown_sections():
     assert "| shape, asked for a square | 0.85 ± 0.05 (n = 20) | ≥ 0.90 | **no** |" in md
     assert "| white circle on a green background | 0.25 | 0.00 | 4 |" in md
     assert "| lcc | 0.65 ± 0.05 |" in md and "| base | – |" in md  # labels from the results
+
+
+def test_digest_is_what_was_computed_not_when():
+    """Two runs with other timings, machine load and steps per second, and a config with one more key,
+    have one digest; a score moved in its last digit changes it."""
+    curves = [{"step": 10, "loss": 0.5, "steps_per_second": 30.0}]
+    run = lambda sps, t, load, rate, extra=(): {
+        "config": {"toy": {"alpha": 0.05}, **dict(extra)},
+        "results": {"lcc": {"label": "lcc", "runs": {"0": {
+            "scores": {"world_all": {"rate": rate, "se": 0.1, "n": 50}},
+            "curves": [dict(c, steps_per_second=sps) for c in curves]}}}},
+        "timings": {"total": t}, "machine": {"load_end": load}}
+    a = report.digest(run(30.0, 100.0, 0.5, 0.81))
+    assert a == report.digest(run(12.5, 240.0, 2.0, 0.81, {"model": {"backbone": "auto"}}))
+    assert a != report.digest(run(30.0, 100.0, 0.5, 0.8100000001))

@@ -28,18 +28,23 @@ import config_files
 import dreambench_standin
 import flux_reference
 import pipeline_reference
+import tiny_runs
+from tiny_runs import compilation_cache  # noqa: F401  (the module's autouse fixture)
+from purecc_jax import backbones
 from purecc_jax import main as main_lib
 from purecc_jax import sample as sample_cli
 from purecc_jax import sharding, train
 from purecc_jax import trained as trained_lib
+from purecc_jax.backbones.flux import weights as flux_io
+from purecc_jax.backbones.flux.folder import load_pipeline
+from purecc_jax.backbones.flux.generate import generate
+from purecc_jax.backbones.flux.weights import load_transformer
 from purecc_jax.models import lora
 from purecc_jax.models.flux import ConceptInjection, FluxConfig, FluxTransformer
-from purecc_jax.pipeline.folder import load_pipeline
+from purecc_jax.pipeline.settings import SampleSettings
 from purecc_jax.purecc import loop
-from purecc_jax.purecc.step import StepConfig, make_loss_fn
-from purecc_jax.sample import SampleSettings, generate
-from purecc_jax.weights import lora_export
-from purecc_jax.weights.flux_io import load_transformer
+from purecc_jax.purecc.step import Frozen, StepConfig, make_loss_fn
+from purecc_jax.weights import diffusers_lora as lora_export
 from purecc_jax.weights.safetensors_io import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,44 +54,12 @@ L = 16  # T5 tokens
 PROMPT = "a photo of sks dog"
 
 # configs/flux_concept.py shrunk to the tiny pipeline: the overrides every run here shares.
-TINY = {
-    "concept.path": "dog",
-    "concept.dreambench_root": str(DREAMBENCH),
-    "concept.resolution": "32",
-    "model.dtype": "float32",
-    "model.param_dtype": "float32",
-    "model.remat_policy": "none",
-    "model.attention": "xla",
-    "model.max_sequence_length": L,
-    "stage_a.steps": 4,
-    "stage_b.steps": 4,
-    "stage_a.learning_rate": 1e-3,
-    "stage_b.learning_rate": 1e-3,
-    "checkpoint_every": 2,
-    "log_every": 1,
-    "progress": False,
-    "sample.every": 0,
-    "sample.steps": 2,
-    "sample.height": 32,
-    "sample.width": 32,
-    "export.dtype": "float32",
-}
+TINY = tiny_runs.tiny(**{
+    "concept.path": "dog", "concept.dreambench_root": str(DREAMBENCH), "stage_a.steps": 4, "stage_b.steps": 4,
+    "stage_a.learning_rate": 1e-3, "stage_b.learning_rate": 1e-3, "checkpoint_every": 2, "sample.steps": 2,
+    "sample.height": 32, "sample.width": 32,
+})
 
-CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module only (every program cached), reset afterwards."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    saved = {n: getattr(jax.config, n) for n in CACHE_OPTIONS}
-    cc.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +118,7 @@ def cli_run(folder, tmp_path_factory):
     argv = ["main", f"--config={CONFIG_FILE}", f"--workdir={workdir}", f"--config.pretrained={folder}"]
     argv += [f"--config.{k}={v}" for k, v in TINY.items()]
     argv.append("--nocompilation_cache")  # main's own cache would skip the small programs this module reuses
-    cache_options = {n: getattr(jax.config, n) for n in CACHE_OPTIONS}
+    cache_options = {n: getattr(jax.config, n) for n in tiny_runs.CACHE_OPTIONS}
     try:
         main_lib.cli(argv)
     finally:
@@ -239,7 +212,8 @@ def test_resume_reaches_the_uninterrupted_state(folder, cli_run, resumed):
         for key in want[name]:
             np.testing.assert_array_equal(got[name][key], want[name][key], err_msg=f"{name}: {key}")
     # The export is the final trainable state itself (float32, alpha / rank = 1).
-    final_lora = lora_export.to_diffusers(resumed.final.trainable["lora"], resumed.final.lora, flux_config(folder))
+    final_lora = lora_export.to_diffusers(resumed.final.trainable["lora"], resumed.final.lora,
+                                        flux_io.lora_layout(flux_config(folder)))
     for key, value in final_lora.items():
         np.testing.assert_array_equal(value, want["pytorch_lora_weights.safetensors"][key])
 
@@ -297,9 +271,9 @@ def test_dreambooth_runs_one_stage_and_exports_it(dreambooth):
 def test_loss_falls(dreambooth):
     """L_CC of a fixed batch (16 noisings of the one view at a fixed rng) before vs after training."""
     trainer, final, w = dreambooth
-    loss_fn = make_loss_fn(trainer.model, StepConfig(stage="cc", guidance=trainer.guidance,
-                                                     concept_embedding="none", trainable_lora=final.lora))
-    frozen = {"params": trainer.parts.transformer_params, "cache": trainer.cache_device}
+    denoiser = trainer.backbone.denoiser(trainer.parts, trainer.config)
+    loss_fn = make_loss_fn(denoiser, StepConfig(stage="cc", trainable_lora=final.lora))
+    frozen = Frozen(params=trainer.parts.transformer_params, cache=trainer.cache_device)
     views = np.zeros(16, np.int32)
     batch = {k: jnp.asarray(v[views]) for k, v in trainer.cache.view_texts.items()} | {"image": jnp.asarray(views)}
     with sharding.activate(trainer.mesh, trainer.rules):
@@ -368,19 +342,19 @@ def test_token_embeddings_load_as_textual_inversion(folder, resumed):
 def test_lora_export_round_trip(folder, dreambooth):
     _, final, w = dreambooth
     cfg = flux_config(folder)
-    adapter, lcfg = lora_export.load(w / "export" / "pytorch_lora_weights.safetensors", cfg)
+    adapter, lcfg = lora_export.load(w / "export" / "pytorch_lora_weights.safetensors", flux_io.lora_layout(cfg))
     assert lcfg.rank == final.lora.rank and lcfg.scale == 1.0
     want = lora.variables(final.trainable["lora"], final.lora)  # alpha / rank = 2 is folded into B on export
     assert jax.tree_util.tree_structure(adapter) == jax.tree_util.tree_structure(want)
     for a, b in zip(jax.tree_util.tree_leaves(lora.variables(adapter, lcfg)), jax.tree_util.tree_leaves(want)):
         np.testing.assert_array_equal(a, np.asarray(b))
-    again = lora_export.save(adapter, lcfg, cfg, w / "again.safetensors")
+    again = lora_export.save(adapter, lcfg, flux_io.lora_layout(cfg), w / "again.safetensors")
     first = tensors(w / "export" / "pytorch_lora_weights.safetensors")
     assert tensors(again).keys() == first.keys()
     for key, value in tensors(again).items():
         np.testing.assert_array_equal(value, first[key])
     # Unscanned models get one adapter per block.
-    per_block, _ = lora_export.load(again, cfg, scanned=False)
+    per_block, _ = lora_export.load(again, flux_io.lora_layout(cfg), scanned=False)
     np.testing.assert_array_equal(per_block["single_blocks_0"]["out"]["b"],
                                   adapter["single_blocks"]["out"]["b"][0])
 
@@ -460,7 +434,7 @@ def test_sample_workdir_errors(tmp_path):
 
 def test_sample_workdir_reads_full_weights(folder, tmp_path):
     """An export of fully fine-tuned weights (export/transformer/) replaces the pretrained transformer."""
-    from purecc_jax.weights.flux_io import export_diffusers
+    from purecc_jax.backbones.flux.weights import export_diffusers
 
     cfg, params = load_transformer(folder / "transformer")
     tuned = jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.01, params)
@@ -511,39 +485,59 @@ def test_stage_b_trains_a_fresh_lora_against_stage_a_extractor(folder, wiring_tr
     a, b, got = wire(wiring_trainer, folder)
     cfg = wiring_trainer.config
     fresh = lora.init(jax.random.key(cfg.seed + 1), wiring_trainer.parts.transformer_params,
-                      train.lora_config(cfg.stage_b))
+                      train.lora_config(cfg.stage_b, backbones.FLUX))
     assert same(got["trainable"]["lora"], fresh) and not same(got["trainable"]["lora"], a.trainable["lora"])
-    assert same(got["frozen"]["extractor_lora"], a.trainable["lora"]) and got["step_cfg"].extractor_lora == a.lora
-    assert "extractor_params" not in got["frozen"] and "extractor_embeddings" not in got["frozen"]
+    ext = got["frozen"].extractor
+    assert same(ext.lora, a.trainable["lora"]) and got["step_cfg"].extractor_lora == a.lora
+    assert ext.params is None and ext.embeddings is None
     # Stage A's concept embedding is frozen in stage B and handed on to the export.
-    assert set(got["trainable"]) == {"lora"} and same(got["frozen"]["embeddings"], a.trainable["embeddings"])
+    assert set(got["trainable"]) == {"lora"} and same(got["frozen"].embeddings, a.trainable["embeddings"])
     assert same(b.trainable["embeddings"], a.trainable["embeddings"])
 
 
 def test_extractor_without_stage_a_lora_is_the_pretrained_model(folder, wiring_trainer):
     _, _, got = wire(wiring_trainer, folder, **{"objective.extractor_uses_stage_a_lora": False})
-    assert "extractor_lora" not in got["frozen"] and "extractor_params" not in got["frozen"]
+    ext = got["frozen"].extractor
+    assert ext.lora is None and ext.params is None
     assert got["step_cfg"].extractor_lora is None
 
 
 def test_full_finetuning_extractor_is_stage_a_weights(folder, wiring_trainer):
     a, _, got = wire(wiring_trainer, folder, **{"stage_a.full_finetune": True, "stage_b.full_finetune": True})
     pretrained = wiring_trainer.parts.transformer_params
-    assert same(got["frozen"]["extractor_params"], a.trainable["params"]) and not same(a.trainable["params"], pretrained)
+    ext = got["frozen"].extractor
+    assert same(ext.params, a.trainable["params"]) and not same(a.trainable["params"], pretrained)
     assert same(got["trainable"]["params"], pretrained)  # stage B starts from the pretrained weights again
-    assert "extractor_lora" not in got["frozen"] and got["step_cfg"].extractor_lora is None
+    assert ext.lora is None and got["step_cfg"].extractor_lora is None
 
 
 def test_embeddings_trained_in_stage_b_leave_the_extractor_on_stage_a(folder, wiring_trainer):
     a, _, got = wire(wiring_trainer, folder, train_embeddings_in_stage_b=True)
     learned = a.trainable["embeddings"]
     assert same(got["trainable"]["embeddings"], learned)  # stage B's copy starts from stage A's
-    assert same(got["frozen"]["extractor_embeddings"], learned) and "embeddings" not in got["frozen"]
+    assert same(got["frozen"].extractor.embeddings, learned) and got["frozen"].embeddings is None
     # Separate buffers: the step donates the trainable ones, which would delete the extractor's.
     pointers = lambda tree: {x.unsafe_buffer_pointer() for x in jax.tree_util.tree_leaves(tree)}  # noqa: E731
-    assert not pointers(got["frozen"]["extractor_embeddings"]) & pointers(got["trainable"]["embeddings"])
+    assert not pointers(got["frozen"].extractor.embeddings) & pointers(got["trainable"]["embeddings"])
     # Token rows reach the extractor through the cached encodings: stage A's rows baked in.
     trainer = wiring_trainer
     want = trainer.parts.text.encode(trainer.cache.arrays["clip_ids"], trainer.cache.arrays["t5_ids"],
                                      learned["clip"], learned["t5"])
     np.testing.assert_allclose(trainer.cache.arrays["t5"], np.asarray(want.t5), rtol=1e-6, atol=1e-6)
+
+
+def test_batches_follow_the_runs_axis_rules(folder, wiring_trainer):
+    """config.axis_rules reaches the batch: with act_batch on "data" only, a (data 2, fsdp 4) mesh splits
+    the batch in two, not in eight as the default rules (fsdp, data) would."""
+    trainer = wiring_trainer
+    mesh = sharding.make_mesh(data=2, fsdp=4, devices=jax.devices()[:8])
+    saved = trainer.mesh, trainer.rules
+    try:
+        trainer.mesh = mesh
+        for rules, spec in ((sharding.rules_from_config([("act_batch", "data")]), "data"),
+                            (sharding.DEFAULT_RULES, ("fsdp", "data"))):
+            trainer.rules = rules
+            batch = trainer.batch_fn(8, seed=0)(0)
+            assert {x.sharding.spec[0] for x in jax.tree_util.tree_leaves(batch)} == {spec}
+    finally:
+        trainer.mesh, trainer.rules = saved

@@ -16,8 +16,9 @@ import pytest
 
 from flux_reference import build_torch, random_inputs, run_torch, save_torch, tiny_config
 from purecc_jax import convert, sharding
+from purecc_jax.backbones.flux import weights as flux_io
 from purecc_jax.models.flux import FluxTransformer
-from purecc_jax.weights import flux_io, loader
+from purecc_jax.weights import loader
 from purecc_jax.weights.loader import WeightsError
 from purecc_jax.weights.safetensors_io import Checkpoint, save_file, write_sharded
 
@@ -299,7 +300,7 @@ def test_cli_bfl_file(tmp_path, capsys):
 
 
 def test_runtime_does_not_import_torch():
-    code = ("import sys, purecc_jax.convert, purecc_jax.weights.flux_io; "
+    code = ("import sys, purecc_jax.convert, purecc_jax.backbones.flux.weights; "
             "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

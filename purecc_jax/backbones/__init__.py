@@ -1,10 +1,10 @@
 """Diffusion backbones PureCC can drive, behind one interface (`base.Backbone`).
 
-    flux   FLUX.1-dev / schnell          FluxPipeline folders             backbones/flux.py
-    sd3    SD3 / SD3.5 (Medium, Large)   StableDiffusion3Pipeline folders backbones/sd3.py
+    flux   FLUX.1-dev / schnell          FluxPipeline folders             backbones/flux/
+    sd3    SD3 / SD3.5 (Medium, Large)   StableDiffusion3Pipeline folders backbones/sd3/
 
 `select(folder, name)` picks one: `config.model.backbone` when it names one, else the class in the
-folder's model_index.json. Adding a backbone is a module here and one entry in BACKBONES.
+folder's model_index.json. Adding a backbone is a package here and one entry in BACKBONES.
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
-
-from purecc_jax.backbones.base import Backbone
+from purecc_jax import paths
+from purecc_jax.backbones.base import Backbone, Trained
 from purecc_jax.backbones.flux import FLUX
 from purecc_jax.backbones.sd3 import SD3
 
-BACKBONES: dict[str, Backbone] = {b.name: b for b in (SD3, FLUX)}  # detection order: FLUX is the fallback
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (FLUX, SD3)}
 AUTO = "auto"
+# What any backbone's pipeline folder holds that its loader reads (not the single-file checkpoints beside it).
+PIPELINE_PARTS = tuple(dict.fromkeys(p for b in BACKBONES.values() for p in b.folder_parts))
+WEIGHT_FORMATS = tuple(dict.fromkeys(f for b in BACKBONES.values() for f in b.weight_formats))
 
 
 def get(name: str) -> Backbone:
@@ -48,14 +50,6 @@ def select(path: str | Path, name: str = AUTO) -> Backbone:
     return backbone
 
 
-def for_model(model: nn.Module) -> Backbone:
-    """The backbone whose transformer `model` is."""
-    for backbone in BACKBONES.values():
-        if isinstance(model, backbone.module_class):
-            return backbone
-    raise TypeError(f"{type(model).__name__} is not the transformer of a known backbone ({list(BACKBONES)})")
-
-
 def for_parts(parts: Any) -> Backbone:
     """The backbone that loaded `parts` (by its transformer config's type)."""
     for backbone in BACKBONES.values():
@@ -64,4 +58,11 @@ def for_parts(parts: Any) -> Backbone:
     raise TypeError(f"pipeline parts with a {type(parts.transformer_config).__name__} belong to no known backbone")
 
 
-__all__ = ["AUTO", "BACKBONES", "Backbone", "FLUX", "SD3", "for_model", "for_parts", "from_folder", "get", "select"]
+def local_pipeline(folder: str | Path) -> str:
+    """A pipeline folder on this host: `folder` itself, or the checked per-host copy of a bucket folder
+    (only what the loaders read)."""
+    return str(paths.local_copy(folder, only=PIPELINE_PARTS)) if paths.is_remote(folder) else str(folder)
+
+
+__all__ = ["AUTO", "BACKBONES", "PIPELINE_PARTS", "WEIGHT_FORMATS", "Backbone", "FLUX", "SD3", "Trained",
+           "for_parts", "from_folder", "get", "local_pipeline", "select"]

@@ -1,33 +1,42 @@
-"""The one interface between PureCC (method, trainer, sampler loop, export) and a diffusion backbone.
+"""The one interface between PureCC (trainer, sampler, export) and a diffusion backbone.
 
 A backbone is a stateless object; what it loads (`parts`: configs, parameters, text encoders,
-codec, scheduler) is handed back to it. The trainer and the step only ever call:
+codec, scheduler) is handed back to it. The layers above call only:
 
-    folder     is_folder(path), check_folder(path, config), load(path, mesh=, rules=, **runtime) -> parts
-    config     check_config(config), train_guidance(parts, config), lora_targets(targets)
-    model      model(parts.transformer_config) -> the Flax module, module_class
-               velocity(model, variables, x_t, t, text, cache, guidance, injection) -> v (float32)
-    data       build_cache(concept, images, view_image, parts, codec, max_len, extra) -> data.cache.ConceptCache
-               (training latents through the codec, the texts' encodings), check_identifier(...)
-    sampling   sample(parts, prompts, settings, seed=, lora=, ...) -> images (B, H, W, 3) in [0, 1]
-    export     resolve_formats, write_weights (diffusers formats), read_lora, model_card,
-               read_config / load_merge_base (the `purecc_jax.export` CLI)
+    folder     folder_parts, is_folder(path), check_folder(path, config), load(path, mesh=, rules=, **runtime)
+    config     check_config(config), lora_targets(targets), train_guidance(parts, config)
+    training   denoiser(parts, config) -> `purecc.step.Denoiser`; prepare_identifier, build_cache,
+               initial_embeddings, bake_embeddings, text_params (learned concept embeddings)
+    sampling   generate(parts, prompts, settings, seeds=, trained=, lora=, ...) -> images in [0, 1]
+    export     resolve_formats, write_weights, write_embeddings, export_files, read_export,
+               read_lora / lora_collection, model_card, read_config, load_merge_base
 
 FLUX.1 (`backbones.flux`) and SD3 / SD3.5 (`backbones.sd3`) implement it; `backbones.select`
 picks one from the pretrained folder's model_index.json or `config.model.backbone`. A new
-backbone is a new module here plus one line in `backbones.BACKBONES`.
+backbone is a new package here plus one entry in `backbones.BACKBONES`.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
-import jax
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """What a trained concept adds to a loaded pipeline, for sampling."""
+
+    identifier: str
+    class_word: str
+    concept_embedding: str  # none | token | layerwise
+    lora: Any = None  # a `lora` collection (models.lora.variables), or None (full fine-tune, or nothing)
+    embeddings: dict[str, Any] | None = None  # learned concept embeddings in the backbone's structure
 
 
 class Backbone(abc.ABC):
@@ -35,17 +44,16 @@ class Backbone(abc.ABC):
 
     name: str  # config.model.backbone value
     pipeline_classes: tuple[str, ...]  # model_index.json `_class_name`s this backbone reads
-    module_class: type[nn.Module]  # the transformer module
-    config_class: type  # its config dataclass
+    folder_parts: tuple[str, ...]  # the files and folders of a pipeline folder that its loader reads
     concept_embeddings: tuple[str, ...]  # config.concept_embedding values it supports
     weight_formats: tuple[str, ...]  # export formats it writes
+    default_guidance: float  # the pipeline's guidance_scale default when sampling
+    default_max_sequence_length: int  # T5 tokens when sampling, unless given
 
     # --- the pipeline folder
 
     def is_folder(self, path: str | Path) -> bool:
         """Whether `path` is a diffusers folder of this backbone (its model_index.json's class)."""
-        import json
-
         index = Path(path) / "model_index.json"
         if not index.is_file():
             return False
@@ -71,44 +79,53 @@ class Backbone(abc.ABC):
                              f"{self.name} backbone (supported: {', '.join(self.concept_embeddings)})")
 
     @abc.abstractmethod
-    def train_guidance(self, parts: Any, config: Any) -> float | None:
-        """The embedded guidance value of training forward passes, or None (no guidance embedding)."""
-
-    @abc.abstractmethod
     def lora_targets(self, targets: str | Sequence[str]) -> tuple[str, ...]:
         """LoRA target regexes over Dense module paths: a preset name of this backbone, or the regexes."""
 
-    # --- the model
+    @abc.abstractmethod
+    def train_guidance(self, parts: Any, config: Any) -> float | None:
+        """The embedded guidance value of training forward passes, or None (no guidance embedding)."""
 
-    def model(self, transformer_config: Any) -> nn.Module:
-        return self.module_class(transformer_config)
+    # --- training
 
     @abc.abstractmethod
-    def velocity(self, model: nn.Module, variables: dict[str, Any], xt: jax.Array, t: jax.Array,
-                 text: tuple[jax.Array, jax.Array], cache: dict[str, Any], guidance: float | None,
-                 injection: Any) -> jax.Array:
-        """v_θ(x_t | text): `variables` {"params"(, "lora")}, x_t the cached latents' layout, t (B,) in [0, 1],
-        `text` (context tokens, pooled) rows of the cache, `cache` its on-device arrays."""
-
-    # --- data
+    def denoiser(self, parts: Any, config: Any) -> Any:
+        """The `purecc.step.Denoiser` of `parts`' transformer under `config` (guidance, concept embedding)."""
 
     @abc.abstractmethod
-    def check_identifier(self, parts: Any, identifier: str, kind: str) -> None:
-        """Refuses an identifier the tokenizers cannot use under concept embedding `kind`."""
+    def prepare_identifier(self, parts: Any, identifier: str, kind: str) -> None:
+        """Refuses an identifier the tokenizers cannot use under concept embedding `kind`; with learned
+        token rows, makes it a concept token of `parts`' tokenizers (in place)."""
 
     @abc.abstractmethod
     def build_cache(self, concept: Any, images: np.ndarray, view_image: np.ndarray, parts: Any, codec: Any,
-                    max_sequence_length: int, extra: dict[str, Any] | None) -> Any:
-        """The concept cache (`data.cache`): training latents of every view (through `codec`), encodings of
-        every text; `extra`: learned token rows to encode with."""
+                    max_sequence_length: int, embeddings: Any = None) -> Any:
+        """The concept cache (`data.cache.ConceptCache`): training latents of every view (through `codec`),
+        the encodings of every text; `embeddings`: learned token rows to encode with."""
+
+    def initial_embeddings(self, parts: Any, kind: str, concept: Any, cache: Any, seed: int,
+                           guidance: float | None) -> Any:
+        """The learned concept embeddings' starting values for `kind`, or None (kind "none")."""
+        if kind != "none":
+            raise ValueError(f"concept embedding {kind!r} is not supported by the {self.name} backbone")
+        return None
+
+    def bake_embeddings(self, cache: Any, parts: Any, embeddings: Any, kind: str) -> Any:
+        """`cache` with frozen learned embeddings applied to its encodings (token rows); unchanged otherwise."""
+        return cache
+
+    def text_params(self, parts: Any) -> Any:
+        """The text encoders' parameters the step re-encodes with while token rows train."""
+        raise ValueError(f"the {self.name} backbone has no learned token rows")
 
     # --- sampling
 
     @abc.abstractmethod
-    def sample(self, parts: Any, prompts: Sequence[str], settings: Any, *, seed: int, lora: Any = None,
-               concept_embedding: str = "none", identifier: str = "", embeddings: Any = None,
-               codec: Any = None) -> Any:
-        """Images (B, H, W, 3) in [0, 1] of `prompts` (`settings`: pipeline.generate.SampleSettings)."""
+    def generate(self, parts: Any, prompts: Sequence[str], settings: Any, *, seeds: Sequence[int],
+                 init_latents: Any = None, trained: Trained | None = None, lora: Any = None, codec: Any = None,
+                 progress: bool = False) -> Any:
+        """Images (len(prompts) * len(seeds), H, W, 3) in [0, 1], prompt-major (`settings`:
+        pipeline.settings.SampleSettings); `trained` adds a trained concept, `lora` a `lora` collection."""
 
     # --- export
 
@@ -122,9 +139,29 @@ class Backbone(abc.ABC):
                       base_params: Any = None) -> list[Path]:
         """Writes one format into `folder`, reads it back and checks it; returns its files."""
 
+    def write_embeddings(self, folder: Path, kind: str, identifier: str, embeddings: Any) -> list[Path]:
+        """Writes learned concept embeddings into an export folder; returns the files written."""
+        if embeddings is not None and kind != "none":
+            raise ValueError(f"the {self.name} backbone has no concept embeddings of kind {kind!r} to export")
+        return []
+
+    @abc.abstractmethod
+    def export_files(self, fmt: str, kind: str) -> tuple[str, ...]:
+        """The top-level files and folders of an export that reading format `fmt` (and embeddings `kind`) needs."""
+
+    @abc.abstractmethod
+    def read_export(self, folder: Path, formats: Sequence[str], kind: str, identifier: str, parts: Any,
+                    lora_scale: float = 1.0) -> tuple[Any, Any, Any]:
+        """(parts, `lora` collection or None, embeddings or None) of an export folder's first format of
+        `formats`; full weights replace `parts`' transformer."""
+
     @abc.abstractmethod
     def read_lora(self, path: str | Path, transformer_config: Any, scanned: bool = True) -> tuple[Any, Any]:
         """A LoRA file of this backbone -> (adapter tree, LoRAConfig with scale 1)."""
+
+    @abc.abstractmethod
+    def lora_collection(self, path: str | Path, parts: Any, scale: float = 1.0) -> Any:
+        """The `lora` collection of a LoRA file for `parts`' transformer at strength `scale`, checked to fit."""
 
     @abc.abstractmethod
     def model_card(self, meta: dict[str, Any], info: Any, lora_cfg: Any, folder: Path, grid: Path | None) -> str:

@@ -1,14 +1,13 @@
-"""The concept cache: VAE latents of every training view and encodings of every text, once.
+"""The concept cache: latents of every training view and encodings of every text, computed once.
 
-    latents    (M, N, C)  packed latents of the M views (images x crops x flips)
-    img_ids    (N, 3)     their RoPE positions
-    t5         (K, T, D)  T5 hidden states of the K distinct texts (index 0 is the null text "")
-    pooled     (K, P)     CLIP pooled outputs
-    clip_ids   (K, 77), t5_ids (K, T)   token ids (for re-encoding with learned token embeddings)
-    ident_mask (K, T)     the identifier's T5 token positions (layer-wise embeddings)
+A backbone's cache holds at least
+
+    latents    (M, ...)   the M views' (images x crops x flips) latents, in its transformer's layout
+    t5         (K, T, D)  the context tokens of the K distinct texts (index 0 is the null text "")
+    pooled     (K, P)     the pooled text vectors
 and, per view, the text indices `complete`, `base`, `target` (the null text is index 0).
-This is FLUX's cache (`build`); another backbone builds its own from `encode_images` and
-`index_texts` (backbones/sd3.py: NHWC latents, `t5` the joint CLIP ++ T5 context, `pooled`).
+Each backbone builds its own from `encode_images` and `index_texts` (`backbones.flux.cache`:
+the arrays above; `backbones.sd3`: NHWC latents, `t5` the joint CLIP ++ T5 context, `pooled`).
 """
 
 from __future__ import annotations
@@ -16,13 +15,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from purecc_jax.data.concept import Concept
-from purecc_jax.pipeline.latents import latent_image_ids, pack
-from purecc_jax.pipeline.text import TextEncoders
+from purecc_jax.pipeline.latents import pack
 
 NULL = 0
 
@@ -67,40 +64,3 @@ def index_texts(concept: Concept, view_image: np.ndarray) -> tuple[list[str], di
                 texts.append(t)
             view_texts[kind].append(index[t])
     return texts, {k: np.asarray(v, np.int32) for k, v in view_texts.items()}
-
-
-def build(
-    concept: Concept,
-    images: np.ndarray,
-    view_image: np.ndarray,
-    codec: Any,
-    text: TextEncoders,
-    max_sequence_length: int,
-    extra: dict[str, jax.Array] | None = None,
-) -> ConceptCache:
-    """Encodes the views and the texts. `extra`: learned token rows ({"clip", "t5"}) if any."""
-    latents = encode_images(codec, images)
-    f = codec.downsample_factor
-    img_ids = latent_image_ids(images.shape[1] // f, images.shape[2] // f)
-
-    texts, view_texts = index_texts(concept, view_image)
-    clip_ids, t5_ids = text.tokenizers.tokenize(texts, max_sequence_length)
-    arrays = dict(latents=latents, img_ids=np.asarray(img_ids, np.float32), clip_ids=np.asarray(clip_ids),
-                  t5_ids=np.asarray(t5_ids),
-                  ident_mask=np.asarray(text.tokenizers.word_mask(np.asarray(t5_ids), concept.identifier)))
-    cache = ConceptCache(arrays, texts, view_texts, np.asarray(view_image, np.int32))
-    return encode_texts(cache, text, extra)
-
-
-def encode_texts(cache: ConceptCache, text: TextEncoders, extra: dict[str, jax.Array] | None = None,
-                 chunk: int = 16) -> ConceptCache:
-    """(Re-)encodes every text, with learned token rows `extra` when given."""
-    ids = cache.arrays["clip_ids"], cache.arrays["t5_ids"]
-    t5, pooled = [], []
-    for i in range(0, len(cache.texts), chunk):
-        out = text.encode(ids[0][i: i + chunk], ids[1][i: i + chunk],
-                          None if extra is None else extra["clip"], None if extra is None else extra["t5"])
-        t5.append(np.asarray(out.t5, np.float32))
-        pooled.append(np.asarray(out.pooled, np.float32))
-    arrays = dict(cache.arrays, t5=np.concatenate(t5), pooled=np.concatenate(pooled))
-    return dataclasses.replace(cache, arrays=arrays)

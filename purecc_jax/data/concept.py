@@ -1,7 +1,7 @@
 """A concept: 3-5 photos, an identifier and a class word, and their PureCC texts.
 
 A concept is given as a folder of images (jpg / png / webp; EXIF orientation honoured),
-optionally with a caption file `<image>.txt` per image (see `purecc.texts.read_caption_file`),
+optionally with a caption file `<image>.txt` per image (see `data.texts.read_caption_file`),
 or as the name of a DreamBench subject.
 
 What is refused, with the file named: any other file in the folder but hidden ones and .txt
@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from purecc_jax import paths
 from purecc_jax.data import dreambench
-from purecc_jax.purecc import texts as texts_lib
+from purecc_jax.data import texts as texts_lib
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CROPS = ("center", "random")

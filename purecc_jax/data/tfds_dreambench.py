@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 
 from purecc_jax.data import concept as concept_lib
 from purecc_jax.data import dreambench
-from purecc_jax.purecc import texts as texts_lib
+from purecc_jax.data import texts as texts_lib
 
 NAME = "dreambench"
 DEFAULT_RESOLUTION = 512

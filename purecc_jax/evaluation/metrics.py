@@ -1,4 +1,4 @@
-"""DreamBench's fidelity and text-alignment metrics: CLIP-I, CLIP-T and DINO (METHOD.md §6).
+"""DreamBench's fidelity and text-alignment metrics: CLIP-I, CLIP-T and DINO (docs/method.md §6).
 
     CLIP-I  mean cosine of CLIP image embeddings, every generated image x every reference photo
     DINO    the same with DINO ViT CLS embeddings (the last layer's, after its final LayerNorm)

@@ -1,4 +1,4 @@
-r"""DreamBench evaluation of trained PureCC workdirs: sample, save grids, score (METHOD.md §6).
+r"""DreamBench evaluation of trained PureCC workdirs: sample, save grids, score (docs/method.md §6).
 
     python -m purecc_jax.evaluation.sweep --workdirs=runs/dog,runs/can --output=eval/ \
         --clip=~/clip-vit-large-patch14 --dino=~/dino-vits16 --seeds=4 --steps=28 --height=512 --width=512
@@ -45,11 +45,12 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
+from purecc_jax import backbones
 from purecc_jax import cli as cli_lib
 from purecc_jax import paths
 from purecc_jax.data import tfds_dreambench as tdb
-from purecc_jax.pipeline.generate import SampleSettings, generate
-from purecc_jax.trained import load_trained, read_meta, trained_overrides, workdir_pretrained
+from purecc_jax.pipeline.settings import SampleSettings
+from purecc_jax.trained import load_trained, read_meta, workdir_pretrained
 
 FLAGS = flags.FlagValues()
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "trained PureCC workdirs, each of one DreamBench subject",
@@ -116,8 +117,8 @@ def read_run(workdir: str | Path, name: str, base_pretrained: str | None = None)
     return Run(workdir, name, paths.path(path).name, pretrained, root)
 
 
-def sample_prompts(parts, prompts: Sequence[str], settings: SampleSettings, seeds: Sequence[int],
-                   batch_size: int, trained=None) -> np.ndarray:
+def sample_prompts(backbone: backbones.Backbone, parts, prompts: Sequence[str], settings: SampleSettings,
+                   seeds: Sequence[int], batch_size: int, trained=None) -> np.ndarray:
     """uint8 images (P * S, H, W, 3), prompt-major, sampled a few prompts per call.
 
     Every call has the same number of prompts (the last is padded with repeats), so the
@@ -129,8 +130,8 @@ def sample_prompts(parts, prompts: Sequence[str], settings: SampleSettings, seed
         chunk = list(prompts[start:start + per_call])
         real = len(chunk)
         chunk += chunk[-1:] * (per_call - real)
-        images = generate(parts, chunk, settings, seeds=seeds, **trained_overrides(parts, chunk, settings, trained))
-        images = np.asarray(images.images)[:real * len(seeds)]
+        images = backbone.generate(parts, chunk, settings, seeds=seeds, trained=trained)
+        images = np.asarray(images)[:real * len(seeds)]
         out.append(np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8))
         logging.info("sampled %d / %d prompts", start + real, len(prompts))
     return np.concatenate(out)
@@ -215,9 +216,6 @@ def evaluate(runs: Sequence[Run], output: str | Path, settings: SampleSettings, 
              reference_resolution: int = tdb.DEFAULT_RESOLUTION, grid_cell: int = 256,
              load_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Samples, saves and scores every run; returns (and writes) the results (see module doc)."""
-    from purecc_jax.main import PIPELINE_PARTS
-    from purecc_jax.pipeline.folder import load_pipeline
-
     output = paths.path(output)
     if paths.is_remote(data_dir):
         data_dir = paths.local_copy(data_dir)
@@ -232,21 +230,23 @@ def evaluate(runs: Sequence[Run], output: str | Path, settings: SampleSettings, 
     results = []
     for run in runs:
         if run.pretrained not in pipelines:
-            local = paths.local_copy(run.pretrained, only=PIPELINE_PARTS) if paths.is_remote(run.pretrained) \
-                else run.pretrained
-            pipelines[run.pretrained] = load_pipeline(local, **(load_options or {}))
-        parts = pipelines[run.pretrained]
+            local = backbones.local_pipeline(run.pretrained)
+            backbone = backbones.from_folder(local)
+            pipelines[run.pretrained] = backbone, backbone.load(local, **(load_options or {}))
+        backbone, parts = pipelines[run.pretrained]
         meta = read_meta(str(run.workdir / "export"))
         subject = subjects[run.subject]
         texts = subject.texts(meta["identifier"], meta["class_word"])
         key = (run.pretrained, tuple(t.base for t in texts))
         if key not in base_images:
             logging.info("%s: original model, %d base texts x %d seeds", run.name, len(texts), len(seeds))
-            base_images[key] = sample_prompts(parts, [t.base for t in texts], settings, seeds, batch_size)
+            base_images[key] = sample_prompts(backbone, parts, [t.base for t in texts], settings, seeds, batch_size)
         base = base_images[key]
         logging.info("%s: customized model, %d complete texts x %d seeds", run.name, len(texts), len(seeds))
-        tuned_parts, trained = load_trained(run.workdir, parts)  # base texts never name the added token
-        customized = sample_prompts(tuned_parts, [t.complete for t in texts], settings, seeds, batch_size, trained)
+        # the base texts never name the token a trained concept adds
+        tuned_parts, trained = load_trained(run.workdir, parts, backbone=backbone)
+        customized = sample_prompts(backbone, tuned_parts, [t.complete for t in texts], settings, seeds, batch_size,
+                                    trained)
 
         folder = output / run.name
         save_images(customized, folder / "customized", seeds)
@@ -305,7 +305,7 @@ def markdown(summary: dict[str, Any]) -> str:
         for method, values in means.items():
             lines.append(f"| **mean** | | {method} | {fmt(values)} |")
         lines.append("\nCosines. CLIP-T: customized images vs the complete text; CLIP-T original: the original "
-                     "model's images vs the base text (same seeds); ΔCLIP-T is their difference (METHOD.md §6; "
+                     "model's images vs the base text (same seeds); ΔCLIP-T is their difference (docs/method.md §6; "
                      "the paper appears to print CLIP-T x 100). CLIP-I / DINO: mean over (image, reference photo) "
                      "pairs; the original model's are the class prior's fidelity.")
     return "\n".join(lines) + "\n"

@@ -25,22 +25,21 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from purecc_jax.models.flux import BTD, BTHD, BTM
-from purecc_jax.models.layers import Dense, constrain
+from purecc_jax.models.layers import BTD, BTHD, BTM, Dense, constrain
 from purecc_jax.models.text_common import (
     ACTIVATIONS,
     attention_implementation,
     check_runtime,
     embed_tokens,
-    layer_stack,
 )
+from purecc_jax.models.runtime import Runtime, layer_stack
 
 LEGACY_EOS_ID = 2
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
-    """Architecture (first block, transformers' defaults) and runtime choices (second block)."""
+class CLIPTextConfig(Runtime):
+    """Architecture (transformers' defaults); the runtime choices are `Runtime`'s."""
 
     vocab_size: int = 49408
     hidden_size: int = 512
@@ -53,12 +52,6 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
     projection_dim: int | None = None  # CLIPTextModelWithProjection: pooled output projected to this width
 
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan_layers: bool = True
-    remat_policy: str = "none"
-    attention: str = "xla"
-
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
@@ -66,7 +59,8 @@ class CLIPTextConfig:
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        check_runtime(self.hidden_act, self.remat_policy, self.attention)
+        super().__post_init__()
+        check_runtime(self.hidden_act, self.attention)
 
     def replace(self, **kw) -> CLIPTextConfig:
         return dataclasses.replace(self, **kw)
@@ -209,7 +203,7 @@ class CLIPTextEncoder(nn.Module):
         x = embed_tokens(table, input_ids, extra_embeddings) + positions[None, :length]
         x = constrain(x.astype(c.dtype), BTD)
 
-        x, before_last = layer_stack(CLIPLayer, c, c.num_layers, "layers", 0)((x, x))
+        x, before_last = layer_stack(CLIPLayer, c, c.num_layers, "layers")((x, x))
         x = LayerNorm(c.layer_norm_eps, c.param_dtype, name="final_ln")(x)
         pos = pool_positions(input_ids, c.vocab_size, c.eos_token_id)
         pooled = jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]

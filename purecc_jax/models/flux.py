@@ -27,7 +27,12 @@ from jax.ad_checkpoint import checkpoint_name
 
 from purecc_jax.models.attention import attention
 from purecc_jax.models.layers import (
+    BTD,
+    BTHD,
+    BTM,
+    MLP,
     Dense,
+    Modulation,
     MLPEmbedder,
     RMSNorm,
     apply_rope,
@@ -36,27 +41,14 @@ from purecc_jax.models.layers import (
     rope_frequencies,
     timestep_embedding,
 )
+from purecc_jax.models.runtime import BROADCAST, SCANNED, Runtime, layer_stack
 
-BTD = ("act_batch", "act_seq", "act_embed")
-BTHD = ("act_batch", "act_seq", "act_heads", "act_head_dim")
-BTM = ("act_batch", "act_seq", "act_mlp")
-
-# Remat policies by name. Names inside the blocks that a policy may save:
-# "qkv" (projected, normed, rotated q/k/v), "attn_out" (attention output), "mlp_hidden".
-REMAT_POLICIES = {
-    "none": None,  # no rematerialisation: keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "attn": jax.checkpoint_policies.save_only_these_names("attn_out"),
-    "qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
-    "qkv_attn_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_hidden"),
-}
-
+# A block's arguments after its carry: its concept vector (one row per block), then vec, cos, sin, mask.
+PER_BLOCK = (SCANNED, BROADCAST, BROADCAST, BROADCAST, BROADCAST)
 
 @dataclasses.dataclass(frozen=True)
-class FluxConfig:
-    """Architecture (first block of fields) and runtime choices (second block)."""
+class FluxConfig(Runtime):
+    """Architecture; the runtime choices (dtype, scan_layers, remat_policy, attention) are `Runtime`'s."""
 
     in_channels: int = 64
     out_channels: int | None = None
@@ -72,12 +64,6 @@ class FluxConfig:
     guidance_embed: bool = True
     qkv_bias: bool = True
 
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan_layers: bool = True
-    remat_policy: str = "none"
-    attention: str = "xla"
-
     @property
     def hidden_size(self) -> int:
         return self.num_heads * self.head_dim
@@ -91,10 +77,9 @@ class FluxConfig:
         return self.out_channels or self.in_channels
 
     def __post_init__(self):
+        super().__post_init__()
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(f"sum(axes_dim)={sum(self.axes_dim)} must equal head_dim={self.head_dim}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
 
     def replace(self, **kw) -> FluxConfig:
         return dataclasses.replace(self, **kw)
@@ -171,21 +156,6 @@ def _inject(txt: jax.Array, mask: jax.Array | None, vector: jax.Array | None) ->
     return jnp.where(mask[:, :, None], vector.astype(txt.dtype)[None, None, :], txt)
 
 
-class Modulation(nn.Module):
-    """AdaLN modulation: Linear(SiLU(vec)) split into `chunks` (B, 1, D) arrays."""
-
-    chunks: int
-    hidden: int
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, vec: jax.Array) -> list[jax.Array]:
-        out = Dense(self.chunks * self.hidden, ("embed", "modulation"), dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="lin")(nn.silu(vec))
-        return jnp.split(out[:, None, :], self.chunks, axis=-1)
-
-
 class QKV(nn.Module):
     """q, k, v projections with RMS-normalised q and k, shaped (B, S, H, D)."""
 
@@ -202,18 +172,6 @@ class QKV(nn.Module):
         q = RMSNorm(1e-6, param_dtype=c.param_dtype, name="norm_q")(q)
         k = RMSNorm(1e-6, param_dtype=c.param_dtype, name="norm_k")(k)
         return q, k, v
-
-
-class MLP(nn.Module):
-    config: FluxConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-        h = Dense(c.mlp_hidden, ("embed", "mlp"), name="fc1", **kw)(x)
-        h = checkpoint_name(constrain(nn.gelu(h, approximate=True), BTM), "mlp_hidden")
-        return Dense(c.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)
 
 
 def _joint_attention(c: FluxConfig, qkvs, cos, sin) -> jax.Array:
@@ -276,32 +234,6 @@ class SingleBlock(nn.Module):
         return constrain(x + gate * out, BTD), None
 
 
-def _stack(block_cls, config: FluxConfig, length: int, name: str):
-    """`length` blocks as one nn.scan (stacked parameters) or as a Python loop."""
-    policy = REMAT_POLICIES[config.remat_policy]
-    if config.remat_policy != "none":
-        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not config.scan_layers)
-    if config.scan_layers:
-        scanned = nn.scan(
-            block_cls,
-            variable_axes={"params": 0, "lora": 0, "intermediates": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=length,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(config, name=name)
-        return lambda carry, vectors, *args: scanned(carry, vectors, *args)[0]
-
-    blocks = [block_cls(config, name=f"{name}_{i}") for i in range(length)]
-
-    def run(carry, vectors, *args):
-        for i, block in enumerate(blocks):
-            carry, _ = block(carry, None if vectors is None else vectors[i], *args)
-        return carry
-
-    return run
-
-
 class FluxTransformer(nn.Module):
     config: FluxConfig
 
@@ -336,9 +268,11 @@ class FluxTransformer(nn.Module):
         double_vecs = None if concept is None else concept.double
         single_vecs = None if concept is None else concept.single
 
-        img, txt = _stack(DoubleBlock, c, c.depth, "double_blocks")((img, txt), double_vecs, vec, cos, sin, mask)
+        double = layer_stack(DoubleBlock, c, c.depth, "double_blocks", PER_BLOCK)
+        img, txt = double((img, txt), double_vecs, vec, cos, sin, mask)
         x = jnp.concatenate([txt, img], axis=1)
-        x = _stack(SingleBlock, c, c.depth_single, "single_blocks")(x, single_vecs, vec, cos, sin, mask)
+        single = layer_stack(SingleBlock, c, c.depth_single, "single_blocks", PER_BLOCK)
+        x = single(x, single_vecs, vec, cos, sin, mask)
         img = x[:, txt.shape[1]:]
 
         scale, shift = Modulation(2, c.hidden_size, c.dtype, c.param_dtype, name="final_mod")(vec)

@@ -23,11 +23,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from purecc_jax import sharding
 
 Dtype = Any
 LORA = "lora"
+# Logical axis names of the main activations (sharding.DEFAULT_RULES maps them to the mesh).
+BTD = ("act_batch", "act_seq", "act_embed")
+BTHD = ("act_batch", "act_seq", "act_heads", "act_head_dim")
+BTM = ("act_batch", "act_seq", "act_mlp")
 QUANT_SCALE = "kernel_scale"  # see models/quantize.py
 
 
@@ -148,3 +153,32 @@ class MLPEmbedder(nn.Module):
         x = Dense(self.hidden, (self.in_axis, "mlp"), name="in_layer", **kw)(x)
         x = nn.silu(x)
         return Dense(self.hidden, ("mlp", "embed"), name="out_layer", **kw)(x)
+
+
+class Modulation(nn.Module):
+    """AdaLN modulation: Linear(SiLU(vec)) split into `chunks` (B, 1, D) arrays."""
+
+    chunks: int
+    hidden: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, vec: jax.Array) -> list[jax.Array]:
+        out = Dense(self.chunks * self.hidden, ("embed", "modulation"), dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="lin")(nn.silu(vec))
+        return jnp.split(out[:, None, :], self.chunks, axis=-1)
+
+
+class MLP(nn.Module):
+    """The transformer blocks' feed-forward: Linear, tanh-GELU, Linear (`config`: hidden_size, mlp_hidden, dtypes)."""
+
+    config: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+        h = Dense(c.mlp_hidden, ("embed", "mlp"), name="fc1", **kw)(x)
+        h = checkpoint_name(constrain(nn.gelu(h, approximate=True), BTM), "mlp_hidden")
+        return Dense(c.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)

@@ -122,3 +122,17 @@ def merge(params: Any, lora: Any, cfg: LoRAConfig) -> Any:
 
 def count(lora: Any) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(lora))
+
+
+def check_fits(adapter: Any, params: Any, where: Any) -> None:
+    """Raises ValueError naming the module if an adapter does not fit the transformer's kernels
+    (`where`: the file or folder it came from, for the message)."""
+    flat = traverse_util.flatten_dict(params)
+    for key, value in traverse_util.flatten_dict(adapter).items():
+        if key[:-1] + ("kernel",) not in flat:
+            raise ValueError(f"{where}: a LoRA on {'/'.join(key[:-1])}, which this transformer does not have")
+        kernel = flat[key[:-1] + ("kernel",)].shape
+        want, got = (kernel[:-1], value.shape[:-1]) if key[-1] == "a" else (kernel[-1:], value.shape[-1:])
+        if got != want:
+            raise ValueError(f"{where}: the LoRA of {'/'.join(key[:-1])} has {key[-1]} of shape {value.shape}, "
+                             f"which does not fit its kernel {kernel}: a LoRA for another model size?")

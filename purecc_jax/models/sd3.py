@@ -5,7 +5,7 @@ cropped 2-D sin-cos position table, timestep + pooled-text conditioning, joint b
 (image and context streams with their own weights, one joint attention) with optional
 RMS q/k norms, MMDiT-X blocks that add a second, image-only attention (SD3.5's
 `dual_attention_layers`), a last block whose context stream is "pre-only" (it feeds the
-attention and is then dropped), and an adaptive-norm output. `weights/sd3_rules.py` maps
+attention and is then dropped), and an adaptive-norm output. `backbones/sd3/rules.py` maps
 the parameters to the diffusers and single-file (`sd3.5_medium.safetensors`) names.
 
 Call signature (latents NHWC, as this package's VAE gives them):
@@ -33,9 +33,9 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from purecc_jax.models.attention import attention
-from purecc_jax.models.flux import BTD, BTHD, BTM, REMAT_POLICIES, Modulation
-from purecc_jax.models.layers import Dense, MLPEmbedder, RMSNorm, constrain, layer_norm, timestep_embedding
-from purecc_jax.models.text_common import layer_stack
+from purecc_jax.models.layers import (BTD, BTHD, MLP, Dense, MLPEmbedder, Modulation, RMSNorm, constrain, layer_norm,
+                                      timestep_embedding)
+from purecc_jax.models.runtime import BROADCAST, Runtime, layer_stack, remat
 
 QK_NORMS = (None, "rms_norm")
 # LoRA targets of the authors' SD3.5 recipe (PEFT target_modules to_q, to_k, to_v, to_out.0, which match
@@ -56,8 +56,8 @@ LORA_TARGET_PRESETS = {"attention": LORA_ATTENTION, "image_attention": LORA_TARG
 
 
 @dataclasses.dataclass(frozen=True)
-class SD3Config:
-    """Architecture (first block; defaults are SD3.5-Medium's) and runtime choices (second block)."""
+class SD3Config(Runtime):
+    """Architecture (defaults are SD3.5-Medium's); the runtime choices are `Runtime`'s."""
 
     sample_size: int = 128  # latent size the position table is centred for (base_size = sample_size / patch)
     patch_size: int = 2
@@ -72,12 +72,6 @@ class SD3Config:
     dual_attention_layers: tuple[int, ...] = tuple(range(13))
     qk_norm: str | None = "rms_norm"
     mlp_ratio: float = 4.0
-
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan_layers: bool = True
-    remat_policy: str = "none"
-    attention: str = "xla"
 
     @property
     def hidden_size(self) -> int:
@@ -102,8 +96,7 @@ class SD3Config:
         return self.num_layers - 1 in self.dual_attention_layers
 
     def __post_init__(self):
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+        super().__post_init__()
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm {self.qk_norm!r} is not supported; known: {QK_NORMS}")
         if self.num_layers < 1:
@@ -220,18 +213,6 @@ class QKV(nn.Module):
         return q, k, v
 
 
-class MLP(nn.Module):
-    config: SD3Config
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-        h = Dense(c.mlp_hidden, ("embed", "mlp"), name="fc1", **kw)(x)
-        h = checkpoint_name(constrain(nn.gelu(h, approximate=True), BTM), "mlp_hidden")
-        return Dense(c.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)
-
-
 def _attend(c: SD3Config, qkvs) -> jax.Array:
     q, k, v = (checkpoint_name(jnp.concatenate(parts, axis=1), "qkv") for parts in zip(*qkvs))
     out = checkpoint_name(constrain(attention(q, k, v, c.attention), BTHD), "attn_out")
@@ -319,12 +300,10 @@ class SD3Transformer(nn.Module):
 
         carry = (x, ctx)
         if c.num_dual:
-            carry = layer_stack(DualBlock, c, c.num_dual, "dual_blocks", 1)(carry, vec)
+            carry = layer_stack(DualBlock, c, c.num_dual, "dual_blocks", (BROADCAST,))(carry, vec)
         if c.num_joint:
-            carry = layer_stack(JointBlock, c, c.num_joint, "joint_blocks", 1)(carry, vec)
-        last = LastDualBlock if c.last_dual else LastBlock
-        if c.remat_policy != "none":
-            last = nn.remat(last, policy=REMAT_POLICIES[c.remat_policy])
+            carry = layer_stack(JointBlock, c, c.num_joint, "joint_blocks", (BROADCAST,))(carry, vec)
+        last = remat(LastDualBlock if c.last_dual else LastBlock, c.remat_policy)
         x, _ = last(c, name="last_block")(carry, vec)[0]
 
         scale, shift = Modulation(2, c.hidden_size, c.dtype, c.param_dtype, name="final_mod")(vec)

@@ -20,20 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from purecc_jax.models.flux import BTD, BTHD, BTM
-from purecc_jax.models.layers import Dense, RMSNorm, constrain
+from purecc_jax.models.layers import BTD, BTHD, BTM, Dense, RMSNorm, constrain
 from purecc_jax.models.text_common import (
     ACTIVATIONS,
     attention_implementation,
     check_runtime,
     embed_tokens,
-    layer_stack,
 )
+from purecc_jax.models.runtime import BROADCAST, Runtime, layer_stack
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
-    """Architecture (first block, transformers' defaults) and runtime choices (second block)."""
+class T5Config(Runtime):
+    """Architecture (transformers' defaults); the runtime choices are `Runtime`'s."""
 
     vocab_size: int = 32128
     d_model: int = 512
@@ -47,18 +46,13 @@ class T5Config:
     gated: bool = False
     activation: str = "relu"
 
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan_layers: bool = True
-    remat_policy: str = "none"
-    attention: str = "xla"
-
     @property
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
     def __post_init__(self):
-        check_runtime(self.activation, self.remat_policy, self.attention)
+        super().__post_init__()
+        check_runtime(self.activation, self.attention)
 
     def replace(self, **kw) -> T5Config:
         return dataclasses.replace(self, **kw)
@@ -198,7 +192,7 @@ class T5Encoder(nn.Module):
         position_bias = jnp.transpose(jnp.take(bias_table, jnp.asarray(buckets), axis=0), (2, 0, 1))[None]
         position_bias = constrain(position_bias.astype(jnp.float32), (None, "act_heads", None, None))
 
-        x = layer_stack(T5Block, c, c.num_layers, "blocks", 1)(x, position_bias)
+        x = layer_stack(T5Block, c, c.num_layers, "blocks", (BROADCAST,))(x, position_bias)
         return RMSNorm(c.layer_norm_eps, axis_name="norm", param_dtype=c.param_dtype, name="final_norm")(x)
 
 

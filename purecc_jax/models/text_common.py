@@ -1,5 +1,5 @@
 """Pieces shared by the text encoders (CLIP text, T5): token lookup with learned extra
-tokens, transformers' activation names, and the scanned-or-looped layer stack.
+tokens, transformers' activation names, and the attention kernels they run on.
 
 Extra-token contract: ids in [0, vocab_size) read the pretrained table; ids in
 [vocab_size, vocab_size + n_extra) read row (id - vocab_size) of `extra_embeddings`.
@@ -12,11 +12,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from purecc_jax.models.flux import REMAT_POLICIES
 
 # transformers ACT2FN names -> functions (the ones CLIP and T5 checkpoints use).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -32,12 +30,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 
 
-def check_runtime(activation: str, remat_policy: str, attention: str) -> None:
-    """Raises ValueError naming a config value this package cannot run."""
+def check_runtime(activation: str, attention: str) -> None:
+    """Raises ValueError naming a config value this package cannot run (beyond `Runtime`'s checks)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not supported; known: {sorted(ACTIVATIONS)}")
-    if remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy {remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention {attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
 
@@ -60,34 +56,3 @@ def embed_tokens(table: jax.Array, input_ids: jax.Array, extra: jax.Array | None
         raise ValueError(f"extra_embeddings must be (n_extra, {table.shape[1]}), got {extra.shape}")
     rows = jnp.take(extra.astype(out.dtype), jnp.clip(input_ids - vocab, 0, extra.shape[0] - 1), axis=0)
     return jnp.where((input_ids >= vocab)[..., None], rows, out)
-
-
-def layer_stack(block_cls, config, length: int, name: str, n_broadcast: int):
-    """`length` blocks `block(carry, *broadcast) -> (carry, None)` as one nn.scan or a loop.
-
-    With `config.scan_layers` the parameters are stacked on a leading "layers" axis;
-    otherwise block i is the submodule `{name}_{i}`. `config.remat_policy` picks what
-    the backward pass may keep (names from flux.REMAT_POLICIES).
-    """
-    if config.remat_policy != "none":
-        block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[config.remat_policy],
-                             prevent_cse=not config.scan_layers)
-    if config.scan_layers:
-        scanned = nn.scan(
-            block_cls,
-            variable_axes={"params": 0, "lora": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * n_broadcast,
-            length=length,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(config, name=name)
-        return lambda carry, *args: scanned(carry, *args)[0]
-
-    blocks = [block_cls(config, name=f"{name}_{i}") for i in range(length)]
-
-    def run(carry, *args):
-        for block in blocks:
-            carry, _ = block(carry, *args)
-        return carry
-
-    return run

@@ -251,3 +251,32 @@ def _check_finite(name: str, cfg: LoopConfig, metrics: dict[str, Any], done: int
             f"step {checkpoint or 'none'}). Check the concept images and captions, lower the learning rate "
             f"(stage_a/stage_b.learning_rate) or use float32 (model.dtype), then run again; "
             f"max_nonfinite_steps={cfg.max_nonfinite_steps} sets this limit.")
+
+
+def checkpoint_steps(directory: Path) -> list[int]:
+    """The complete checkpoint steps of a stage (orbax writes a step folder atomically)."""
+    checkpoints = Path(directory) / "checkpoints"
+    if not checkpoints.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def restore_trainable(directory: Path, step: int | None = None) -> tuple[dict[str, Any], int]:
+    """The `trainable` subtree of a stage's checkpoint (host numpy arrays) and its step (default: the latest).
+
+    Only the trainable part is read: the optimizer state of a full fine-tune would be twice the model again.
+    """
+    directory = Path(directory)
+    steps = checkpoint_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"{directory / 'checkpoints'} holds no checkpoint: has this stage run?")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"{directory / 'checkpoints'} has no step {step}; it has {steps}")
+    path = directory / "checkpoints" / str(step) / "default"
+    tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["trainable"])
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item={"trainable": tree["trainable"]}, restore_args={"trainable": as_numpy}, partial_restore=True))
+    return restored["trainable"], step

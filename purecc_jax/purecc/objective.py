@@ -1,4 +1,4 @@
-"""The PureCC objective, METHOD.md Eq. 8-15, and nothing else.
+"""The PureCC objective, docs/method.md Eq. 8-15, and nothing else.
 
 All predictions share x0, x1, t (hence x_t). Shapes: velocities (B, N, C) packed latents.
 

@@ -1,60 +1,48 @@
 """The one fused train step of both PureCC stages (and of the DreamBooth baseline).
 
     state  = TrainState(step, trainable, opt_state, rng, nonfinite_skipped, nonfinite_streak)  donated
-    frozen = {"params": pretrained transformer, "cache": ..., ...}   never donated, stop-gradient
+    frozen = Frozen(params, cache, embeddings, text, extractor)    never donated, stop-gradient
     batch  = {"image": (B,), "complete": (B,), "base": (B,), "target": (B,), "null": (B,)}  indices
 
 Stage "cc" (stage A, DreamBooth): L_CC of the trainable model on the complete text.
 Stage "purecc" (stage B): the trainable model runs once on [complete; base] (2B sequences)
 and the frozen extractor once on [target; null] (2B sequences); λ*, L_CC and L_PureCC
-follow `objective.purecc_loss` (METHOD.md Eq. 8-15).
+follow `objective.purecc_loss` (docs/method.md Eq. 8-15).
 
-The batch holds only indices into `frozen["cache"]`: VAE latents and text encodings are
-computed once, live on device, and are gathered inside the step. The noise x1 and the
-timesteps come from `fold_in(state.rng, state.step)`, so a resumed run draws the same
-numbers as an uninterrupted one.
+The batch holds only indices into `frozen.cache`: latents and text encodings are computed
+once, live on device, and are gathered inside the step. The noise x1 and the timesteps come
+from `fold_in(state.rng, state.step)`, so a resumed run draws the same numbers as an
+uninterrupted one.
 
 A step whose loss or gradient is not finite changes neither the parameters nor the optimizer
 state (the whole update is selected away inside the step); it is counted in
 `nonfinite_skipped` (in total) and `nonfinite_streak` (in a row), which the loop watches.
 
-The model is any backbone's transformer (`backbones`): the step reaches it only through
-`Backbone.velocity`, and the objective does not care which one it is.
+The step knows no model. It is built from a `Denoiser` (a backbone hands one to the trainer:
+`Backbone.denoiser`) that turns cached texts into conditioning and predicts velocities from
+a set of `Weights`; the objective does not care which model it is.
 
 trainable: {"lora": LoRA tree} or {"params": full transformer params}, plus {"embeddings": ...}
-when concept embeddings train in this stage. Embeddings: token -> {"clip": (n, Dclip),
-"t5": (n, Dt5)} extra rows of the text encoders; layerwise -> {"double": (depth, D),
-"single": (depth_single, D)} written into the context stream (`ConceptInjection`).
-
-The extractor reads `frozen["extractor_embeddings"]` when given (stage A's embeddings while
-stage B trains its own; token rows among them must already be baked into the cached
-encodings), else the stage's frozen embeddings, else (constant) the trainable ones.
+when concept embeddings train in this stage (their structure is the denoiser's).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from purecc_jax import backbones
 from purecc_jax.models import lora as lora_lib
-from purecc_jax.models.flux import ConceptInjection
-from purecc_jax.purecc import flow
+from purecc_jax.pipeline import flow
 from purecc_jax.purecc.objective import ObjectiveConfig, flow_loss, purecc_loss
 
 STAGES = ("cc", "purecc")
-CONCEPT_EMBEDDINGS = ("none", "token", "layerwise")
 TEXT_KINDS = ("complete", "base", "target", "null")
-
-# encode_text(text_params, clip_ids, t5_ids, clip_extra, t5_extra) -> (t5_hidden, pooled)
-TextEncodeFn = Callable[[Any, jax.Array, jax.Array, Any, Any], tuple[jax.Array, jax.Array]]
 
 
 @flax.struct.dataclass
@@ -67,60 +55,73 @@ class TrainState:
     nonfinite_streak: jax.Array  # int32: of those, how many in a row up to this step
 
 
+@flax.struct.dataclass
+class Extractor:
+    """The frozen extractor θ1 of stage B: the pretrained model plus what stage A trained."""
+
+    params: Any = None  # its own transformer weights (stage A fine-tuned them all); None: the pretrained ones
+    lora: Any = None  # stage A's LoRA tree, or None (no adapter: the pretrained model)
+    embeddings: Any = None  # stage A's concept embeddings, when stage B trains its own copy
+
+
+@flax.struct.dataclass
+class Frozen:
+    """Everything the step reads but never trains; passed as a constant (stop-gradient), never donated."""
+
+    params: Any  # the pretrained transformer (possibly quantized), shared by the trainable model and θ1
+    cache: Any  # the concept cache's on-device arrays (`data.cache`), gathered by the batch's indices
+    embeddings: Any = None  # concept embeddings not trained in this stage (token rows already in the cache)
+    text: Any = None  # text-encoder parameters, when learned token rows re-encode texts inside the step
+    extractor: Extractor | None = None  # stage B's θ1; None in stage A
+
+
+@flax.struct.dataclass
+class Weights:
+    """One model the denoiser runs: transformer weights, a LoRA, concept embeddings, text encoders."""
+
+    params: Any
+    lora: Any = None  # a `lora` collection (`models.lora.variables`), or None
+    embeddings: Any = None  # concept embeddings, or None
+    text: Any = None  # text-encoder parameters: set when token rows are to be re-encoded into the texts
+
+
+class Denoiser(Protocol):
+    """What the step needs of a model (`Backbone.denoiser` builds one)."""
+
+    def condition(self, weights: Weights, cache: Any, kind: str, index: jax.Array) -> Any:
+        """The conditioning of the cached texts `index` (B,) of `kind` (one of TEXT_KINDS): a pytree
+        whose leaves have the batch as their first axis (the step concatenates those of two kinds)."""
+
+    def velocity(self, weights: Weights, cache: Any, xt: jax.Array, t: jax.Array, cond: Any) -> jax.Array:
+        """v(x_t | cond) of the model `weights` (float32), for x_t in the cache's latent layout, t (B,)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     stage: str = "purecc"
     objective: ObjectiveConfig = ObjectiveConfig()
     timesteps: flow.TimestepConfig = flow.TimestepConfig()
-    guidance: float | None = 1.0  # embedded guidance during training; None for models without it
-    concept_embedding: str = "none"
     trainable_lora: lora_lib.LoRAConfig | None = lora_lib.LoRAConfig()  # None: full fine-tuning
     extractor_lora: lora_lib.LoRAConfig | None = lora_lib.LoRAConfig()  # None: extractor without LoRA
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage {self.stage!r} is not one of {STAGES}")
-        if self.concept_embedding not in CONCEPT_EMBEDDINGS:
-            raise ValueError(f"concept_embedding {self.concept_embedding!r} is not one of {CONCEPT_EMBEDDINGS}")
 
 
-def _velocity(model, params, adapter, lora_cfg, xt, t, text, cache, guidance, injection):
-    """v_θ(x_t | text) of `model`'s backbone (`backbones.Backbone.velocity`), with the LoRA `adapter` if any."""
-    variables = {"params": params}
-    if adapter is not None:
-        variables["lora"] = lora_lib.variables(adapter, lora_cfg)
-    return backbones.for_model(model).velocity(model, variables, xt, t, text, cache, guidance, injection)
+def _collection(adapter: Any, lora_cfg: lora_lib.LoRAConfig | None) -> Any:
+    return None if adapter is None else lora_lib.variables(adapter, lora_cfg)
 
 
-def make_loss_fn(model: nn.Module, cfg: StepConfig, encode_text: TextEncodeFn | None = None):
-    """loss(trainable, frozen, batch, rng) -> (loss, metrics), the step's differentiable core.
+def _cat(*conds: Any) -> Any:
+    return jax.tree_util.tree_map(lambda *x: jnp.concatenate(x, axis=0), *conds)
 
-    `model`: the transformer of any backbone (FluxTransformer, SD3Transformer); the cache's
-    latents are in the layout its backbone gives them (`Backbone.build_cache`)."""
 
-    def texts(kind, idx, trainable, frozen):
-        cache = frozen["cache"]
-        emb = trainable.get("embeddings", frozen.get("embeddings"))
-        t5, pooled = cache["t5"][idx], cache["pooled"][idx]
-        # Token embeddings that train in this stage are applied by running the text encoders here;
-        # frozen ones were baked into the cache before the stage started.
-        if cfg.concept_embedding == "token" and "embeddings" in trainable and kind in ("complete", "target"):
-            t5, pooled = encode_text(frozen["text"], cache["clip_ids"][idx], cache["t5_ids"][idx],
-                                     emb["clip"], emb["t5"])
-        return t5, pooled
+def make_loss_fn(denoiser: Denoiser, cfg: StepConfig):
+    """loss(trainable, frozen, batch, rng) -> (loss, metrics), the step's differentiable core."""
 
-    def injection(kinds_idx, trainable, frozen):
-        if cfg.concept_embedding != "layerwise":
-            return None
-        emb = trainable.get("embeddings", frozen.get("embeddings"))
-        mask = jnp.concatenate([frozen["cache"]["ident_mask"][i] for i in kinds_idx], axis=0)
-        return ConceptInjection(mask=mask, double=emb["double"], single=emb["single"])
-
-    def cat(*texts):
-        return tuple(jnp.concatenate(parts, axis=0) for parts in zip(*texts))
-
-    def loss_fn(trainable, frozen, batch, rng):
-        cache = frozen["cache"]
+    def loss_fn(trainable: dict[str, Any], frozen: Frozen, batch: dict[str, jax.Array], rng: jax.Array):
+        cache = frozen.cache
         x0 = cache["latents"][batch["image"]].astype(jnp.float32)
         b = x0.shape[0]
         noise_rng, t_rng = jax.random.split(rng)
@@ -128,34 +129,39 @@ def make_loss_fn(model: nn.Module, cfg: StepConfig, encode_text: TextEncodeFn | 
         t = flow.sample_timesteps(t_rng, b, cfg.timesteps)
         xt = flow.noisy(x0, x1, t)
 
-        params = trainable["params"] if "params" in trainable else jax.lax.stop_gradient(frozen["params"])
-        adapter = trainable.get("lora")
-        complete = texts("complete", batch["complete"], trainable, frozen)
+        # Token embeddings that train in this stage re-encode the texts in the step; frozen ones were
+        # baked into the cache before the stage started.
+        trains_embeddings = "embeddings" in trainable
+        model = Weights(
+            params=trainable["params"] if "params" in trainable else jax.lax.stop_gradient(frozen.params),
+            lora=_collection(trainable.get("lora"), cfg.trainable_lora),
+            embeddings=trainable.get("embeddings", frozen.embeddings),
+            text=frozen.text if trains_embeddings else None)
+        complete = denoiser.condition(model, cache, "complete", batch["complete"])
 
         if cfg.stage == "cc":
-            v_c = _velocity(model, params, adapter, cfg.trainable_lora, xt, t, complete, cache, cfg.guidance,
-                            injection([batch["complete"]], trainable, frozen))
+            v_c = denoiser.velocity(model, cache, xt, t, complete)
             loss = flow_loss(v_c, x0, x1)
             return loss, dict(loss=loss, l_cc=loss)
 
-        base = texts("base", batch["base"], trainable, frozen)
-        v = _velocity(model, params, adapter, cfg.trainable_lora, jnp.concatenate([xt, xt]), jnp.concatenate([t, t]),
-                      cat(complete, base), cache, cfg.guidance,
-                      injection([batch["complete"], batch["base"]], trainable, frozen))
+        base = denoiser.condition(model, cache, "base", batch["base"])
+        xt2, t2 = jnp.concatenate([xt, xt]), jnp.concatenate([t, t])
+        v = denoiser.velocity(model, cache, xt2, t2, _cat(complete, base))
         v_complete, v_base = v[:b], v[b:]
 
         # The frozen extractor θ1: pretrained weights (+ stage-A LoRA and embeddings) as constants.
-        frozen_sg = jax.lax.stop_gradient(frozen)
-        ext_params = frozen_sg.get("extractor_params", frozen_sg["params"])
-        if "extractor_embeddings" in frozen_sg:
-            ext_trainable, ext_frozen = {}, dict(frozen_sg, embeddings=frozen_sg["extractor_embeddings"])
+        sg = jax.lax.stop_gradient(frozen)
+        ext = sg.extractor or Extractor()
+        if ext.embeddings is not None:  # stage A's own, held apart from the copy stage B trains
+            ext_embeddings, ext_text = ext.embeddings, None
         else:
-            ext_trainable, ext_frozen = jax.lax.stop_gradient(trainable), frozen_sg
-        target = texts("target", batch["target"], ext_trainable, ext_frozen)
-        null = texts("null", batch["null"], ext_trainable, ext_frozen)
-        r = _velocity(model, ext_params, frozen_sg.get("extractor_lora"), cfg.extractor_lora,
-                      jnp.concatenate([xt, xt]), jnp.concatenate([t, t]), cat(target, null), cache, cfg.guidance,
-                      injection([batch["target"], batch["null"]], ext_trainable, ext_frozen))
+            ext_embeddings = jax.lax.stop_gradient(trainable["embeddings"]) if trains_embeddings else sg.embeddings
+            ext_text = sg.text if trains_embeddings else None
+        extractor = Weights(params=sg.params if ext.params is None else ext.params,
+                            lora=_collection(ext.lora, cfg.extractor_lora), embeddings=ext_embeddings, text=ext_text)
+        target = denoiser.condition(extractor, cache, "target", batch["target"])
+        null = denoiser.condition(extractor, cache, "null", batch["null"])
+        r = denoiser.velocity(extractor, cache, xt2, t2, _cat(target, null))
         r = r.astype(jnp.float32)  # R_tar is a difference of close velocities: subtract in float32
         r_tar = jax.lax.stop_gradient(r[:b] - r[b:])
         return purecc_loss(v_complete, v_base, r_tar, x0, x1, cfg.objective)
@@ -206,11 +212,10 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(
-    model: nn.Module,
+    denoiser: Denoiser,
     cfg: StepConfig,
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule | None = None,
-    encode_text: TextEncodeFn | None = None,
     grad_accum: int = 1,
 ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """step(state, frozen, batch) -> (new state, metrics); jit it with `jit_train_step`.
@@ -218,9 +223,9 @@ def make_train_step(
     `lr_schedule` (for the logged learning rate) counts optimizer updates, as the optimizer's
     own schedules do: with `grad_accum` micro-steps per update, step s is in update s // grad_accum.
     """
-    loss_fn = make_loss_fn(model, cfg, encode_text)
+    loss_fn = make_loss_fn(denoiser, cfg)
 
-    def step(state: TrainState, frozen: Any, batch: Any):
+    def step(state: TrainState, frozen: Frozen, batch: Any):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)

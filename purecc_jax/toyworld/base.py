@@ -2,7 +2,7 @@
 
 The result is written as a diffusers-layout pipeline folder (model_index.json, transformer/,
 text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/, vae/ with the pixel
-codec), so concept training loads it through `pipeline.folder.load_pipeline` exactly as
+codec), so concept training loads it through `backbones.flux.folder.load_pipeline` exactly as
 it loads FLUX.1-dev. A finished folder is reused: pretraining runs once per workdir.
 """
 
@@ -19,18 +19,20 @@ import numpy as np
 import optax
 
 from purecc_jax import sharding
+from purecc_jax.backbones.flux import weights as flux_io
 from purecc_jax.models import clip_text, t5
 from purecc_jax.models.flux import FluxConfig, FluxTransformer
 from purecc_jax.models.flux import init_fn as flux_init
+from purecc_jax.pipeline.codec import PixelCodec
 from purecc_jax.pipeline.latents import latent_image_ids, pack
 from purecc_jax.pipeline.tokenizers import load_tokenizers
-from purecc_jax.purecc import flow, loop
+from purecc_jax.pipeline import flow
+from purecc_jax.purecc import loop
 from purecc_jax.purecc.objective import flow_loss
 from purecc_jax.purecc.step import init_state, make_optimizer
 from purecc_jax.toyworld import tokenizers as toy_tokenizers
 from purecc_jax.toyworld import world
-from purecc_jax.pipeline.codec import PixelCodec
-from purecc_jax.weights import flux_io, loader
+from purecc_jax.weights import loader
 from purecc_jax.weights.clip_rules import clip_rules, load_clip
 from purecc_jax.weights.t5_rules import load_t5, t5_rules
 

@@ -26,11 +26,13 @@ import numpy as np
 from PIL import Image
 
 from purecc_jax import defaults, train
+from purecc_jax.backbones.flux import embeddings as emb_lib
+from purecc_jax.backbones.flux.folder import load_pipeline
+from purecc_jax.backbones.flux.generate import generate
+from purecc_jax.backbones.flux.sampler import initial_noise
+from purecc_jax.backbones.flux.text import TextEmbeddings
 from purecc_jax.models import lora as lora_lib
-from purecc_jax.pipeline.folder import load_pipeline
-from purecc_jax.pipeline.generate import SampleSettings, generate
-from purecc_jax.pipeline.sampler import initial_noise
-from purecc_jax.pipeline.text import TextEmbeddings
+from purecc_jax.pipeline.settings import SampleSettings
 from purecc_jax.purecc import loop
 from purecc_jax.toyworld import base, evaluate, machine, report, shipped, world
 
@@ -78,6 +80,11 @@ def methods(config) -> list[Method]:
         out = [m for m in every if m.name in toy.methods]
     return out
 
+
+# The experiment-level keys (which methods and seeds run, how they are evaluated and tested) change
+# no single method's run, so a rerun with more methods or seeds resumes the runs it has.
+RESUME_IGNORES = ("toy.seeds", "toy.ablations", "toy.etas", "toy.fixed_lambdas", "toy.methods", "toy.alpha",
+                  "toy.quick", "toy.base_only", "toy.evaluation", "toy.sampling")
 
 # `--config.toy.quick=True`: the same comparison at a size that fits in a few minutes.
 QUICK = {"stage_a.steps": 250, "stage_b.steps": 250, "toy.evaluation.samples": 20, "toy.sampling.steps": 12}
@@ -148,10 +155,11 @@ def _train_and_score(config, m: Method, seed: int, workdir: Path, concept_dir: P
     if m.stage_a_from in names and not (run_dir / "stage_a").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         os.symlink(workdir / "runs" / m.stage_a_from / f"seed{seed}" / "stage_a", run_dir / "stage_a")
-    trainer = train.Trainer(mcfg, run_dir, parts)
+    trainer = train.Trainer(mcfg, run_dir, parts, resume_ignores=RESUME_IGNORES)
     final = trainer.run()
-    emb = final.trainable.get("embeddings")
-    text, injection = trainer.embed_prompts([p.text for p in items], emb)
+    text, injection = emb_lib.embed_prompts(parts.text, [p.text for p in items], mcfg.model.max_sequence_length,
+                                            mcfg.concept_embedding, trainer.concept.identifier,
+                                            final.trainable.get("embeddings"))
     adapter = lora_lib.variables(final.trainable["lora"], final.lora)
     images = sampler(text, negative, lora=adapter, concept=injection)
     _grid(images, items, workdir / "samples" / f"{m.name}_seed{seed}.png")

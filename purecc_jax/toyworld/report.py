@@ -8,6 +8,7 @@ numbers and tests, so they change when the numbers do.
 
     python -m purecc_jax.toyworld.report W           report.md and report.png again from W/report.json
     python -m purecc_jax.toyworld.report A B         which significance decisions differ between two runs
+    python -m purecc_jax.toyworld.report --digest W  sha256 of what W computed (not its timings)
 """
 
 from __future__ import annotations
@@ -378,6 +379,29 @@ def rewrite(workdir: str | Path) -> None:
     write(Path(workdir), _load(workdir))
 
 
+# What a run measured about time and the machine, not what it computed.
+CLOCK_KEYS = ("timings", "machine", "steps_per_second")
+
+
+def _numbers(tree: Any) -> Any:
+    """`tree` without `CLOCK_KEYS`, at any depth."""
+    if isinstance(tree, dict):
+        return {k: _numbers(v) for k, v in tree.items() if k not in CLOCK_KEYS}
+    if isinstance(tree, list):
+        return [_numbers(v) for v in tree]
+    return tree
+
+
+def digest(summary: dict[str, Any]) -> str:
+    """sha256 of what a run computed: every score, test and training curve of report.json, without
+    `CLOCK_KEYS` (wall-clock timings, the machine's load, steps per second) and the config it echoes.
+    Two runs whose float rounding agrees have the same digest."""
+    import hashlib
+
+    kept = {k: v for k, v in summary.items() if k != "config"}
+    return hashlib.sha256(json.dumps(_numbers(kept), sort_keys=True, default=float).encode()).hexdigest()
+
+
 def agreement(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Where two runs (e.g. on different CPUs) reach different significance decisions."""
     alpha = a["config"]["toy"].get("alpha", stats.ALPHA)
@@ -396,7 +420,9 @@ def agreement(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) == 2:
+    if len(sys.argv) == 3 and sys.argv[1] == "--digest":
+        print(digest(_load(sys.argv[2])))
+    elif len(sys.argv) == 2:
         rewrite(sys.argv[1])
     elif len(sys.argv) == 3:
         first, second = _load(sys.argv[1]), _load(sys.argv[2])
@@ -404,4 +430,4 @@ if __name__ == "__main__":
         n = len(decisions(first["results"], first["config"]["toy"].get("alpha", stats.ALPHA)))
         print(f"{n} tests; {len(diff)} differ between the runs" + (":\n" + "\n".join(diff) if diff else "."))
     else:
-        sys.exit("usage: python -m purecc_jax.toyworld.report WORKDIR [OTHER_WORKDIR]")
+        sys.exit("usage: python -m purecc_jax.toyworld.report WORKDIR [OTHER_WORKDIR] | --digest WORKDIR")

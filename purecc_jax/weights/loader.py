@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from purecc_jax import sharding
 from purecc_jax.weights.rules import Leaf, Rule, ckpt_shape, swap, to_ckpt, to_flax
 from purecc_jax.weights.safetensors_io import FLOAT_DTYPES, Checkpoint, write_sharded
 
@@ -103,6 +104,19 @@ def check(
                 f"folder, completely downloaded?):\n  ")
         shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
         raise WeightsError(head + "\n  ".join(shown))
+
+
+def outside(prefix: str) -> list[str]:
+    """`ignore` patterns for every tensor not under `prefix` (the model's part of an all-in-one file)."""
+    return [f"^(?!{re.escape(prefix)})"] if prefix else []
+
+
+def load_model(ckpt: Checkpoint | str | Path, rules: Sequence[Rule], init_fn: Callable[[], Any], mesh: Any = None,
+               axis_rules: Sequence[tuple[str, Any]] | None = None, ignore: Sequence[str] = ()) -> Any:
+    """A model's parameters from `ckpt`: the tree `init_fn` (its boxed initialiser) describes, each
+    parameter placed by its logical axis names through `axis_rules` on `mesh` (the first device without one)."""
+    abstract, shardings = sharding.abstract_and_shardings(init_fn, mesh, axis_rules or sharding.DEFAULT_RULES)
+    return load(ckpt, rules, abstract, shardings, ignore)
 
 
 def load(

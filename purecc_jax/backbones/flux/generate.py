@@ -1,40 +1,27 @@
 """Text-to-image sampling of a FLUX pipeline as diffusers' FluxPipeline does it, as a library.
 
-`generate(parts, prompts, settings)` samples a loaded pipeline (`pipeline.folder.load_pipeline`),
+`generate(parts, prompts, settings)` samples a loaded pipeline (`backbones.flux.folder.load_pipeline`),
 optionally with a LoRA collection, layer-wise concept vectors or precomputed text embeddings;
-`write_images` saves the result. The command line is `purecc_jax.sample`.
+`pipeline.images.write_images` saves the result. The command line is `purecc_jax.sample`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purecc_jax.backbones.flux import embeddings as emb_lib
+from purecc_jax.backbones.flux.folder import FluxParts
+from purecc_jax.backbones.flux.sampler import SampleOutput, Transformer, initial_noise, sample
+from purecc_jax.backbones.flux.text import PromptCache, TextEmbeddings
 from purecc_jax.models.flux import ConceptInjection
 from purecc_jax.pipeline.codec import ImageCodec
-from purecc_jax.pipeline.folder import FluxParts
-from purecc_jax.pipeline.sampler import SampleOutput, Transformer, initial_noise, sample
 from purecc_jax.pipeline.schedule import flux_sigmas
-from purecc_jax.pipeline.text import PromptCache, TextEmbeddings
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleSettings:
-    """FluxPipeline's sampling arguments."""
-
-    height: int = 1024
-    width: int = 1024
-    steps: int = 28
-    guidance: float = 3.5
-    max_sequence_length: int = 512
-    negative_prompt: str | None = None
-    true_cfg_scale: float = 1.0
+from purecc_jax.pipeline.settings import SampleSettings
 
 
 def _per_image(x: Any, prompts: int, per_prompt: int, what: str) -> Any:
@@ -107,25 +94,27 @@ def generate(
                   rules=parts.rules, progress=progress)
 
 
-def output_paths(output: str | Path, count: int) -> list[Path]:
-    """PNG paths for `count` images: `output` itself for one, else stem_i with output's suffix."""
-    output = Path(output)
-    if count == 1:
-        return [output]
-    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+def trained_overrides(parts: FluxParts, prompts: Sequence[str], settings: SampleSettings,
+                      trained: Any = None) -> dict[str, Any]:
+    """Extra `generate` keyword arguments for a trained concept (`backbones.base.Trained`).
 
+    The `lora` collection, the layer-wise `concept` injection, and `text` (and
+    `negative_text`) embeddings computed with the learned concept tokens. Sampling the
+    pretrained model (`trained=None`) adds nothing.
+    """
+    if trained is None:
+        return {}
 
-def write_images(images: np.ndarray, output: str | Path) -> list[Path]:
-    """Writes (B, H, W, 3) images in [0, 1]: one .npy (float32) or PNGs (see `output_paths`)."""
-    from PIL import Image
+    def embed(texts):
+        return emb_lib.embed_prompts(parts.text, texts, settings.max_sequence_length, trained.concept_embedding,
+                                     trained.identifier, trained.embeddings)
 
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    images = np.asarray(images, np.float32)
-    if output.suffix == ".npy":
-        np.save(output, images)
-        return [output]
-    paths = output_paths(output, images.shape[0])
-    for image, path in zip(images, paths):
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(path)
-    return paths
+    text, concept = embed(prompts)
+    out = dict(text=text, lora=trained.lora, concept=concept)
+    if settings.negative_prompt is not None and settings.true_cfg_scale > 1:
+        negative, negative_concept = embed([settings.negative_prompt])
+        if negative_concept is not None and bool(jnp.any(negative_concept.mask)):
+            raise ValueError(f"the negative prompt {settings.negative_prompt!r} names the concept "
+                             f"{trained.identifier!r}; layer-wise concept vectors apply to the positive prompts only")
+        out["negative_text"] = negative
+    return out

@@ -34,12 +34,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from purecc_jax import sharding
+from purecc_jax.backbones.sd3 import weights as sd3_io
+from purecc_jax.models import runtime as runtime_lib
 from purecc_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from purecc_jax.models.sd3 import SD3Config, SD3Transformer
 from purecc_jax.models.t5 import T5Config, T5Encoder
 from purecc_jax.models.vae import VAEConfig
 from purecc_jax.pipeline.codec import VAECodec
-from purecc_jax.weights import sd3_io
 from purecc_jax.weights.clip_rules import load_clip
 from purecc_jax.weights.t5_rules import load_t5
 from purecc_jax.weights.vae_rules import load_vae
@@ -144,11 +145,6 @@ class SD3Parts:
     rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES
 
 
-def _runtime_for(config_cls: type, runtime: dict[str, Any], keys: Sequence[str] | None = None) -> dict[str, Any]:
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    return {k: v for k, v in runtime.items() if k in fields and (keys is None or k in keys)}
-
-
 def check_folder(path: str | Path) -> None:
     """Raises naming the folder and every missing component before anything heavy is read."""
     path = Path(path)
@@ -177,10 +173,10 @@ def load_sd3_pipeline(path: str | Path, *, mesh: Mesh | None = None,
     unknown = sorted(set(runtime) - {f.name for f in dataclasses.fields(SD3Config)})
     if unknown:
         raise TypeError(f"load_sd3_pipeline: unknown runtime options {unknown}")
-    shared = lambda cls: dict(_runtime_for(cls, runtime, _SHARED_RUNTIME), mesh=mesh, rules=rules)
+    shared = lambda cls: dict(runtime_lib.select(cls, runtime, _SHARED_RUNTIME), mesh=mesh, rules=rules)
 
     transformer_config, transformer_params = sd3_io.load_transformer(
-        path / "transformer", mesh=mesh, rules=rules, **_runtime_for(SD3Config, runtime))
+        path / "transformer", mesh=mesh, rules=rules, **runtime_lib.select(SD3Config, runtime))
     clip_l_config, clip_l = load_clip(path / "text_encoder", **shared(CLIPTextConfig))
     clip_g_config, clip_g = load_clip(path / "text_encoder_2", **shared(CLIPTextConfig))
     for name, cfg in (("text_encoder", clip_l_config), ("text_encoder_2", clip_g_config)):
@@ -196,7 +192,7 @@ def load_sd3_pipeline(path: str | Path, *, mesh: Mesh | None = None,
     text = SD3TextEncoders(clip_l_config, clip_g_config, t5_config, params, tokenizers,
                            transformer_config.context_dim)
     vae_config, vae_params = load_vae(path / "vae", mesh=mesh, axis_rules=rules,
-                                      **_runtime_for(VAEConfig, runtime, _SHARED_RUNTIME))
+                                      **runtime_lib.select(VAEConfig, runtime, _SHARED_RUNTIME))
     scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     return SD3Parts(transformer_config, transformer_params, text, VAECodec(vae_config, vae_params), scheduler,
                     mesh, rules)

@@ -31,8 +31,9 @@ class TextEmbeddings(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _encode(clip_cfg: CLIPTextConfig, t5_cfg: T5Config, clip_params, t5_params, clip_ids, t5_ids,
-            clip_extra, t5_extra) -> TextEmbeddings:
+def encode_ids(clip_cfg: CLIPTextConfig, t5_cfg: T5Config, clip_params, t5_params, clip_ids, t5_ids,
+               clip_extra, t5_extra) -> TextEmbeddings:
+    """(T5 hidden states, CLIP pooled output) of token ids; `*_extra`: learned rows of ids past each vocabulary."""
     _, pooled = CLIPTextEncoder(clip_cfg).apply({"params": clip_params}, clip_ids, clip_extra)
     hidden = T5Encoder(t5_cfg).apply({"params": t5_params}, t5_ids, t5_extra)
     return TextEmbeddings(hidden, pooled)
@@ -64,7 +65,7 @@ class TextEncoders:
         ids = [placement.pad_rows(jnp.asarray(x, jnp.int32), rows) for x in (clip_ids, t5_ids)]
         ids = placement.place(ids, self.mesh, self.rules)
         with placement.maybe_activate(self.mesh, self.rules):
-            out = _encode(self.clip_config, self.t5_config, self.clip_params, self.t5_params, *ids,
+            out = encode_ids(self.clip_config, self.t5_config, self.clip_params, self.t5_params, *ids,
                           clip_extra, t5_extra)
         return TextEmbeddings(*(x[:batch] for x in out)) if rows != batch else out
 

@@ -4,7 +4,7 @@ Stability AI single file (`sd3.5_medium.safetensors`, names under `model.diffusi
 Both tables map to the same parameter leaves (`models/sd3.py`), so either layout imports
 and exports through `weights.loader`. The position table (`pos_embed.pos_embed` /
 `pos_embed`) is a fixed buffer, not a parameter: `POSITION_TABLE` names it so the loader
-can skip it and `sd3_io` can check it against the one the model computes.
+can skip it and `backbones.sd3.weights` can check it against the one the model computes.
 """
 
 from __future__ import annotations

@@ -1,52 +1,65 @@
-"""LoRA adapters in diffusers' FLUX format (`FluxPipeline.load_lora_weights`).
+"""LoRA adapters in diffusers' format, for every backbone (`FluxPipeline` / `StableDiffusion3Pipeline
+.load_lora_weights`), written (`save`), read (`load`) and checked after writing (`check_written`).
 
-Keys are `transformer.<diffusers module>.lora_A.weight` (rank, in) and `.lora_B.weight`
-(out, rank). The module names come from the same conversion table as the full weights
-(`flux_rules.diffusers_rules`), so an adapter on any Dense the table knows can be exported.
-alpha / rank is folded into lora_B: the file needs no alpha and loads with scale 1.
+Keys are `transformer.<diffusers module>.lora_A.weight` (rank, in) and `.lora_B.weight` (out, rank).
+A backbone describes its modules by a `Layout`: the module names come from the same conversion
+table as its full weights (its diffusers rules), so an adapter on any Dense the table knows can be
+exported. alpha / rank is folded into lora_B: the file needs no alpha and loads with scale 1.
+Reading honours a module's `.alpha` or PEFT's `lora_alpha` (and rsLoRA) from the metadata diffusers
+writes (`read_modules`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import traverse_util
 
-from purecc_jax.models.flux import FluxConfig
+from purecc_jax.models import lora as lora_lib
 from purecc_jax.models.lora import LoRAConfig
-from purecc_jax.weights import flux_rules
+from purecc_jax.weights.rules import Rule
 from purecc_jax.weights.safetensors_io import SafetensorsFile, save_file
 
 PREFIX = "transformer."
 
 
-def module_names(cfg: FluxConfig, scanned: bool) -> dict[tuple[tuple[str, ...], int | None], str]:
-    """(our Dense module path, layer) -> diffusers module name, for every linear layer."""
-    out = {}
-    for rule in flux_rules.diffusers_rules(cfg, scanned):
-        if rule.transform == "linear" and rule.ckpt.endswith(".weight"):
-            (leaf,) = rule.leaves
-            out[(leaf.path[:-1], leaf.layer)] = rule.ckpt[: -len(".weight")]
-    return out
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one transformer's linear layers are named in diffusers' checkpoints."""
+
+    model: str  # "FLUX", "SD3": for messages
+    rules: Callable[[bool], Sequence[Rule]]  # scanned -> the backbone's diffusers weight rules
+    depths: Mapping[str, int]  # layers of each scanned block stack, by its name
+
+    def names(self, scanned: bool) -> dict[tuple[tuple[str, ...], int | None], str]:
+        """(our Dense module path, layer) -> diffusers module name, for every linear layer."""
+        out = {}
+        for rule in self.rules(scanned):
+            if rule.transform == "linear" and rule.ckpt.endswith(".weight"):
+                (leaf,) = rule.leaves
+                out[(leaf.path[:-1], leaf.layer)] = rule.ckpt[: -len(".weight")]
+        return out
+
+    def is_scanned(self, adapter: Any) -> bool:
+        """Whether an adapter (or parameter) tree holds stacked blocks."""
+        return any(p[0] in self.depths for p in traverse_util.flatten_dict(adapter))
 
 
-def is_scanned(adapter: Any) -> bool:
-    """Whether an adapter tree holds stacked (scanned) blocks."""
-    return any(p[0] in ("double_blocks", "single_blocks") for p in traverse_util.flatten_dict(adapter))
-
-
-def to_diffusers(adapter: Any, lora_cfg: LoRAConfig, cfg: FluxConfig, dtype=np.float32) -> dict[str, np.ndarray]:
-    """diffusers key -> tensor of an adapter (alpha / rank folded into lora_B)."""
-    scanned = is_scanned(adapter)
-    names = module_names(cfg, scanned)
+def to_diffusers(adapter: Any, lora_cfg: LoRAConfig, layout: Layout, dtype=np.float32) -> dict[str, np.ndarray]:
+    """diffusers key -> tensor of an adapter tree (scanned or not; alpha / rank folded into lora_B)."""
+    scanned = layout.is_scanned(adapter)
+    names = layout.names(scanned)
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(adapter).items()}
     out = {}
     for path in sorted({k[:-1] for k in flat}):
         a, b = flat[path + ("a",)], flat[path + ("b",)] * lora_cfg.scale
-        layers = range(a.shape[0]) if scanned and path[0] in ("double_blocks", "single_blocks") else [None]
+        layers = range(a.shape[0]) if scanned and path[0] in layout.depths else [None]
         for layer in layers:
             key = (path, layer)
             if key not in names:
@@ -57,12 +70,39 @@ def to_diffusers(adapter: Any, lora_cfg: LoRAConfig, cfg: FluxConfig, dtype=np.f
     return out
 
 
-def save(adapter: Any, lora_cfg: LoRAConfig, cfg: FluxConfig, path: str | Path, dtype=np.float32) -> Path:
-    """Writes `pytorch_lora_weights.safetensors`-style file at `path`."""
+def save(adapter: Any, lora_cfg: LoRAConfig, layout: Layout, path: str | Path, dtype=np.float32) -> Path:
+    """Writes a `pytorch_lora_weights.safetensors`-style file at `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(to_diffusers(adapter, lora_cfg, cfg, dtype), path, metadata={"format": "pt"})
+    save_file(to_diffusers(adapter, lora_cfg, layout, dtype), path, metadata={"format": "pt"})
     return path
+
+
+def load(path: str | Path, layout: Layout, scanned: bool = True) -> tuple[Any, LoRAConfig]:
+    """A diffusers/PEFT LoRA file (`read_modules`) -> (adapter tree, LoRAConfig with scale 1)."""
+    by_name = {v: k for k, v in layout.names(scanned).items()}
+    pieces = {by_name[m]: ab for m, ab in read_modules(path, by_name, layout.model).items()}
+    return assemble(pieces, layout.depths, path)
+
+
+def check_written(path: Path, read: Callable[[Path], tuple[Any, LoRAConfig]], adapter: Any,
+                  lora_cfg: LoRAConfig, dtype: Any) -> None:
+    """Reads a just-written LoRA file back (`read`: its format's reader): every module's update A @ B
+    equals the adapter's, to `dtype`'s precision. A module the reader leaves out counts as a zero update."""
+    tree, read_cfg = read(path)
+    want = traverse_util.flatten_dict(lora_lib.variables(jax.device_get(adapter), lora_cfg))
+    got = traverse_util.flatten_dict(lora_lib.variables(tree, read_cfg))
+    tol = 1e-6 if np.dtype(dtype) == np.float32 else 2e-2
+
+    def update(flat, m):
+        if m + ("a",) not in flat:
+            return 0.0
+        return np.matmul(np.asarray(flat[m + ("a",)], np.float32), np.asarray(flat[m + ("b",)], np.float32))
+
+    for m in {k[:-1] for k in want} | {k[:-1] for k in got}:
+        w, g = update(want, m), update(got, m)
+        if np.abs(w - g).max() > tol * max(np.abs(w).max(), 1e-12):
+            raise ValueError(f"{path}: the LoRA of {'/'.join(m)} reads back different from what was written")
 
 
 def read_modules(path: str | Path, names: Any, model: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -107,13 +147,6 @@ def read_modules(path: str | Path, names: Any, model: str) -> dict[str, tuple[np
     return out
 
 
-def load(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[Any, LoRAConfig]:
-    """A diffusers/PEFT FLUX LoRA file (`read_modules`) -> (adapter tree, LoRAConfig with scale 1)."""
-    by_name = {v: k for k, v in module_names(cfg, scanned).items()}
-    pieces = {by_name[m]: ab for m, ab in read_modules(path, by_name, "FLUX").items()}
-    return assemble(pieces, stack_depths(cfg), path)
-
-
 def _peft_scale(st: SafetensorsFile, path: Any):
     """rank -> scale from the PEFT LoraConfig diffusers stores in the file's metadata, or None if absent."""
     raw = st.metadata.get("lora_adapter_metadata")
@@ -129,15 +162,10 @@ def _peft_scale(st: SafetensorsFile, path: Any):
     return (lambda r: alpha / np.sqrt(r)) if meta.get("use_rslora") else (lambda r: alpha / r)
 
 
-def stack_depths(cfg: FluxConfig) -> dict[str, int]:
-    """Layers of each scanned block stack of a FLUX transformer (`assemble`'s `depth`)."""
-    return {"double_blocks": cfg.depth, "single_blocks": cfg.depth_single}
-
-
 def assemble(pieces: dict[tuple[tuple[str, ...], int | None], tuple[np.ndarray, np.ndarray]],
              depth: dict[str, int], where: Any) -> tuple[Any, LoRAConfig]:
-    """An adapter tree (scale 1) from per-module (A (in, r), B (r, out)) pieces, keyed as `module_names`
-    (FLUX's or SD3's); `depth`: the layers of each scanned stack, by its name.
+    """An adapter tree (scale 1) from per-module (A (in, r), B (r, out)) pieces, keyed as `Layout.names`;
+    `depth`: the layers of each scanned stack, by its name.
 
     Layers of a scanned stack without a LoRA get zero adapters, and ranks that differ
     between layers are padded with zeros: both leave the product A @ B exact.

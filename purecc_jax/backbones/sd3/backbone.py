@@ -25,41 +25,56 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from purecc_jax import sharding
 from purecc_jax.backbones.base import Backbone
+from purecc_jax.backbones.sd3 import pipeline as sd3_pipeline
+from purecc_jax.backbones.sd3 import weights as sd3_io
+from purecc_jax.data import cache as cache_lib
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models import sd3 as sd3_model
+from purecc_jax.weights import diffusers_lora
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FULL_FOLDER = "transformer"
-_STACKS = ("dual_blocks", "joint_blocks")
-MAX_PLAIN_PIECES = 3  # as pipeline.tokenizers: a longer plain identifier is a phrase of common sub-words
+FILES = {"diffusers-lora": LORA_FILE, "diffusers-full": FULL_FOLDER}
+MAX_PLAIN_PIECES = 3  # as FLUX's tokenizers: a longer plain identifier is a phrase of common sub-words
 
 
-def is_scanned(adapter: Any) -> bool:
-    """Whether an SD3 adapter (or parameter) tree holds stacked blocks."""
-    return any(p[0] in _STACKS for p in traverse_util.flatten_dict(adapter))
+@dataclasses.dataclass(frozen=True)
+class SD3Denoiser:
+    """SD3 as the train step sees it (`purecc.step.Denoiser`): cached (context, pooled) -> velocity."""
+
+    model: sd3_model.SD3Transformer
+
+    def condition(self, weights: Any, cache: Any, kind: str, index: jax.Array) -> Any:
+        return cache["t5"][index], cache["pooled"][index]
+
+    def velocity(self, weights: Any, cache: Any, xt: jax.Array, t: jax.Array, cond: Any) -> jax.Array:
+        context, pooled = cond
+        variables = {"params": weights.params}
+        if weights.lora is not None:
+            variables["lora"] = weights.lora
+        return self.model.apply(variables, xt, context, pooled, t)
 
 
 class SD3Backbone(Backbone):
     name = "sd3"
-    pipeline_classes = ("StableDiffusion3Pipeline",)
-    module_class = sd3_model.SD3Transformer
+    pipeline_classes = (sd3_pipeline.PIPELINE_CLASS,)
+    folder_parts = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "text_encoder_2",
+                    "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
     config_class = sd3_model.SD3Config
     concept_embeddings = ("none",)
-    weight_formats = ("diffusers-lora", "diffusers-full")
+    weight_formats = tuple(FILES)
+    default_guidance = sd3_pipeline.DEFAULT_GUIDANCE
+    default_max_sequence_length = sd3_pipeline.DEFAULT_MAX_SEQUENCE_LENGTH
 
     def check_folder(self, path, config):
-        from purecc_jax.pipeline import sd3 as sd3_pipeline
-
         sd3_pipeline.check_folder(path)
 
     def load(self, path, *, mesh=None, rules=None, **runtime):
-        from purecc_jax import sharding
-        from purecc_jax.pipeline import sd3 as sd3_pipeline
-
         return sd3_pipeline.load_sd3_pipeline(path, mesh=mesh, rules=sharding.DEFAULT_RULES if rules is None
                                               else rules, **runtime)
 
@@ -72,12 +87,9 @@ class SD3Backbone(Backbone):
         if config.train_guidance:
             raise ValueError(f"config.train_guidance={config.train_guidance}: SD3 has no guidance embedding "
                              "(guidance is classifier-free, at sampling only): set it to 0")
-        quant = config.model.get("base_quantization", "none")
+        quant = config.model.base_quantization
         if quant != "none":
             raise ValueError(f"config.model.base_quantization={quant!r} is not supported for SD3 yet: use none")
-
-    def train_guidance(self, parts, config):
-        return None
 
     def lora_targets(self, targets):
         if isinstance(targets, str):
@@ -87,15 +99,15 @@ class SD3Backbone(Backbone):
             return sd3_model.LORA_TARGET_PRESETS[targets]
         return tuple(targets)
 
-    def velocity(self, model, variables, xt, t, text, cache, guidance, injection):
-        if guidance is not None:
-            raise ValueError(f"SD3 has no guidance embedding; the step was given guidance={guidance}")
-        if injection is not None:
-            raise ValueError("SD3 has no layer-wise concept injection")
-        context, pooled = text
-        return model.apply(variables, xt, context, pooled, t)
+    def train_guidance(self, parts, config):
+        return None
 
-    def check_identifier(self, parts, identifier, kind):
+    # --- training
+
+    def denoiser(self, parts, config):
+        return SD3Denoiser(sd3_model.SD3Transformer(parts.transformer_config))
+
+    def prepare_identifier(self, parts, identifier, kind):
         if kind != "none":
             raise ValueError(f"concept embedding {kind!r} is not supported by the SD3 backbone (only 'none')")
         for name, tok in zip(("CLIP-L", "CLIP-G", "T5"), parts.text.tokenizers):
@@ -109,11 +121,10 @@ class SD3Backbone(Backbone):
                 raise ValueError(f"identifier {identifier!r} is {len(pieces)} tokens of the {name} tokenizer "
                                  f"({pieces}); choose a rare word of 1-{MAX_PLAIN_PIECES} tokens (e.g. 'sks')")
 
-    def build_cache(self, concept, images, view_image, parts, codec, max_sequence_length, extra, chunk=16):
+    def build_cache(self, concept, images, view_image, parts, codec, max_sequence_length, embeddings=None,
+                    chunk=16):
         """latents (M, h, w, 16) NHWC, t5 (K, 77 + L, D) the joint context, pooled (K, P)."""
-        from purecc_jax.data import cache as cache_lib
-
-        if extra is not None:
+        if embeddings is not None:
             raise ValueError("the SD3 backbone has no learned token rows")
         latents = cache_lib.encode_images(codec, images, to_tokens=None)
         texts, view_texts = cache_lib.index_texts(concept, view_image)
@@ -125,18 +136,37 @@ class SD3Backbone(Backbone):
         arrays = dict(latents=latents, t5=np.concatenate(context), pooled=np.concatenate(pooled))
         return cache_lib.ConceptCache(arrays, texts, view_texts, np.asarray(view_image, np.int32))
 
-    def sample(self, parts, prompts, settings, *, seed, lora=None, concept_embedding="none", identifier="",
-               embeddings=None, codec=None):
-        from purecc_jax.pipeline import sd3 as sd3_pipeline
+    # --- sampling
 
-        if concept_embedding != "none" and embeddings is not None:
-            raise ValueError(f"concept embedding {concept_embedding!r} is not supported by the SD3 backbone")
+    def generate(self, parts, prompts, settings, *, seeds, init_latents=None, trained=None, lora=None, codec=None,
+                 progress=False):
+        """StableDiffusion3Pipeline's sampling of every prompt from every seed's noise (prompt-major);
+        `init_latents`: its NCHW `latents=` array, one row per image. Guidance > 1 is classifier-free
+        guidance against `settings.negative_prompt` (default "")."""
+        if settings.true_cfg_scale != 1.0:
+            raise ValueError(f"true_cfg_scale={settings.true_cfg_scale}: SD3 has no true CFG; its guidance is "
+                             "classifier-free already (guidance with a negative prompt)")
+        if trained is not None:
+            if trained.concept_embedding != "none":
+                raise ValueError(f"concept embedding {trained.concept_embedding!r} is not supported by the SD3 "
+                                 "backbone")
+            if lora is not None and trained.lora is not None:
+                raise ValueError("the trained concept already brings a LoRA; sample one LoRA at a time")
+            lora = trained.lora if lora is None else lora
         if codec is not None:
             parts = dataclasses.replace(parts, codec=codec)
-        negative = None if settings.negative_prompt is None else [settings.negative_prompt] * len(prompts)
-        return sd3_pipeline.sample_sd3(parts, prompts, height=settings.height, width=settings.width,
+        rows = [p for p in prompts for _ in seeds]
+        if init_latents is None:
+            cfg, f = parts.transformer_config, parts.codec.downsample_factor
+            shape = (cfg.in_channels, settings.height // f, settings.width // f)
+            noise = np.stack([np.asarray(jax.random.normal(jax.random.key(int(s)), shape, jnp.float32))
+                              for s in seeds])
+            init_latents = np.tile(noise, (len(prompts), 1, 1, 1))
+        negative = None if settings.negative_prompt is None else [settings.negative_prompt] * len(rows)
+        return sd3_pipeline.sample_sd3(parts, rows, height=settings.height, width=settings.width,
                                        steps=settings.steps, guidance=settings.guidance, negative_prompts=negative,
-                                       seed=seed, max_sequence_length=settings.max_sequence_length, lora=lora)
+                                       init_latents=init_latents, max_sequence_length=settings.max_sequence_length,
+                                       lora=lora)
 
     # --- export
 
@@ -159,24 +189,47 @@ class SD3Backbone(Backbone):
 
     def write_weights(self, fmt, folder, trainable, lora_cfg, transformer_config, *, dtype, merge_lora=False,
                       base_params=None):
-        from purecc_jax.weights import sd3_io, sd3_lora
-
         if fmt == "diffusers-lora":
-            path = sd3_lora.save(jax.device_get(trainable["lora"]), lora_cfg, transformer_config,
-                                 Path(folder) / LORA_FILE, dtype)
-            _check_lora(path, trainable["lora"], lora_cfg, transformer_config, dtype)
+            adapter = jax.device_get(trainable["lora"])
+            layout = sd3_io.lora_layout(transformer_config)
+            path = diffusers_lora.save(adapter, lora_cfg, layout, Path(folder) / LORA_FILE, dtype)
+            scanned = layout.is_scanned(adapter)
+            diffusers_lora.check_written(path, lambda p: diffusers_lora.load(p, layout, scanned), adapter, lora_cfg,
+                                         dtype)
             return [path]
         target = Path(folder) / FULL_FOLDER
         files = sd3_io.export_diffusers(jax.device_get(trainable["params"]), transformer_config, target, dtype=dtype)
         return [*files, target / "config.json"] + sorted(target.glob("*.index.json"))
 
-    def read_lora(self, path, transformer_config, scanned=True):
-        from purecc_jax.weights import sd3_lora
+    def export_files(self, fmt, kind):
+        return (FILES[fmt],)
 
+    def read_export(self, folder, formats, kind, identifier, parts, lora_scale=1.0):
+        if kind != "none":
+            raise ValueError(f"{folder}: concept_embedding={kind!r}; SD3 exports have none")
+        fmt = (list(formats or ()) or ["diffusers-lora"])[0]
+        if fmt not in FILES:
+            raise ValueError(f"{folder}: format {fmt!r} is not an SD3 export format")
+        path = Path(folder) / FILES[fmt]
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: purecc.json lists format {fmt}")
+        if fmt == "diffusers-lora":
+            return parts, self.lora_collection(path, parts, lora_scale), None
+        cfg = parts.transformer_config
+        cfg, params = sd3_io.load_transformer(path, mesh=parts.mesh, rules=parts.rules, **cfg.runtime())
+        return dataclasses.replace(parts, transformer_config=cfg, transformer_params=params), None, None
+
+    def read_lora(self, path, transformer_config, scanned=True):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"LoRA file {path} does not exist")
-        return sd3_lora.load(path, transformer_config, scanned)
+        return diffusers_lora.load(path, sd3_io.lora_layout(transformer_config), scanned)
+
+    def lora_collection(self, path, parts, scale=1.0):
+        cfg = parts.transformer_config
+        adapter, lcfg = self.read_lora(path, cfg, cfg.scan_layers)
+        lora_lib.check_fits(adapter, parts.transformer_params, path)
+        return lora_lib.variables(adapter, lora_lib.LoRAConfig(rank=lcfg.rank, alpha=lcfg.rank * scale, targets=()))
 
     def model_card(self, meta, info, lora_cfg, folder, grid):
         ident, cls = meta["identifier"], meta["class_word"]
@@ -203,58 +256,10 @@ class SD3Backbone(Backbone):
         return "\n".join(lines) + "\n"
 
     def read_config(self, pretrained, **runtime):
-        from purecc_jax.weights import sd3_io
-
         return sd3_io.read_config(pretrained, **runtime)
 
     def load_merge_base(self, pretrained, scan_layers):
         raise ValueError("merging a LoRA into the SD3 weights is not supported: export diffusers-lora")
-
-    # --- sampling an export
-
-    def load_export(self, folder: str | Path, parts: Any, lora_scale: float = 1.0) -> tuple[Any, Any]:
-        """(parts, `lora` collection or None) of an SD3 export folder (purecc.json's first format); a folder
-        in a bucket is read from its checked copy on this host (`paths.local_copy`)."""
-        from purecc_jax import paths
-        from purecc_jax import trained as trained_lib
-        from purecc_jax.weights import sd3_io, sd3_lora
-
-        folder = paths.local_copy(folder)
-        meta = trained_lib.read_meta(folder)
-        if meta["concept_embedding"] != "none":
-            raise ValueError(f"{folder / trained_lib.META}: concept_embedding={meta['concept_embedding']!r}; "
-                             "SD3 exports have none")
-        fmt = (meta.get("formats") or ["diffusers-lora"])[0]
-        if fmt == "diffusers-lora":
-            path = folder / LORA_FILE
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: purecc.json lists format {fmt}")
-            return parts, sd3_lora.collection(path, parts.transformer_config, lora_scale)
-        if fmt != "diffusers-full":
-            raise ValueError(f"{folder / trained_lib.META}: format {fmt!r} is not an SD3 export format")
-        cfg = parts.transformer_config
-        runtime = {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention")}
-        cfg, params = sd3_io.load_transformer(folder / FULL_FOLDER, mesh=parts.mesh, rules=parts.rules, **runtime)
-        return dataclasses.replace(parts, transformer_config=cfg, transformer_params=params), None
-
-
-def _check_lora(path: Path, adapter: Any, lora_cfg: lora_lib.LoRAConfig, cfg: sd3_model.SD3Config,
-                dtype: Any) -> None:
-    """Reads a just-written LoRA file back: every module's update A @ B equals the adapter's (in `dtype`)."""
-    from purecc_jax.weights import sd3_lora
-
-    adapter = jax.device_get(adapter)
-    tree, read_cfg = sd3_lora.load(path, cfg, scanned=is_scanned(adapter))
-    want = traverse_util.flatten_dict(lora_lib.variables(adapter, lora_cfg))
-    got = traverse_util.flatten_dict(lora_lib.variables(tree, read_cfg))
-    tol = 1e-6 if np.dtype(dtype) == np.float32 else 2e-2
-    for m in {k[:-1] for k in want}:
-        if m + ("a",) not in got:
-            raise ValueError(f"{path}: the LoRA of {'/'.join(m)} is missing when read back")
-        w, g = (np.matmul(np.asarray(f[m + ("a",)], np.float32), np.asarray(f[m + ("b",)], np.float32))
-                for f in (want, got))
-        if np.abs(w - g).max() > tol * max(np.abs(w).max(), 1e-12):
-            raise ValueError(f"{path}: the LoRA of {'/'.join(m)} reads back different from what was written")
 
 
 SD3 = SD3Backbone()

@@ -23,14 +23,15 @@ from typing import Any
 from jax.sharding import Mesh
 
 from purecc_jax import sharding
+from purecc_jax.backbones.flux import weights as flux_io
+from purecc_jax.backbones.flux.text import TextEncoders
+from purecc_jax.models import runtime as runtime_lib
 from purecc_jax.models.clip_text import CLIPTextConfig
 from purecc_jax.models.flux import FluxConfig
 from purecc_jax.models.t5 import T5Config
 from purecc_jax.models.vae import VAEConfig
 from purecc_jax.pipeline.codec import PIXEL_CODEC, PixelCodec, VAECodec
-from purecc_jax.pipeline.text import TextEncoders
 from purecc_jax.pipeline.tokenizers import Tokenizers, load_tokenizers
-from purecc_jax.weights import flux_io
 from purecc_jax.weights.clip_rules import load_clip
 from purecc_jax.weights.t5_rules import load_t5
 from purecc_jax.weights.vae_rules import load_vae
@@ -140,11 +141,6 @@ def check_guidance(path: str | Path, train_guidance: float) -> None:
             "without embedded guidance.")
 
 
-def _runtime_for(config_cls: type, runtime: dict[str, Any], keys: Sequence[str] | None = None) -> dict[str, Any]:
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    return {k: v for k, v in runtime.items() if k in fields and (keys is None or k in keys)}
-
-
 def load_pipeline(
     path: str | Path,
     *,
@@ -171,16 +167,16 @@ def load_pipeline(
         raise ValueError(f"{scheduler_file}: not valid JSON ({e})") from None
 
     transformer_config, transformer_params = flux_io.load_transformer(
-        path / "transformer", mesh=mesh, rules=rules, **_runtime_for(FluxConfig, runtime))
+        path / "transformer", mesh=mesh, rules=rules, **runtime_lib.select(FluxConfig, runtime))
     clip_config, clip_params = load_clip(path / "text_encoder", mesh=mesh, rules=rules,
-                                         **_runtime_for(CLIPTextConfig, runtime, _SHARED_RUNTIME))
+                                         **runtime_lib.select(CLIPTextConfig, runtime, _SHARED_RUNTIME))
     t5_config, t5_params = load_t5(path / "text_encoder_2", mesh=mesh, rules=rules,
-                                   **_runtime_for(T5Config, runtime, _SHARED_RUNTIME))
+                                   **runtime_lib.select(T5Config, runtime, _SHARED_RUNTIME))
     pixel_codec = _pixel_codec(path)
     vae_config = vae_params = None
     if pixel_codec is None:
         vae_config, vae_params = load_vae(path / "vae", mesh=mesh, axis_rules=rules,
-                                          **_runtime_for(VAEConfig, runtime, _SHARED_RUNTIME))
+                                          **runtime_lib.select(VAEConfig, runtime, _SHARED_RUNTIME))
     tokenizers = load_tokenizers(path, clip_config.vocab_size, t5_config.vocab_size)
     text = TextEncoders(clip_config, clip_params, t5_config, t5_params, tokenizers, mesh, rules)
     return FluxParts(transformer_config, transformer_params, text, vae_config, vae_params, scheduler, mesh, rules,

@@ -23,15 +23,16 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from purecc_jax.backbones.flux.rules import bfl_rules
 from purecc_jax.models.flux import FluxConfig
 from purecc_jax.models.lora import LoRAConfig
-from purecc_jax.weights import lora_export
-from purecc_jax.weights.flux_rules import bfl_rules
+from purecc_jax.weights import diffusers_lora
 from purecc_jax.weights.rules import Rule, swap
 from purecc_jax.weights.safetensors_io import SafetensorsFile, save_file
 
 PREFIX = "lora_unet_"
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+STACKS = ("double_blocks", "single_blocks")
 
 
 def modules(cfg: FluxConfig, scanned: bool) -> dict[str, Rule]:
@@ -45,12 +46,12 @@ def modules(cfg: FluxConfig, scanned: bool) -> dict[str, Rule]:
 
 def to_kohya(adapter: Any, lora_cfg: LoRAConfig, cfg: FluxConfig, dtype=np.float32) -> dict[str, np.ndarray]:
     """kohya key -> tensor of an adapter tree (see the module docstring)."""
-    scanned = lora_export.is_scanned(adapter)
+    scanned = any(p[0] in STACKS for p in traverse_util.flatten_dict(adapter))
     flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in traverse_util.flatten_dict(adapter).items()}
     pending = set()
     for path, value in flat.items():
         if path[-1] == "a":
-            stacked = scanned and path[0] in ("double_blocks", "single_blocks")
+            stacked = scanned and path[0] in STACKS
             pending |= {(path[:-1], i) for i in range(value.shape[0])} if stacked else {(path[:-1], None)}
 
     def piece(module, layer):
@@ -139,4 +140,4 @@ def load(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[Any, 
             if not used.any():
                 continue
             pieces[(leaf.path[:-1], leaf.layer)] = (down[used].T, block[:, used].T)
-    return lora_export.assemble(pieces, lora_export.stack_depths(cfg), path)
+    return diffusers_lora.assemble(pieces, {"double_blocks": cfg.depth, "single_blocks": cfg.depth_single}, path)

@@ -28,11 +28,11 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from purecc_jax import sharding
+from purecc_jax.backbones.flux.text import TextEmbeddings
 from purecc_jax.models.flux import ConceptInjection, FluxConfig, FluxTransformer
 from purecc_jax.pipeline import placement
 from purecc_jax.pipeline.codec import ImageCodec
 from purecc_jax.pipeline.latents import latent_image_ids, pack, unpack
-from purecc_jax.pipeline.text import TextEmbeddings
 
 
 class Transformer(NamedTuple):

@@ -29,10 +29,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from purecc_jax import sharding
+from purecc_jax.backbones.flux.rules import BFL_PREFIXES, bfl_rules, diffusers_rules
 from purecc_jax.models import flux
 from purecc_jax.models.flux import FluxConfig
-from purecc_jax.weights import loader
-from purecc_jax.weights.flux_rules import BFL_PREFIXES, bfl_rules, diffusers_rules
+from purecc_jax.weights import diffusers_lora, loader
 from purecc_jax.weights.rules import Rule
 from purecc_jax.weights.safetensors_io import Checkpoint
 
@@ -204,10 +204,8 @@ def load_transformer(
     """
     src = resolve(path)
     cfg = read_config(path, **runtime)
-    abstract, shardings = abstract_params(cfg, mesh, rules)
-    ignore = [f"^(?!{re.escape(src.prefix)})"] if src.prefix else []
-    params = loader.load(Checkpoint(src.tensors), weight_rules(cfg, src), abstract, shardings, ignore)
-    return cfg, params
+    init = flux.init_fn(cfg, jax.random.key(0))
+    return cfg, loader.load_model(src.tensors, weight_rules(cfg, src), init, mesh, rules, loader.outside(src.prefix))
 
 
 def _config_json(cfg: FluxConfig) -> str:
@@ -301,3 +299,8 @@ def export_bfl(params: Any, cfg: FluxConfig, path: str | Path, *, prefix: str = 
                            max_shard_bytes=2**62)
     return out
 
+
+def lora_layout(cfg: FluxConfig) -> diffusers_lora.Layout:
+    """FLUX's linear layers as diffusers names them (`rules.diffusers_rules`), for LoRA files."""
+    return diffusers_lora.Layout("FLUX", lambda scanned: diffusers_rules(cfg, scanned),
+                                 {"double_blocks": cfg.depth, "single_blocks": cfg.depth_single})

@@ -22,25 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from purecc_jax.backbones.flux import kohya
+from purecc_jax.backbones.flux import weights as flux_io
+from purecc_jax.backbones.flux.folder import FluxParts
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models.flux import FluxConfig
-from purecc_jax.pipeline.folder import FluxParts
-from purecc_jax.weights import flux_io, kohya, lora_export
+from purecc_jax.weights import diffusers_lora
 from purecc_jax.weights.safetensors_io import SafetensorsFile
 
 FORMATS = ("diffusers-lora", "kohya", "diffusers-full", "bfl")
 LORA_FORMATS = FORMATS[:2]
 FILES = {"diffusers-lora": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors",
          "diffusers-full": "transformer", "bfl": "flux1-purecc.safetensors"}
-
-
-def dtype_named(name: str) -> np.dtype:
-    """numpy dtype of an export dtype name (--dtype, config.export.dtype)."""
-    import ml_dtypes
-
-    if name not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"export dtype {name!r} is not bfloat16, float16 or float32")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def resolve(formats: Sequence[str], has_lora: bool, merge_lora: bool) -> list[str]:
@@ -110,9 +103,15 @@ def write(fmt: str, folder: Path, trainable: dict[str, Any], lora_cfg: lora_lib.
     """Writes one format of `trainable` into `folder`, reloads it and checks it; returns its files."""
     target = folder / FILES[fmt]
     if fmt in LORA_FORMATS:
-        module = lora_export if fmt == "diffusers-lora" else kohya
-        module.save(trainable["lora"], lora_cfg, cfg, target, dtype)
-        _check_lora(module, target, trainable["lora"], lora_cfg, cfg, dtype)
+        adapter = trainable["lora"]
+        scanned = flux_io.lora_layout(cfg).is_scanned(adapter)
+        if fmt == "diffusers-lora":
+            diffusers_lora.save(adapter, lora_cfg, flux_io.lora_layout(cfg), target, dtype)
+            read = lambda p: diffusers_lora.load(p, flux_io.lora_layout(cfg), scanned)
+        else:
+            kohya.save(adapter, lora_cfg, cfg, target, dtype)
+            read = lambda p: kohya.load(p, cfg, scanned)
+        diffusers_lora.check_written(target, read, adapter, lora_cfg, dtype)
         return [target]
     if "lora" in trainable:
         if base_params is None:
@@ -125,33 +124,10 @@ def write(fmt: str, folder: Path, trainable: dict[str, Any], lora_cfg: lora_lib.
         files.append(target / "config.json")
         files += sorted(target.glob("*.index.json"))
         reread = flux_io.read_config(target)
-        if dataclasses.replace(reread, **_runtime(cfg)) != cfg:
+        if dataclasses.replace(reread, **cfg.runtime()) != cfg:
             raise ValueError(f"{target / 'config.json'} does not read back as the exported config")
         return files
     return [flux_io.export_bfl(params, cfg, target, dtype=dtype)]
-
-
-def _runtime(cfg: FluxConfig) -> dict[str, Any]:
-    """The fields of a FluxConfig that say how to run it, not what is in the checkpoint."""
-    return {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention")}
-
-
-def _check_lora(module, path: Path, adapter: Any, lora_cfg: lora_lib.LoRAConfig, cfg: FluxConfig, dtype: Any) -> None:
-    """Reads a just-written LoRA file back: every module's update A @ B equals the adapter's (in `dtype`)."""
-    tree, read_cfg = module.load(path, cfg, scanned=lora_export.is_scanned(adapter))
-    want = traverse_util.flatten_dict(lora_lib.variables(jax.device_get(adapter), lora_cfg))
-    got = traverse_util.flatten_dict(lora_lib.variables(tree, read_cfg))
-    tol = 1e-6 if np.dtype(dtype) == np.float32 else 2e-2
-
-    def update(flat, m):  # a module a reader leaves out (kohya: an all-zero update) counts as zero
-        if m + ("a",) not in flat:
-            return 0.0
-        return np.matmul(np.asarray(flat[m + ("a",)], np.float32), np.asarray(flat[m + ("b",)], np.float32))
-
-    for m in {k[:-1] for k in want} | {k[:-1] for k in got}:
-        w, g = update(want, m), update(got, m)
-        if np.abs(w - g).max() > tol * max(np.abs(w).max(), 1e-12):
-            raise ValueError(f"{path}: the LoRA of {'/'.join(m)} reads back different from what was written")
 
 
 def present(folder: Path) -> list[str]:
@@ -164,26 +140,16 @@ def read_lora(path: str | Path, cfg: FluxConfig, scanned: bool = True) -> tuple[
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
-    module = kohya if kohya.is_kohya(SafetensorsFile(path).keys()) else lora_export
-    return module.load(path, cfg, scanned)
-
-
-def check_fits(adapter: Any, params: Any, where: Any) -> None:
-    """Raises ValueError naming the module if an adapter does not fit the transformer's kernels."""
-    flat = traverse_util.flatten_dict(params)
-    for key, value in traverse_util.flatten_dict(adapter).items():
-        kernel = flat[key[:-1] + ("kernel",)].shape
-        want, got = (kernel[:-1], value.shape[:-1]) if key[-1] == "a" else (kernel[-1:], value.shape[-1:])
-        if got != want:
-            raise ValueError(f"{where}: the LoRA of {'/'.join(key[:-1])} has {key[-1]} of shape {value.shape}, "
-                             f"which does not fit its kernel {kernel}: a LoRA for another FLUX size?")
+    if kohya.is_kohya(SafetensorsFile(path).keys()):
+        return kohya.load(path, cfg, scanned)
+    return diffusers_lora.load(path, flux_io.lora_layout(cfg), scanned)
 
 
 def lora_variables(path: str | Path, parts: FluxParts, scale: float = 1.0) -> Any:
     """The `lora` collection of a LoRA file for `parts`' transformer, times `scale`; shapes checked."""
     cfg = parts.transformer_config
     tree, lcfg = read_lora(path, cfg, scanned=cfg.scan_layers)
-    check_fits(tree, parts.transformer_params, path)
+    lora_lib.check_fits(tree, parts.transformer_params, path)
     flat = traverse_util.flatten_dict(lora_lib.variables(tree, lcfg))
     return traverse_util.unflatten_dict({k: jnp.asarray(v * scale if k[-1] == "b" else v) for k, v in flat.items()})
 
@@ -201,7 +167,7 @@ def read(folder: Path, parts: FluxParts, lora_scale: float = 1.0, listed: Sequen
     if fmt in LORA_FORMATS:
         return parts, lora_variables(folder / FILES[fmt], parts, lora_scale)
     cfg = parts.transformer_config
-    runtime = _runtime(cfg)
+    runtime = cfg.runtime()
     if fmt == "bfl":
         runtime["axes_dim"] = cfg.axes_dim  # a BFL file does not record the RoPE split
     cfg, params = flux_io.load_transformer(folder / FILES[fmt], mesh=parts.mesh, rules=parts.rules, **runtime)

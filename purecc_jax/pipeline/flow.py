@@ -1,4 +1,4 @@
-"""Rectified-flow noising for training (METHOD.md §1): x_t = (1 - t) x0 + t x1, target x1 - x0."""
+"""Rectified-flow noising for training (docs/method.md §1): x_t = (1 - t) x0 + t x1, target x1 - x0."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The four texts of PureCC (METHOD.md §2) from a caption, an identifier and a class word.
+"""The four texts of PureCC (docs/method.md §2) from a caption, an identifier and a class word.
 
     complete  "a photo of sks dog on the beach"   trainable model, L_CC and L_PureCC
     base      "a photo of dog on the beach"       the complete text without the identifier

@@ -27,12 +27,12 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from purecc_jax import sharding
+from purecc_jax.backbones.sd3.rules import POSITION_TABLE, SINGLE_FILE_PREFIX, diffusers_rules, single_file_rules
 from purecc_jax.models import sd3
 from purecc_jax.models.sd3 import SD3Config
-from purecc_jax.weights import loader
+from purecc_jax.weights import diffusers_lora, loader
 from purecc_jax.weights.rules import Rule
 from purecc_jax.weights.safetensors_io import Checkpoint, write_sharded
-from purecc_jax.weights.sd3_rules import POSITION_TABLE, SINGLE_FILE_PREFIX, diffusers_rules, single_file_rules
 
 Format = Literal["diffusers", "single_file"]
 
@@ -142,12 +142,6 @@ def check_position_table(ckpt: Checkpoint, name: str, cfg: SD3Config) -> None:
             f"{error:.3g}); fix the config")
 
 
-def abstract_params(cfg: SD3Config, mesh: Mesh | None = None,
-                    rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES) -> tuple[Any, Any]:
-    """(ShapeDtypeStruct tree, Sharding tree) of the parameters; one device when `mesh` is None."""
-    return sharding.abstract_and_shardings(sd3.init_fn(cfg, jax.random.key(0)), mesh, rules)
-
-
 def load_transformer(
     path: str | Path,
     *,
@@ -167,9 +161,9 @@ def load_transformer(
     if table not in ckpt:
         raise loader.WeightsError(f"{src.tensors}: no position table {table!r}")
     check_position_table(ckpt, table, cfg)
-    ignore = [f"^{re.escape(table)}$"] + ([f"^(?!{re.escape(src.prefix)})"] if src.prefix else [])
-    abstract, shardings = abstract_params(cfg, mesh, rules)
-    return cfg, loader.load(ckpt, weight_rules(cfg, src), abstract, shardings, ignore)
+    ignore = [f"^{re.escape(table)}$", *loader.outside(src.prefix)]
+    init = sd3.init_fn(cfg, jax.random.key(0))
+    return cfg, loader.load_model(ckpt, weight_rules(cfg, src), init, mesh, rules, ignore)
 
 
 def _scanned(params: Any) -> bool:
@@ -215,3 +209,9 @@ def export_single_file(params: Any, cfg: SD3Config, path: str | Path, *, prefix:
     (out,) = _write(params, rules, prefix + POSITION_TABLE["single_file"], cfg, path.parent, path.stem, dtype,
                     max_shard_bytes=2**62)
     return out
+
+
+def lora_layout(cfg: SD3Config) -> diffusers_lora.Layout:
+    """SD3's linear layers as diffusers names them (`rules.diffusers_rules`), for LoRA files."""
+    return diffusers_lora.Layout("SD3", lambda scanned: diffusers_rules(cfg, scanned),
+                                 {"dual_blocks": cfg.num_dual, "joint_blocks": cfg.num_joint})
