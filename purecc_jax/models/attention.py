@@ -19,10 +19,12 @@ import functools
 import logging
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
+
+from purecc_jax import sharding
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _SPLASH_BLOCKS = (512, 256, 128)
@@ -136,8 +138,10 @@ def _splash(q, k, v, block: int, interpret: bool) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q, k, v)
-    # Batch over the data axes, heads over tensor; every device runs the kernel on its block.
-    spec = PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    # Batch and heads split as the activations around it are (the logical rules, only the mesh axes that
+    # divide them: a batch of 2 on 4 chips is not refused); every device runs the kernel on its block.
+    rules = nn.get_logical_axis_rules() or sharding.DEFAULT_RULES
+    spec = sharding.fit_spec(q.shape, ("act_batch", None, "act_heads", None), rules, dict(mesh.shape))
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
