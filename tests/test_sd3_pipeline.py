@@ -70,6 +70,23 @@ def test_sampled_images_match_diffusers(saved, parts):
     assert np.abs(unguided - expected).max() > 1e-2
 
 
+def test_sampling_on_a_mesh_splits_the_padded_rows(saved):
+    """On a (data 1, fsdp 4) mesh the 2 prompts (4 rows with guidance) are padded to the batch axes, split
+    over them and cut back: the same images as on one device."""
+    import jax
+
+    from purecc_jax import sharding
+
+    latents = np.random.default_rng(4).standard_normal((2, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    kw = dict(negative_prompts=NEGATIVE, height=HEIGHT, width=WIDTH, steps=2, guidance=GUIDANCE,
+              init_latents=latents, max_sequence_length=T5_LENGTH)
+    alone = sd3_pipeline.sample_sd3(sd3_pipeline.load_sd3_pipeline(saved[1]), PROMPTS, **kw)
+    mesh = sharding.make_mesh(1, 4, 1, devices=jax.devices()[:4])
+    meshed = sd3_pipeline.sample_sd3(sd3_pipeline.load_sd3_pipeline(saved[1], mesh=mesh), PROMPTS, **kw)
+    assert meshed.shape == alone.shape == (2, HEIGHT, WIDTH, 3)
+    np.testing.assert_allclose(meshed, alone, atol=1e-5)
+
+
 def test_vae_has_sd3_factors(parts):
     assert (parts.codec.config.scaling_factor, parts.codec.config.shift_factor) == (1.5305, 0.0609)
     assert parts.codec.config.latent_channels == 16

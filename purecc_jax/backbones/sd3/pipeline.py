@@ -40,6 +40,7 @@ from purecc_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from purecc_jax.models.sd3 import SD3Config, SD3Transformer
 from purecc_jax.models.t5 import T5Config, T5Encoder
 from purecc_jax.models.vae import VAEConfig
+from purecc_jax.pipeline import placement
 from purecc_jax.pipeline.codec import VAECodec
 from purecc_jax.weights.clip_rules import load_clip
 from purecc_jax.weights.t5_rules import load_t5
@@ -246,19 +247,25 @@ def sample_sd3(
     if init_latents.shape != shape:
         raise ValueError(f"init_latents has shape {init_latents.shape}; {len(prompts)} prompt(s) at {height}x{width} "
                          f"need {shape} (NCHW, as StableDiffusion3Pipeline's `latents`)")
-    context, pooled = parts.text.encode_prompts(prompts, max_sequence_length)
+    # With a mesh the rows are split over its batch axes (padded to a multiple of them), as the
+    # transformer's activations are, and the step runs under the mesh's rules.
+    rows = placement.padded_size(len(prompts), placement.batch_multiple(parts.mesh, parts.rules))
+    pad = lambda x: placement.pad_rows(jnp.asarray(x), rows)  # noqa: E731
+    context, pooled = map(pad, parts.text.encode_prompts(prompts, max_sequence_length))
     if guidance > 1:
         negative = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
         if len(negative) != len(prompts):
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
-        neg_context, neg_pooled = parts.text.encode_prompts(negative, max_sequence_length)
+        neg_context, neg_pooled = map(pad, parts.text.encode_prompts(negative, max_sequence_length))
         context, pooled = jnp.concatenate([neg_context, context]), jnp.concatenate([neg_pooled, pooled])
 
-    x = jnp.asarray(init_latents.transpose(0, 2, 3, 1))
+    x = pad(init_latents.transpose(0, 2, 3, 1))
+    x, context, pooled = placement.place((x, context, pooled), parts.mesh, parts.rules)
     sigmas = sd3_sigmas(steps, parts.scheduler)
     variables = {"params": parts.transformer_params} | ({} if lora is None else {"lora": lora})
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        x = _euler_step(cfg, variables, x, sigma, sigma_next, context, pooled,
-                        jnp.float32(guidance))
-    images = codec.decode(x)
-    return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
+    with placement.maybe_activate(parts.mesh, parts.rules):
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            x = _euler_step(cfg, variables, x, sigma, sigma_next, context, pooled,
+                            jnp.float32(guidance))
+        images = codec.decode(x)
+    return np.clip(np.asarray(images[:len(prompts)], np.float32) / 2 + 0.5, 0.0, 1.0)
