@@ -92,6 +92,10 @@ def concept_config() -> ml_collections.ConfigDict:
     ))
 
     c.log_every = 10
+    # Weights & Biases beside TensorBoard: a project name logs every stage's scalars and sample grids to a W&B
+    # run ("<workdir name>/<stage>", grouped by workdir; a resumed stage continues its run). Needs
+    # `pip install wandb`; entity "": the logged-in user's; WANDB_MODE=offline logs locally (`wandb sync` later).
+    c.log = ml_collections.ConfigDict(dict(wandb_project="", wandb_entity=""))
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
     c.progress = True
