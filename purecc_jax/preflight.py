@@ -351,10 +351,14 @@ def search(config: ml_collections.ConfigDict, report: Report, *, max_tries: int 
 
 
 def run(config: ml_collections.ConfigDict, topology_name: str, *, model: str | None = None, hbm: int | None = None,
-        images: int | None = None, max_tries: int = 4, unit: str = "GiB", echo: Any = print) -> bool:
+        images: int | None = None, programs: Sequence[str] | None = None, max_tries: int = 4, unit: str = "GiB",
+        echo: Any = print) -> bool:
     """`check` on the slice `topology_name`, its table printed through `echo`; when a program does not fit,
     `search` (up to `max_tries` compiles) and what it tried. True when every program fits."""
-    report = check(config, topology_name, model=model, hbm=hbm, images=images)
+    unknown = sorted(set(programs or ()) - {"stage_a", "stage_b", "sampler"})
+    if unknown:
+        raise ValueError(f"programs {unknown} are not among stage_a, stage_b, sampler")
+    report = check(config, topology_name, model=model, hbm=hbm, images=images, programs=programs)
     echo(format_report(report, unit))
     if report.fits:
         return True

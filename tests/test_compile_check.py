@@ -170,6 +170,8 @@ def test_cli_exit_status(capsys):
     assert "--config.model.remat_policy=full" in out and "none of the settings tried fits" in out
     assert compile_check.cli([*base, "--topology=v7x-8"]) == 2
     assert "unknown generation" in capsys.readouterr().err
+    assert compile_check.cli([*base, "--programs=stage_c"]) == 2
+    assert "['stage_c'] are not among" in capsys.readouterr().err
 
 
 def test_presets_name_their_backbone():
