@@ -73,9 +73,6 @@ class Report:
     def failing(self) -> list[str]:
         return [p.key for p in self.programs if not p.verdict.fits]
 
-    def table(self) -> str:
-        return topology.format_table([(p.name, p.figures, p.verdict) for p in self.programs])
-
 
 def model_source(config: ml_collections.ConfigDict, model: str | None = None) -> tuple[Backbone, str]:
     """(backbone, preset name or pipeline folder) whose architecture the programs are built from: `model`
@@ -194,6 +191,9 @@ class Programs:
         self.backbone, self.model = model_source(config, model)
         train.check(config, self.backbone)
         self.notes: list[str] = []
+        if config.pretrained and self.model in PRESETS and model is None:
+            self.notes.append(f"config.pretrained={config.pretrained} is no pipeline folder this host can read: "
+                              f"{self.model}'s architecture (--model to choose)")
         runtime = _resolved_runtime(config, self.notes)
         self.mesh = train.make_mesh(config, devices)
         self.rules = sharding.rules_from_config(config.axis_rules)

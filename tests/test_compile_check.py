@@ -75,10 +75,12 @@ def test_trainer_and_check_lower_the_same_steps(tmp_path, monkeypatch):
 
 
 @requires_libtpu
-@pytest.mark.parametrize("model,topology_name", [("flux-tiny", "v5e:2x2"), ("sd3-tiny", "v6e:2x2")])
-def test_tiny_runs_compile_for_a_tpu_slice(model, topology_name, caplog):
-    """Stage A, stage B and the sampler of a tiny run, compiled by XLA:TPU with the splash kernel (Mosaic)."""
-    config = tiny_config(model)
+@pytest.mark.parametrize("model,topology_name,overrides", [
+    ("flux-tiny", "v5e:2x2", {"model.base_quantization": "int8"}), ("sd3-tiny", "v6e:2x2", {})])
+def test_tiny_runs_compile_for_a_tpu_slice(model, topology_name, overrides, caplog):
+    """Stage A, stage B and the sampler of a tiny run, compiled by XLA:TPU with the splash kernel (Mosaic);
+    FLUX with its frozen base in int8."""
+    config = tiny_config(model, **overrides)
     with caplog.at_level("INFO", logger="purecc_jax.models.attention"):
         report = preflight.check(config, topology_name, model=model)
     assert [p.key for p in report.programs] == ["stage_a", "stage_b", "sampler"]
@@ -87,6 +89,9 @@ def test_tiny_runs_compile_for_a_tpu_slice(model, topology_name, caplog):
     assert any("attention splash" in r.getMessage() for r in caplog.records)
     table = preflight.format_report(report, unit="MiB")
     assert "resident MiB" in table and table.count("fits:") == 3
+    if overrides:  # the run's frozen weights, as the check built them, are int8
+        parts = preflight.Programs(config, report.topology.devices, model=model).parts
+        assert "int8" in {str(x.dtype) for x in jax.tree_util.tree_leaves(parts.transformer_params)}
 
 
 @requires_libtpu
