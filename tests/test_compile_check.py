@@ -147,14 +147,16 @@ def test_search_bisects_remat_then_tries_meshes_and_int8(monkeypatch):
 
 
 @requires_libtpu
-def test_multihost_slice_compiles_with_the_distributed_mesh():
-    """v5e:4x4 is 16 chips on 4 hosts: the run's mesh (data -1 = 4 for a batch of 4, fsdp 4) spans every
-    host, as `--distributed` builds it from all the processes' devices, and both steps compile."""
+@pytest.mark.parametrize("topology_name,data,hosts", [("v5e:4x4", 4, 4), ("v5p:2x2x2", 2, 2)])
+def test_multihost_slice_compiles_with_the_distributed_mesh(topology_name, data, hosts):
+    """v5e:4x4 is 16 chips on 4 hosts, v5p:2x2x2 8 chips on 2: the run's mesh (fsdp 4, data -1: the rest
+    that divides the batch of 4) spans every host, as `--distributed` builds it from all the processes'
+    devices, and stage B's step compiles with collectives."""
     config = tiny_config("flux-tiny", **{"mesh.data": -1, "mesh.fsdp": 4, "sample.prompts": ()})
-    topo = topology.tpu_topology("v5e:4x4")
+    topo = topology.tpu_topology(topology_name)
     built = preflight.Programs(config, topo.devices, model="flux-tiny", only=("stage_b",))
-    assert dict(built.mesh.shape) == {"data": 4, "fsdp": 4, "tensor": 1}
-    assert {d.process_index for d in built.mesh.devices.flat} == {0, 1, 2, 3}
+    assert dict(built.mesh.shape) == {"data": data, "fsdp": 4, "tensor": 1}
+    assert {d.process_index for d in built.mesh.devices.flat} == set(range(hosts))
     assert built.mesh.devices.tolist() == train.make_mesh(config, topo.devices).devices.tolist()
     (stage_b,) = list(built)
     compiled, figures = topology.compile_and_measure(stage_b.lowered)
