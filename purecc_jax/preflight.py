@@ -199,10 +199,14 @@ class Programs:
         self.rules = sharding.rules_from_config(config.axis_rules)
         self.parts = train.prepare_parts(
             self.backbone.abstract_parts(self.model, mesh=self.mesh, rules=self.rules, **runtime), config)
-        height, width = concept_lib.parse_resolution(config.concept.resolution)
+        # Of several training sizes (resolutions, aspect-ratio buckets), the steps of the largest.
+        sizes = train.training_sizes(config)
+        height, width = max(sizes, key=lambda x: (x[0] * x[1], x))
         views, texts, where = concept_sizes(config, images)
-        self.notes.append(f"concept cache: {views} views of {height}x{width}, {texts} texts ({where})")
+        several = f" (the largest of {len(sizes)} training sizes)" if len(sizes) > 1 else ""
+        self.notes.append(f"concept cache: {views} views of {height}x{width}{several}, {texts} texts ({where})")
         shapes = self.backbone.cache_shapes(self.parts, height, width, views, texts, config.model.max_sequence_length)
+        shapes = train.step_cache_arrays(config, self.parts, shapes, (height, width))
         self.cache = train.on_mesh(shapes, sharding.replicated(self.mesh))
         self.only = set(only or ("stage_a", "stage_b", "sampler"))
 
@@ -258,15 +262,16 @@ class Programs:
             last = ("stage_b", inputs, state, batch)
         if "sampler" in self.only and config.sample.prompts and last is not None:
             name, inputs, state, batch = last
-            c, s = config.concept, config.sample
+            c = config.concept
             sampling_parts, trained = train.sampling_inputs(config, parts, c.identifier, c.class_word or "thing",
                                                             state.trainable, inputs.frozen, inputs.lora)
-            images = len(s.prompts)
-            lowered = backbone.lower_sampler(sampling_parts, train.sample_settings(config), images, trained)
+            settings = train.sample_settings(config)  # the largest of the prompts' sizes, as many as have it
+            images = train.sample_sizes(config).count((settings.height, settings.width))
+            lowered = backbone.lower_sampler(sampling_parts, settings, images, trained)
             resident = resident_bytes([*backbone.device_params(parts).values(), state, inputs.frozen, batch],
                                       (sampling_parts.transformer_params, trained.lora, trained.embeddings))
-            yield Lowering("sampler", f"sampler ({name[-1].upper()}, {images}x{s.height}x{s.width})", lowered,
-                           resident)
+            size = f"{images}x{settings.height}x{settings.width}"
+            yield Lowering("sampler", f"sampler ({name[-1].upper()}, {size})", lowered, resident)
 
 
 def check(config: ml_collections.ConfigDict, topo: Topology | str, *, model: str | None = None,
