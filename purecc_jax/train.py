@@ -258,7 +258,10 @@ def step_cache_arrays(config: ml_collections.ConfigDict, parts: Any, arrays: dic
                       size: tuple[int, int]) -> dict[str, Any]:
     """The cache arrays a stage's step reads for views of `size` (height, width): `arrays` (numpy, or
     ShapeDtypeStructs) and, with timesteps.shift="auto", `timestep_shift`: the pipeline's shift at that size
-    (`pipeline.schedule.training_shift`; FLUX's and SD3's transformers see (h / 16) (w / 16) image tokens)."""
+    (`pipeline.schedule.training_shift`; FLUX's and SD3's transformers see (h / 16) (w / 16) image tokens).
+    With concept.masked_loss, shapes gain the `loss_weight` that the trainer's caches hold (the latents')."""
+    if config.concept.masked_loss and is_abstract(arrays) and "loss_weight" not in arrays:
+        arrays = dict(arrays, loss_weight=jax.ShapeDtypeStruct(arrays["latents"].shape, np.float32))
     if config.timesteps.shift != flow.AUTO:
         return arrays
     tokens = (size[0] // 16) * (size[1] // 16)
