@@ -1,37 +1,36 @@
-r"""The JAX train step against the PyTorch one (`benchmarks.torch_reference`), side by side, one command.
+r"""The JAX train step against the PyTorch one (`benchmarks.torch_reference`), each in its own process.
 
     python -m benchmarks.versus_torch                      # widths 256 (2+4 blocks) and 512 (4+8), cc and purecc
-    python -m benchmarks.versus_torch --sizes=4x64:2+4 --steps=3 --warmup=1
+    python -m benchmarks.versus_torch --sizes=4x64:2+4 --rounds=3 --steps=2
 
 Both steps use the same config as `python -m benchmarks.step_cost`'s default (FLUX structure,
 T5 width 4096, CLIP 768, batch 2, 256 image + 64 text tokens, LoRA rank 4 on the attention
-projections, float32). Per size, the four steps (JAX and PyTorch, DreamBooth-LoRA and PureCC
-stage B) run interleaved, one call each per round in a rotating order, so load from other
-processes hits them alike; ratios are medians of per-round ratios.
+projections, float32): DreamBooth-LoRA (L_CC) and PureCC stage B.
 
-In the same run, `jnp.dot` and `torch.matmul` are timed at the model's matmul shapes (the
-machine's own matmul peak), and the JAX step's counted FLOPs (XLA's cost analysis of the
-unscanned step) over its median time give the fraction of the `jnp.dot` peak the step reaches.
+The harness is fair to both: each framework runs in a process of its own (JAX's thread pool and
+PyTorch's OpenMP threads never share one), built and warmed up once; the parent then asks the two
+processes in turn for `--steps` timed steps of each stage, `--rounds` times, the order alternating,
+with a pause between turns so that OpenMP threads still spinning after PyTorch's turn have parked
+before JAX's starts. The load average is recorded at every turn. Ratios are medians of per-round
+ratios. In the same two processes `jnp.dot` and `torch.matmul` are timed the same way at the
+model's matmul shapes (the machine's own matmul peak), and the JAX step's counted FLOPs (XLA's cost
+analysis of the unscanned step) over its median time give the fraction of that peak the step reaches.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import torch
 from absl import app, flags
 
 from benchmarks.report import fmt, fmt_ratio
-from benchmarks.step_inputs import Shapes, Variant, compiled_step, pretrained, step_flops
-from benchmarks.torch_reference import TorchSize, TorchStep
-from purecc_jax import sharding
-from purecc_jax.models import lora as lora_lib
-from purecc_jax.models.flux import FluxConfig, preset
 
 _SIZES = flags.DEFINE_list("sizes", ["4x64:2+4", "8x64:4+8"], "model sizes, HEADSxHEAD_DIM:DOUBLE+SINGLE")
 _STAGES = flags.DEFINE_list("stages", ["cc", "purecc"], "steps: cc (DreamBooth-LoRA), purecc (stage B)")
@@ -39,9 +38,14 @@ _BATCH = flags.DEFINE_integer("batch", 2, "images per step (B)")
 _IMG = flags.DEFINE_integer("img_tokens", 256, "packed image tokens")
 _TXT = flags.DEFINE_integer("txt_tokens", 64, "T5 tokens")
 _REMAT = flags.DEFINE_string("remat", "none", "JAX remat policy (purecc_jax.models.runtime.REMAT_POLICIES)")
-_STEPS = flags.DEFINE_integer("steps", 8, "timed rounds per size")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed rounds first")
-_MATMUL_REPS = flags.DEFINE_integer("matmul_reps", 5, "timed calls per matmul shape (median)")
+_SCAN = flags.DEFINE_bool("scan_layers", True, "JAX: blocks as one nn.scan (else a Python loop)")
+_ROUNDS = flags.DEFINE_integer("rounds", 6, "timed turns per framework and stage")
+_STEPS = flags.DEFINE_integer("steps", 2, "steps per turn (their median is the turn's time)")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per stage when a worker starts")
+_PAUSE = flags.DEFINE_float("pause", 0.5, "seconds between turns (OpenMP threads stop spinning)")
+_MATMUL_REPS = flags.DEFINE_integer("matmul_reps", 5, "timed calls per matmul shape and turn (median)")
+_WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch"], "internal: serve one framework's steps on stdin")
+_SIZE = flags.DEFINE_string("size", None, "internal: the worker's model size")
 
 
 def parse_size(text: str) -> tuple[int, int, int, int]:
@@ -58,97 +62,233 @@ def parse_size(text: str) -> tuple[int, int, int, int]:
     return heads, head_dim, depth, single
 
 
-def jax_config(heads: int, d: int, depth: int, single: int) -> FluxConfig:
-    return preset("flux-dev", num_heads=heads, head_dim=d, axes_dim=(d // 8, 7 * d // 16, 7 * d // 16), depth=depth,
-                  depth_single=single, dtype="float32", param_dtype="float32", remat_policy=_REMAT.value)
-
-
-def matmul_shapes(cfg: FluxConfig, shapes: Shapes) -> list[tuple[int, int, int]]:
+def matmul_shapes(heads: int, d: int, batch: int, img: int, txt: int, context: int = 4096) -> list[tuple[int, ...]]:
     """(m, k, n) of the model's large matmuls at batch B: q/k/v/out, MLP in/out, single-block in/out, T5 in."""
-    d, h = cfg.hidden_size, cfg.mlp_hidden
-    tokens = shapes.batch * (shapes.img_tokens + shapes.txt_tokens)
-    return [(tokens, d, d), (tokens, d, h), (tokens, h, d), (tokens, d, 3 * d + h), (tokens, d + h, d),
-            (shapes.batch * shapes.txt_tokens, cfg.context_dim, d)]
+    width = heads * d
+    h = 4 * width
+    tokens = batch * (img + txt)
+    return [(tokens, width, width), (tokens, width, h), (tokens, h, width), (tokens, width, 3 * width + h),
+            (tokens, width + h, width), (batch * txt, context, width)]
 
 
-def time_matmuls(mnk: list[tuple[int, int, int]], reps: int) -> list[tuple[tuple[int, int, int], float, float]]:
-    """GFLOP/s of jnp.dot and torch.matmul (float32) per shape, interleaved."""
-    out = []
-    for m, k, n in mnk:
-        a, b = np.random.default_rng(0).standard_normal((2, max(m, k), max(k, n)), dtype=np.float32)
-        ja, jb = jnp.asarray(a[:m, :k]), jnp.asarray(b[:k, :n])
-        ta, tb = torch.from_numpy(np.ascontiguousarray(a[:m, :k])), torch.from_numpy(np.ascontiguousarray(b[:k, :n]))
-        jdot = jax.jit(jnp.dot)
-        jdot(ja, jb).block_until_ready()
-        torch.matmul(ta, tb)
-        tj, tt = [], []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jdot(ja, jb).block_until_ready()
-            tj.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            torch.matmul(ta, tb)
-            tt.append(time.perf_counter() - t0)
-        flops = 2.0 * m * k * n
-        out.append(((m, k, n), flops / statistics.median(tj) / 1e9, flops / statistics.median(tt) / 1e9))
-    return out
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- the workers
+
+
+class JaxSteps:
+    """The JAX steps of one size (`benchmarks.step_inputs`: the trainer's step on random inputs)."""
+
+    def __init__(self, size: str, stages: list[str]):
+        import jax
+
+        from benchmarks.step_inputs import Shapes, Variant, compiled_step, pretrained, step_flops
+        from purecc_jax import sharding
+        from purecc_jax.models import lora as lora_lib
+        from purecc_jax.models.flux import preset
+
+        heads, d, depth, single = parse_size(size)
+        cfg = preset("flux-dev", num_heads=heads, head_dim=d, axes_dim=(d // 8, 7 * d // 16, 7 * d // 16),
+                     depth=depth, depth_single=single, dtype="float32", param_dtype="float32",
+                     remat_policy=_REMAT.value, scan_layers=_SCAN.value)
+        shapes = Shapes(_BATCH.value, _IMG.value, _TXT.value)
+        lcfg = lora_lib.LoRAConfig(rank=4, alpha=4.0)
+        mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        params = pretrained(cfg, mesh)
+        self.jax, self.jobs, self.flops = jax, {}, {}
+        for stage in stages:
+            compiled, x = compiled_step(cfg, Variant(stage), lcfg, shapes, mesh, params)
+            self.flops[stage] = step_flops(cfg, Variant(stage), lcfg, shapes, mesh)
+
+            def run(compiled=compiled, x=x):
+                x.state, metrics = compiled(x.state, x.frozen, x.batch)
+                return float(jax.block_until_ready(metrics["loss"]))
+
+            self.jobs[stage] = run
+
+    def matmul(self, mkn: list[tuple[int, ...]], reps: int) -> list[float]:
+        import jax.numpy as jnp
+
+        out = []
+        dot = self.jax.jit(jnp.dot)
+        for m, k, n in mkn:
+            rng = np.random.default_rng(0)
+            a, b = jnp.asarray(rng.standard_normal((m, k), np.float32)), jnp.asarray(rng.standard_normal((k, n), np.float32))
+            dot(a, b).block_until_ready()
+            out.append(2.0 * m * k * n / _median_time(lambda a=a, b=b: dot(a, b).block_until_ready(), reps) / 1e9)
+        return out
+
+
+class TorchSteps:
+    """The PyTorch steps of one size (`benchmarks.torch_reference`, eager, the authors' style)."""
+
+    def __init__(self, size: str, stages: list[str]):
+        import torch
+
+        from benchmarks.torch_reference import TorchSize, TorchStep
+
+        torch.set_num_threads(os.cpu_count())
+        heads, d, depth, single = parse_size(size)
+        tsize = TorchSize(heads, d, depth, single, _BATCH.value, _IMG.value, _TXT.value, 4)
+        self.torch, self.flops = torch, {}
+        self.jobs = {stage: TorchStep(stage, tsize) for stage in stages}
+
+    def matmul(self, mkn: list[tuple[int, ...]], reps: int) -> list[float]:
+        out = []
+        for m, k, n in mkn:
+            rng = np.random.default_rng(0)
+            a = self.torch.from_numpy(rng.standard_normal((m, k), np.float32))
+            b = self.torch.from_numpy(rng.standard_normal((k, n), np.float32))
+            self.torch.matmul(a, b)
+            out.append(2.0 * m * k * n / _median_time(lambda a=a, b=b: self.torch.matmul(a, b), reps) / 1e9)
+        return out
+
+
+def serve(framework: str) -> None:
+    """A worker: build, warm up, then answer JSON commands on stdin, one JSON line each on stdout."""
+    out, sys.stdout = sys.stdout, sys.stderr  # the protocol has stdout to itself
+    stages = list(_STAGES.value)
+    steps = (JaxSteps if framework == "jax" else TorchSteps)(_SIZE.value, stages)
+    for stage in stages:
+        for _ in range(_WARMUP.value):
+            loss = steps.jobs[stage]()
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"{framework} {stage}: loss {loss}")
+    print(json.dumps({"ready": True, "flops": steps.flops}), file=out, flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "step":
+            times = []
+            for _ in range(cmd["n"]):
+                t0 = time.perf_counter()
+                steps.jobs[cmd["stage"]]()
+                times.append(time.perf_counter() - t0)
+            reply = {"times": times}
+        elif cmd["op"] == "matmul":
+            reply = {"gflops": steps.matmul([tuple(s) for s in cmd["shapes"]], cmd["reps"])}
+        else:
+            break
+        print(json.dumps(reply), file=out, flush=True)
+
+
+class Worker:
+    """One framework's worker process of one size."""
+
+    def __init__(self, framework: str, size: str):
+        args = [sys.executable, "-m", "benchmarks.versus_torch", f"--worker={framework}", f"--size={size}",
+                f"--stages={','.join(_STAGES.value)}", f"--batch={_BATCH.value}", f"--img_tokens={_IMG.value}",
+                f"--txt_tokens={_TXT.value}", f"--remat={_REMAT.value}", f"--warmup={_WARMUP.value}",
+                "--scan_layers" if _SCAN.value else "--noscan_layers"]
+        self.name = framework
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the {self.name} worker died (exit {self.proc.wait()}); see its output above")
+        return json.loads(line)
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def machine() -> str:
+    """The CPU in a few words: model name, cores, whether it has AVX-512."""
+    name, flags_ = platform.processor() or "unknown CPU", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags_ = next(line for line in info.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores, {'AVX-512' if 'avx512f' in flags_ else 'no AVX-512'}"
+
+
+def compare(size: str) -> dict:
+    """Both workers of `size`, alternating turns; per stage the per-turn times and per-round ratios."""
+    workers = {fw: Worker(fw, size) for fw in ("jax", "torch")}
+    times = {(fw, s): [] for fw in workers for s in _STAGES.value}
+    loads = [os.getloadavg()[0]]
+    for r in range(_ROUNDS.value):
+        order = ["jax", "torch"] if r % 2 == 0 else ["torch", "jax"]
+        for stage in _STAGES.value:
+            for fw in order:
+                time.sleep(_PAUSE.value)
+                turn = workers[fw].ask(op="step", stage=stage, n=_STEPS.value)["times"]
+                times[(fw, stage)].append(statistics.median(turn))
+                loads.append(os.getloadavg()[0])
+    heads, d, _, _ = parse_size(size)
+    mkn = matmul_shapes(heads, d, _BATCH.value, _IMG.value, _TXT.value)
+    dots = {fw: [] for fw in workers}
+    for r in range(2):
+        for fw in (["jax", "torch"] if r == 0 else ["torch", "jax"]):
+            time.sleep(_PAUSE.value)
+            dots[fw].append(workers[fw].ask(op="matmul", shapes=mkn, reps=_MATMUL_REPS.value)["gflops"])
+    flops = workers["jax"].ready["flops"]
+    for w in workers.values():
+        w.close()
+    best = {fw: [max(col) for col in zip(*runs)] for fw, runs in dots.items()}  # per shape, the better turn
+    return dict(times=times, loads=loads, flops=flops, mkn=mkn, dots=best)
 
 
 def main(argv):
     del argv
-    torch.set_num_threads(os.cpu_count())
-    dev = jax.devices()[0]
-    print(f"jax {jax.__version__} ({dev.platform}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"{os.cpu_count()} host cores, load average {os.getloadavg()[0]:.2f}")
-    shapes = Shapes(_BATCH.value, _IMG.value, _TXT.value)
-    lcfg = lora_lib.LoRAConfig(rank=4, alpha=4.0)
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    rows, dots = [], []
+    if _WORKER.value:
+        serve(_WORKER.value)
+        return
+    import jax
+    import torch
+
+    print(f"{machine()}; jax {jax.__version__}, torch {torch.__version__}; each framework in its own process, "
+          f"{_ROUNDS.value} alternating turns of {_STEPS.value} steps, {_PAUSE.value} s between turns")
+    names = {"cc": "DreamBooth-LoRA", "purecc": "PureCC stage B"}
+    rows, dot_rows, loads = [], [], []
     for size in _SIZES.value:
         heads, d, depth, single = parse_size(size)
-        cfg = jax_config(heads, d, depth, single)
-        label = f"width {cfg.hidden_size}, {depth}+{single} blocks"
-        print(f"\n{label}: compiling ...", flush=True)
-        params, jobs, flops = pretrained(cfg, mesh), {}, {}
+        label = f"width {heads * d}, {depth}+{single} blocks"
+        print(f"\n{label}: building both workers ...", flush=True)
+        res = compare(size)
+        loads += res["loads"]
+        peak = max(res["dots"]["jax"])
         for stage in _STAGES.value:
-            compiled, x = compiled_step(cfg, Variant(stage), lcfg, shapes, mesh, params)
-            flops[stage] = step_flops(cfg, Variant(stage), lcfg, shapes, mesh)
-
-            def run_jax(compiled=compiled, x=x):
-                x.state, metrics = compiled(x.state, x.frozen, x.batch)
-                return metrics["loss"]
-
-            jobs[("jax", stage)] = run_jax
-            jobs[("torch", stage)] = TorchStep(stage, TorchSize(heads, d, depth, single, shapes.batch,
-                                                               shapes.img_tokens, shapes.txt_tokens, lcfg.rank))
-        names, times = list(jobs), {k: [] for k in jobs}
-        for r in range(_WARMUP.value + _STEPS.value):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                loss = float(jax.block_until_ready(jobs[name]()))
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"{name} at {label}: loss {loss}")
-                if r >= _WARMUP.value:
-                    times[name].append(time.perf_counter() - t0)
-        for stage in _STAGES.value:
-            tj, tt = times[("jax", stage)], times[("torch", stage)]
+            tj, tt = res["times"][("jax", stage)], res["times"][("torch", stage)]
             ratio = statistics.median(a / b for a, b in zip(tj, tt))
-            rows.append((stage, label, statistics.median(tt), statistics.median(tj), ratio, flops[stage]))
-        dots += time_matmuls(matmul_shapes(cfg, shapes), _MATMUL_REPS.value)
+            rows.append((names[stage], label, statistics.median(tt), statistics.median(tj), ratio,
+                         res["flops"][stage], peak))
+        for shape, j, t in zip(res["mkn"], res["dots"]["jax"], res["dots"]["torch"]):
+            dot_rows.append((shape, j, t))
 
-    peak = max(j for _, j, _ in dots)
-    print(f"\nload average after: {os.getloadavg()[0]:.2f}; {_STEPS.value} timed rounds after {_WARMUP.value} warm-up\n")
-    print("| step | size | PyTorch eager ms | JAX ms | JAX / PyTorch | JAX GFLOP | JAX GFLOP/s | of jnp.dot peak |")
+    print(f"\nload average during the turns: min {min(loads):.2f}, median {statistics.median(loads):.2f}, "
+          f"max {max(loads):.2f}\n")
+    print("| step | size | PyTorch ms | JAX ms | JAX / PyTorch | JAX GFLOP | JAX GFLOP/s | of jnp.dot peak |")
     print("|---|---|---|---|---|---|---|---|")
-    names = {"cc": "DreamBooth-LoRA", "purecc": "PureCC stage B"}
-    for stage, label, tt, tj, ratio, fl in rows:
-        print(f"| {names[stage]} | {label} | {1e3 * tt:.0f} | {1e3 * tj:.0f} | **{fmt(ratio)}** | {fl / 1e9:.1f} | "
+    for stage, label, tt, tj, ratio, fl, peak in rows:
+        print(f"| {stage} | {label} | {1e3 * tt:.0f} | {1e3 * tj:.0f} | **{fmt(ratio)}** | {fl / 1e9:.1f} | "
               f"{fmt_ratio(fl, tj * 1e9, '.0f')} | {fmt_ratio(100 * fl, tj * 1e9 * peak, '.0f')}% |")
-    print("\n| matmul m x k x n (float32) | jnp.dot GFLOP/s | torch.matmul GFLOP/s |")
-    print("|---|---|---|")
-    for (m, k, n), j, t in dots:
-        print(f"| {m} x {k} x {n} | {j:.0f} | {t:.0f} |")
-    print(f"\njnp.dot peak in this run: {peak:.0f} GFLOP/s")
+    print("\n| matmul m x k x n (float32) | jnp.dot GFLOP/s | torch.matmul GFLOP/s | jnp.dot / torch.matmul |")
+    print("|---|---|---|---|")
+    for (m, k, n), j, t in dot_rows:
+        print(f"| {m} x {k} x {n} | {j:.0f} | {t:.0f} | {fmt_ratio(j, t)} |")
+    med_j = statistics.median(j for _, j, _ in dot_rows)
+    med_t = statistics.median(t for _, _, t in dot_rows)
+    print(f"\nmedian over the shapes: jnp.dot {med_j:.0f} GFLOP/s, torch.matmul {med_t:.0f} GFLOP/s "
+          f"({fmt_ratio(med_j, med_t)}x)")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ RUNS = {
                   "| train step | lower s | compile s | median ms |"),
     "memory": (["--remat=full", "--extractor=shared", "--base_quantization=none,int8", *TINY],
                "| full | int8 | shared |"),
-    "versus_torch": (["--sizes=2x32:1+1", "--img_tokens=16", "--txt_tokens=8", "--steps=1", "--warmup=0",
-                      "--matmul_reps=1"], "| PureCC stage B | width 64, 1+1 blocks |"),
+    "versus_torch": (["--sizes=2x32:1+1", "--img_tokens=16", "--txt_tokens=8", "--rounds=1", "--steps=1",
+                      "--warmup=0", "--pause=0", "--matmul_reps=1"], "| PureCC stage B | width 64, 1+1 blocks |"),
     "accelerator": (["--tiny", "--steps=1"], "| 32^2 | purecc/lora |"),
     "dot_flags": (["--widths=16", "--tokens=8", "--reps=1", "--variants=default,eigen"], "| jnp.dot eigen | "),
 }
