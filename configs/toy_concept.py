@@ -86,15 +86,26 @@ def get_config() -> ml_collections.ConfigDict:
                   schedule="cosine", init_from=""),
         sampling=dict(steps=20, cfg_scale=3.0, shift=3.0),
         evaluation=dict(samples=50, chunk=125),
-        seeds=(0, 1, 2),  # training seeds of every method (same evaluation prompts and noise for all)
-        alpha=0.05,  # level of the two-sided t-tests across seeds in the report
+        # "plain": the references captioned "a sks square", as the paper captions DreamBench (the gray
+        # background is not named); "named": "a sks square on a gray background"
+        captions="plain",
+        arms=("lcc", "prior", "purecc"),  # the main command's arms (toyworld/experiment.py names them all)
+        seeds=(0, 1, 2),  # training seeds of every arm (same evaluation prompts and noise for all)
+        # --config.toy.study=True: every arm of experiment.STUDY_ARMS on study_seeds, study_samples per
+        # prompt set, each run also scored at these fractions of its last stage (checkpoints every
+        # study_checkpoint_every steps), for the comparison at equal fidelity (docs/toy_world.md)
+        study=False,
+        study_seeds=(0, 1, 2, 3, 4, 5, 6, 7),
+        study_samples=100,
+        checkpoints=(0.25, 0.5, 0.75, 1.0),
+        study_checkpoint_every=50,
+        alpha=0.05,  # family-wise level of the report's tests (Holm's correction)
         pretrain_base=False,  # pretrain a base into workdir/base instead of loading the shipped one
         base_only=False,  # stop after evaluating the base (with pretrain_base: how the shipped base is made)
         quick=False,  # fewer steps, samples and sampling steps (toyworld/experiment.py QUICK)
         ablations=False,  # also stop-grad through v_b, fixed λ, layer-wise embedding, large η ± stop-grad
         fixed_lambdas=(1.0, 3.0, 5.0),
         etas=(20.0, 100.0),
-        methods=(),  # names of methods to run (any of toyworld/experiment.py's, ablations included)
         references=4,
     ))
     return c
