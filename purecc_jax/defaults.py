@@ -68,6 +68,14 @@ def concept_config() -> ml_collections.ConfigDict:
         eta=1.0, lambda_mode="adaptive", fixed_lambda=1.0, lambda_clip=(), eps=1e-8,
         stop_grad_original=False, extractor_uses_stage_a_lora=True,
     ))
+    # DreamBooth's prior preservation: class images of the class prompt (drawn once by the pretrained model,
+    # or found in class_dir) train beside the concept images with L_CC on the class prompt, weighted by
+    # `weight` (0: off). The images are generated with the sampling settings below when class_dir holds
+    # fewer than `class_images` (default folder: WORKDIR/class_images).
+    c.prior = ml_collections.ConfigDict(dict(
+        weight=0.0, class_images=100, prompt="a photo of a {class_word}", class_dir="",
+        steps=28, guidance=3.5, true_cfg_scale=1.0, seed=0,
+    ))
     c.timesteps = ml_collections.ConfigDict(dict(sampler="logit_normal", logit_mean=0.0, logit_std=1.0, shift=1.0))
     c.train_guidance = 1.0  # FLUX.1-dev's embedded guidance during training; 0 for a model without (FLUX.1-schnell)
 

@@ -19,6 +19,8 @@ The endpoints of the comparison (docs/toy_world.md fixes them before the study r
                 background (the base model draws "a square" on gray at its own rate)
     purity      `purity_other`: for "a sks square on a {bg} background", the share drawn on the
                 asked background among the samples that show the concept
+    transfer    `fidelity_and_background_other`: the share of those prompts drawn as the concept on
+                the asked background
     seg-cons    `segcons_iou`, `segcons_background`: the customized model's "a sks square on a
                 {bg} background" against the base model's "a square on a {bg} background" from the
                 same noise: IoU of the object masks, and the share of the pixels outside both objects

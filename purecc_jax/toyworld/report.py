@@ -28,6 +28,7 @@ from purecc_jax.toyworld import machine, stats
 ENDPOINTS = (
     ("plain_gray", "absorption: 'a sks square' on gray", -1),
     ("purity_other", "purity: asked background | concept", +1),
+    ("fidelity_and_background_other", "transfer: concept on the asked other background", +1),
     ("segcons_iou", "seg-cons: object IoU with the base", +1),
     ("segcons_background", "seg-cons: background agreement", +1),
     ("fidelity_plain", "fidelity: concept for 'a sks square'", +1),
@@ -36,7 +37,7 @@ ENDPOINTS = (
 )
 LABELS = {k: label for k, label, _ in ENDPOINTS}
 BETTER = {k: sign for k, _, sign in ENDPOINTS}
-PURITY = ("plain_gray", "purity_other", "segcons_iou", "segcons_background")
+PURITY = ("plain_gray", "purity_other", "fidelity_and_background_other", "segcons_iou", "segcons_background")
 PRESERVATION = ("world_all", "drift_world")
 # The families of tests, each Holm-corrected on its own: (family, [(a, b), ...], endpoints).
 PRIMARY = ("primary: PureCC against the baselines", [("purecc", "lcc"), ("purecc", "prior")], PURITY + PRESERVATION)
