@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Cloud TPU VMs, one host or a pod slice: every command runs on every worker of the slice.
 #
+#   launch/tpu_vm.sh check -- ARGS...     # here, no slice: will the run fit TYPE? (purecc_jax.compile_check)
 #   launch/tpu_vm.sh create               # the TPU VM (or a queued resource: QUEUED=1), spot with SPOT=1
 #   launch/tpu_vm.sh install              # copy this checkout to every worker, install jax[tpu] + requirements
 #   launch/tpu_vm.sh run -- ARGS...       # python -m purecc_jax.main --distributed ARGS... on every worker
-#   launch/tpu_vm.sh job -- ARGS...       # create + install + run, again after each preemption, until it finishes
+#   launch/tpu_vm.sh job -- ARGS...       # check, then create + install + run, again after each preemption
 #   launch/tpu_vm.sh status | ssh [CMD] | delete
 #
 # Settings (environment): NAME (purecc), ZONE (us-east5-a), TYPE (v5litepod-8), PROJECT (gcloud's
 # default), RUNTIME (picked from TYPE), SPOT=1 (spot capacity), QUEUED=1 (a queued resource
-# instead of a plain create), RETRIES (20: preemptions `job` survives).
+# instead of a plain create), RETRIES (20: preemptions `job` survives), CHECK=0 (`job` without
+# `check`), PYTHON (python: the local interpreter `check` runs, with this project and libtpu).
 # A resumed run needs the workdir in a bucket: --workdir=gs://BUCKET/runs/dog.
 set -euo pipefail
 
@@ -19,6 +21,8 @@ TYPE=${TYPE:-v5litepod-8}
 SPOT=${SPOT:-0}
 QUEUED=${QUEUED:-0}
 RETRIES=${RETRIES:-20}
+CHECK=${CHECK:-1}
+PYTHON=${PYTHON:-python}
 JAX_TPU=${JAX_TPU:-jax[tpu]==0.10.2}
 REPO_DIR=purecc-jax
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,6 +47,10 @@ on_all_workers() {  # runs a shell command on every worker of the slice at once
 
 state() {  # READY, CREATING, PREEMPTED, ... or NONE when there is no such VM
   gtpu tpu-vm describe "$NAME" --format='value(state)' 2>/dev/null || echo NONE
+}
+
+check() {  # the run's programs compiled by XLA:TPU for TYPE on this machine; non-zero when one does not fit
+  (cd "$here" && "$PYTHON" -m purecc_jax.compile_check --topology="$TYPE" "$@")
 }
 
 create() {
@@ -91,6 +99,10 @@ run() {
 
 job() {  # a spot / preemptible slice disappears or turns PREEMPTED: recreate it and resume from the workdir
   local attempt
+  if [ "$CHECK" = 1 ] && ! check "$@"; then
+    echo "the run does not fit $TYPE (or could not be checked): no slice created (CHECK=0 skips the check)" >&2
+    return 1
+  fi
   for ((attempt = 0; attempt <= RETRIES; attempt++)); do
     case $(state) in
       PREEMPTED | TERMINATED) delete ;;
@@ -113,6 +125,7 @@ command=${1:-}
 [ $# -gt 0 ] && shift
 [ "${1:-}" = "--" ] && shift
 case $command in
+  check) check "$@" ;;
   create) create ;;
   install) install ;;
   run) run "$@" ;;
@@ -120,5 +133,5 @@ case $command in
   status) state ;;
   ssh) gtpu tpu-vm ssh "$NAME" --worker="${WORKER:-0}" ${1:+--command "$*"} ;;
   delete) delete ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac

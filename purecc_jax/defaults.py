@@ -79,9 +79,31 @@ def concept_config() -> ml_collections.ConfigDict:
     c.timesteps = ml_collections.ConfigDict(dict(sampler="logit_normal", logit_mean=0.0, logit_std=1.0, shift=1.0))
     c.train_guidance = 1.0  # FLUX.1-dev's embedded guidance during training; 0 for a model without (FLUX.1-schnell)
 
-    c.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip=1.0))
+    # One optimizer per trainable group (LoRA or weights; embeddings) at the stage's learning rates
+    # (purecc.step.make_optimizer). name: adamw | adafactor (optax) | prodigy | schedule_free_adamw (optax.contrib).
+    # b1, b2, eps, weight_decay: AdamW's; also Prodigy's (betas, eps, decoupled weight decay) and schedule-free
+    # AdamW's (b1 > 0: its interpolation between the gradient point and the average). grad_clip: global-norm
+    # clipping before any of them (0: none).
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip=1.0,
+        # multiply_by_parameter_scale=False: the learning rate is the step size, as sd-scripts' FLUX Adafactor
+        # recipe (scale_parameter=False, relative_step=False); momentum, clipping_threshold 0: off;
+        # weight_decay_rate is per step, not scaled by the learning rate.
+        adafactor=dict(decay_rate=0.8, clipping_threshold=1.0, min_dim_size_to_factor=128,
+                       multiply_by_parameter_scale=False, momentum=0.0, weight_decay_rate=0.0, eps=1e-30),
+        # Prodigy estimates the step size; the stage's learning_rate multiplies it: set it to 1.0.
+        # beta3 < 0: sqrt(b2).
+        prodigy=dict(beta3=-1.0, estim_lr0=1e-6, estim_lr_coef=1.0, safeguard_warmup=False),
+        # schedule_free_adamw averages instead of decaying: stages need schedule=constant (warmup applies),
+        # and samples and exports use the average (purecc.step.eval_params).
+        schedule_free=dict(weight_lr_power=2.0),
+    ))
 
     c.log_every = 10
+    # Weights & Biases beside TensorBoard: a project name logs every stage's scalars and sample grids to a W&B
+    # run ("<workdir name>/<stage>", grouped by workdir; a resumed stage continues its run). Needs
+    # `pip install wandb`; entity "": the logged-in user's; WANDB_MODE=offline logs locally (`wandb sync` later).
+    c.log = ml_collections.ConfigDict(dict(wandb_project="", wandb_entity=""))
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
     c.progress = True

@@ -15,10 +15,13 @@ A PureCC training run is sampled with `--workdir=W`: the LoRA (or fine-tuned wei
 the concept embeddings of `W/export/` on top of the pretrained pipeline it was trained
 from (`--pretrained` defaults to `W/config.json`'s); `--export=DIR` samples any export
 folder (`purecc_jax.export`). `--lora=FILE` adds an existing FLUX LoRA (diffusers/PEFT or
-kohya file) at `--lora_scale`:
+kohya file); repeated, several LoRAs are applied at once, the run's own LoRA (if any) first, as
+diffusers' `set_adapters(names, scales)` composes them (the sum of each LoRA's update at its scale).
+`--lora_scale` gives one scale for every LoRA or one per LoRA in that order:
 
     python -m purecc_jax.sample --workdir=runs/dog --prompt="a photo of sks dog" --output=/tmp/sks.png
     python -m purecc_jax.sample --pretrained=/models/FLUX.1-dev --lora=style.safetensors --lora_scale=0.8 ...
+    python -m purecc_jax.sample --workdir=runs/dog --lora=style.safetensors --lora_scale=1.0,0.6 ...
 
 The library half is the backbone's `generate` (`purecc_jax.backbones`; FLUX's is
 `backbones.flux.generate`) and `purecc_jax.trained` (reading what a run adds).
@@ -61,10 +64,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "a PureCC training workdir: samp
                                "concept embeddings)", flag_values=FLAGS)
 _EXPORT = flags.DEFINE_string("export", None, "an export folder (purecc_jax.export) to sample on top of --pretrained",
                               flag_values=FLAGS)
-_LORA = flags.DEFINE_string("lora", None, "a FLUX LoRA file (diffusers/PEFT or kohya layout) to sample with",
-                            flag_values=FLAGS)
-_LORA_SCALE = flags.DEFINE_float("lora_scale", 1.0, "strength of --lora (and of a workdir's or export's LoRA)",
-                                 flag_values=FLAGS)
+_LORA = flags.DEFINE_multi_string("lora", None, "a LoRA file of the pipeline's model (FLUX: diffusers/PEFT or "
+                                  "kohya layout) to sample with; repeat the flag for several", flag_values=FLAGS)
+_LORA_SCALE = flags.DEFINE_list("lora_scale", ["1.0"], "strength of every LoRA (the workdir's or export's, then "
+                                "each --lora), or one per LoRA in that order: 0.8,0.6", flag_values=FLAGS)
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt (repeat the flag for several)", flag_values=FLAGS)
 _HEIGHT = flags.DEFINE_integer("height", 1024, "image height in pixels (multiple of 16)", flag_values=FLAGS)
 _WIDTH = flags.DEFINE_integer("width", 1024, "image width in pixels (multiple of 16)", flag_values=FLAGS)
@@ -105,6 +108,14 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"--{flag.name}={flag.value} is not a positive multiple of 16")
     if _NUM_IMAGES.value < 1:
         raise app.UsageError(f"--num_images={_NUM_IMAGES.value} must be at least 1")
+    try:
+        lora_scales = [float(x) for x in _LORA_SCALE.value]
+    except ValueError:
+        raise app.UsageError(f"--lora_scale={','.join(_LORA_SCALE.value)} is not numbers separated by commas") from None
+    files = len(_LORA.value or [])
+    if len(lora_scales) > 1 and len(lora_scales) not in (files, files + 1):  # + 1: the run's own LoRA
+        raise app.UsageError(f"--lora_scale gives {len(lora_scales)} scales for {files} --lora files: give one "
+                             "scale for all, or one per LoRA (the workdir's or export's first, then each --lora)")
     init_latents = None if _INIT_LATENTS.value is None else _load_npy(_INIT_LATENTS.value)
     pretrained = _PRETRAINED.value
     if not pretrained and _EXPORT.value:
@@ -122,13 +133,11 @@ def main(argv: Sequence[str]) -> None:
                           param_dtype=_PARAM_DTYPE.value)
     trained = None
     if _WORKDIR.value:
-        parts, trained = trained_lib.load_trained(_WORKDIR.value, parts, _LORA_SCALE.value, backbone)
+        parts, trained = trained_lib.load_trained(_WORKDIR.value, parts, backbone=backbone)
     elif _EXPORT.value:
-        parts, trained = trained_lib.load_export(_EXPORT.value, parts, _LORA_SCALE.value, backbone)
-    lora = None
-    if _LORA.value:
-        with _local_lora() as file:
-            lora = backbone.lora_collection(file, parts, _LORA_SCALE.value)
+        parts, trained = trained_lib.load_export(_EXPORT.value, parts, backbone=backbone)
+    with _local_loras(_LORA.value or []) as files:
+        trained, lora = trained_lib.compose_loras(parts, trained, files, lora_scales, backbone)
     images = backbone.generate(parts, list(_PROMPT.value), settings,
                                seeds=[_SEED.value + i for i in range(_NUM_IMAGES.value)], init_latents=init_latents,
                                trained=trained, lora=lora, progress=_PROGRESS.value)
@@ -145,15 +154,19 @@ def _load_npy(file: str) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _local_lora() -> Iterator[str]:
-    """--lora as a local file (a bucket object is downloaded to a temporary file for the block)."""
-    if not paths.is_remote(_LORA.value):
-        yield _LORA.value
-        return
-    with paths.local_file(_LORA.value) as file:
-        if file is None:
-            raise FileNotFoundError(f"LoRA file {_LORA.value} does not exist")
-        yield str(file)
+def _local_loras(files: Sequence[str]) -> Iterator[list[str]]:
+    """--lora files as local files (a bucket object is downloaded to a temporary file for the block)."""
+    with contextlib.ExitStack() as stack:
+        local = []
+        for name in files:
+            if not paths.is_remote(name):
+                local.append(name)
+                continue
+            file = stack.enter_context(paths.local_file(name))
+            if file is None:
+                raise FileNotFoundError(f"LoRA file {name} does not exist")
+            local.append(str(file))
+        yield local
 
 
 def _write_images(images: np.ndarray, output: str) -> list:

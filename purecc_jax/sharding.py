@@ -195,6 +195,20 @@ def abstract_and_shardings(
     return unbox(boxed), logical_shardings(boxed, mesh, rules)
 
 
+def abstract_params(init_fn, mesh: Mesh | None, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """ShapeDtypeStructs of `init_fn()`'s parameters, each carrying the sharding a loader places it in:
+    a model's parameters for compiling ahead of time, without weights."""
+    abstract, shardings = abstract_and_shardings(init_fn, mesh, rules)
+    return with_shardings(abstract, shardings)
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves (arrays or ShapeDtypeStructs) in `shardings` (a tree, or one for all)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def sharded_init(init_fn, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
     """Runs `init_fn()` under jit so every parameter is created directly in its sharding."""
     _, shardings = abstract_and_shardings(init_fn, mesh, rules)

@@ -171,6 +171,9 @@ class CompileFigures:
     XLA:TPU itself refuses a program larger than the chip's usable HBM (RESOURCE_EXHAUSTED at
     compile time); then only its figure for the whole program is known: `peak` is that, the other
     fields None, and `refused` holds the compiler's message.
+
+    `resident`: bytes of other arrays that stay on the chip while the program runs (a caller's
+    knowledge, not the compiler's; 0 unless set), counted in `peak` by whoever sets it.
     """
 
     argument: int | None
@@ -181,6 +184,7 @@ class CompileFigures:
     peak: int
     seconds: float = 0.0  # compile time
     refused: str = ""
+    resident: int = 0
 
 
 def measure(compiled: jax.stages.Compiled, seconds: float = 0.0) -> CompileFigures:
@@ -230,16 +234,18 @@ def verdict(figures: CompileFigures, device_kind: str | None = None, hbm: int | 
 
 def format_table(rows: Sequence[tuple[str, CompileFigures, Verdict]], unit: str = "GiB") -> str:
     """A fixed-width table per chip, in GiB or MiB: program, arguments, outputs, aliased,
-    temporaries, generated code, peak, compile seconds, verdict."""
+    temporaries, generated code, resident (a column only when some row has it), peak, compile
+    seconds, verdict."""
     scale = {"GiB": GiB, "MiB": 1 << 20}[unit]
-    header = ("program", *(f"{c} {unit}" for c in ("arguments", "outputs", "aliased", "temporaries", "code", "peak")),
-              "compile s", "verdict")
+    columns = ("arguments", "outputs", "aliased", "temporaries", "code")
+    columns += ("resident",) * any(f.resident for _, f, _ in rows) + ("peak",)
+    header = ("program", *(f"{c} {unit}" for c in columns), "compile s", "verdict")
     size = lambda n: "-" if n is None else f"{n / scale:.2f}"
     lines = [header]
     for name, f, v in rows:
-        lines.append((name, size(f.argument), size(f.output), size(f.alias), size(f.temporary),
-                      size(f.generated_code), size(f.peak), f"{f.seconds:.1f}",
-                      str(v) + (" (compiler refused)" if f.refused else "")))
+        sizes = [f.argument, f.output, f.alias, f.temporary, f.generated_code] + [f.resident] * ("resident" in columns)
+        note = "" if not f.refused else " (compiler refused)" if "RESOURCE_EXHAUSTED" in f.refused else f" ({f.refused})"
+        lines.append((name, *map(size, sizes), size(f.peak), f"{f.seconds:.1f}", str(v) + note))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join([c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
                                + [line[-1]]) for line in lines)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import Mesh
 
 from purecc_jax import backbones, defaults, multihost, paths, sharding
 from purecc_jax import trained as trained_lib
@@ -37,8 +38,8 @@ from purecc_jax.pipeline import flow
 from purecc_jax.pipeline.settings import SampleSettings
 from purecc_jax.purecc import loop
 from purecc_jax.purecc.objective import ObjectiveConfig
-from purecc_jax.purecc.step import (Extractor, Frozen, StepConfig, init_state, jit_train_step, make_optimizer,
-                                    make_train_step)
+from purecc_jax.purecc.step import (TEXT_KINDS, Extractor, Frozen, StepConfig, TrainState, init_state,
+                                    jit_train_step, make_optimizer, make_train_step)
 
 log = logging.getLogger(__name__)
 METHODS = ("purecc", "dreambooth")
@@ -176,7 +177,10 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | Path, ignore:
                          "Use a new --workdir, or pass --config.force_resume=True to continue that run with this config.")
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- a stage's program
+# What the trainer runs and what `purecc_jax.preflight` compiles without weights come from these
+# functions: the parameters, the cache and the embeddings they take may be arrays or
+# ShapeDtypeStructs carrying their shardings (then so is what they return).
 
 @dataclasses.dataclass
 class Stage:
@@ -187,6 +191,203 @@ class Stage:
     lora: lora_lib.LoRAConfig | None
     directory: Path
 
+
+@dataclasses.dataclass
+class StageInputs:
+    """A stage's trainable tree, its frozen inputs and how its step reads them."""
+
+    trainable: dict[str, Any]
+    frozen: Frozen
+    step_cfg: StepConfig
+    lora: lora_lib.LoRAConfig | None  # the trainable LoRA's config; None: full fine-tuning
+
+
+@dataclasses.dataclass
+class StageProgram:
+    """A stage's step (unjitted), optimizer and state initialiser (jitted); `jit` gives the step as it runs."""
+
+    step: Callable[..., Any]
+    tx: optax.GradientTransformation
+    init: Callable[[Any], TrainState]
+    seed: int
+
+    def jit(self, state_shardings: Any, frozen_shardings: Any, batch_shardings: Any, mesh: Mesh):
+        return jit_train_step(self.step, state_shardings, frozen_shardings, batch_shardings, mesh)
+
+
+def running_stages(config: ml_collections.ConfigDict) -> list[str]:
+    """The stages a run of `config` trains: stage A unless an extractor LoRA replaces it, stage B for PureCC."""
+    return ["stage_a"] * (not config.extractor_lora) + ["stage_b"] * (config.method == "purecc")
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The run's mesh over `devices` (default: every device jax sees): config.mesh's sizes as
+    `sharding.mesh_sizes` resolves them for the running stages' batches."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = sharding.mesh_sizes(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, len(devices),
+                                [config[name].batch_size for name in running_stages(config)])
+    return sharding.make_mesh(*sizes, devices=devices)
+
+
+def model_runtime(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The runtime fields a backbone loads its models with (`Backbone.load`, `Backbone.abstract_parts`)."""
+    m = config.model
+    return dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
+                attention=m.attention)
+
+
+def prepare_parts(parts: Any, config: ml_collections.ConfigDict) -> Any:
+    """`parts` as a run holds them: with `model.base_quantization`, QLoRA-style, one quantized copy of the
+    frozen transformer, shared by the trainable model and the extractor."""
+    quant = config.model.base_quantization
+    if quant == "none":
+        return parts
+    return dataclasses.replace(parts, transformer_params=quantize.quantize(parts.transformer_params, quant))
+
+
+def is_abstract(tree: Any) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(tree))
+
+
+def on_mesh(tree: Any, placement: Any) -> Any:
+    """`tree` in `placement` (a Sharding or a tree of them): device_put for arrays, ShapeDtypeStructs for shapes."""
+    if is_abstract(tree):
+        return sharding.with_shardings(tree, placement)
+    return jax.device_put(tree, placement)
+
+
+def _copy(tree: Any) -> Any:
+    return tree if is_abstract(tree) else jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def fresh_trainable(config: ml_collections.ConfigDict, stage_cfg, backbone: Backbone, params: Any, mesh: Mesh,
+                    rng: jax.Array, embeddings: dict[str, Any] | None) -> dict[str, Any]:
+    """A stage's trainable tree at its start: a fresh LoRA of `params` (or their float32 master copy for full
+    fine-tuning), with `embeddings` (replicated) when the stage trains them."""
+    if stage_cfg.full_finetune:
+        # float32 master copy: bf16 weights would round small updates away
+        if is_abstract(params):
+            trainable = {"params": jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), params)}
+        else:
+            trainable = {"params": jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)}
+    else:
+        lcfg = lora_config(stage_cfg, backbone)
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        init = lambda: lora_lib.init(rng, abstract, lcfg)  # noqa: E731
+        lsh = lora_lib.shardings(jax.eval_shape(init), jax.tree_util.tree_map(lambda x: x.sharding, params))
+        if is_abstract(params):
+            trainable = {"lora": sharding.with_shardings(jax.eval_shape(init), lsh)}
+        else:
+            trainable = {"lora": jax.jit(init, out_shardings=lsh)()}
+    if embeddings is not None:
+        trainable["embeddings"] = on_mesh(embeddings, sharding.replicated(mesh))
+    return trainable
+
+
+def stage_a_inputs(config: ml_collections.ConfigDict, backbone: Backbone, parts: Any, cache: Any, mesh: Mesh,
+                   embeddings: dict[str, Any] | None) -> StageInputs:
+    """Stage A (the extractor θ1, L_CC): a fresh LoRA (or all weights) and the concept embeddings train;
+    the pretrained weights, the cache on the devices and, for token rows, the text encoders are frozen."""
+    st = config.stage_a
+    trainable = fresh_trainable(config, st, backbone, parts.transformer_params, mesh, jax.random.key(config.seed),
+                                embeddings)
+    text = backbone.text_params(parts) if config.concept_embedding == "token" else None
+    frozen = Frozen(params=parts.transformer_params, cache=cache, text=text)
+    lcfg = None if st.full_finetune else lora_config(st, backbone)
+    step_cfg = StepConfig(stage="cc", timesteps=flow.TimestepConfig(**config.timesteps), trainable_lora=lcfg,
+                          extractor_lora=None)
+    return StageInputs(trainable, frozen, step_cfg, lcfg)
+
+
+def imported_extractor(config: ml_collections.ConfigDict, backbone: Backbone, parts: Any) -> Stage:
+    """Stage A's result taken from an existing LoRA file (`config.extractor_lora`), placed like the model."""
+    path = Path(config.extractor_lora).expanduser()
+    params, cfg = parts.transformer_params, parts.transformer_config
+    tree, lcfg = backbone.read_lora(path, cfg, scanned=cfg.scan_layers)
+    lora_lib.check_fits(tree, params, path)
+    placed = on_mesh(tree if not is_abstract(params) else jax.eval_shape(lambda: tree),
+                     lora_lib.shardings(tree, jax.tree_util.tree_map(lambda x: x.sharding, params)))
+    return Stage("extractor_lora", {"lora": placed}, lcfg, path)
+
+
+def stage_b_inputs(config: ml_collections.ConfigDict, backbone: Backbone, parts: Any, cache: Any, mesh: Mesh,
+                   a: Stage) -> StageInputs:
+    """Stage B (pure learning θ2, L_CC + η L_PureCC): a fresh LoRA (or all weights) trains against the frozen
+    extractor θ1 of stage A `a`; `cache` holds stage A's token rows baked in when they stay frozen."""
+    st = config.stage_b
+    learned = a.trainable.get("embeddings")
+    train_emb = config.train_embeddings_in_stage_b and learned is not None
+    trainable = fresh_trainable(config, st, backbone, parts.transformer_params, mesh, jax.random.key(config.seed + 1),
+                                learned if train_emb else None)
+    extractor = Extractor()
+    if train_emb:
+        # θ1 is frozen, its concept embedding included: the extractor keeps stage A's while stage B's move.
+        # A copy: the trainable embeddings may share these buffers, and the step donates them.
+        extractor = extractor.replace(embeddings=_copy(learned))
+    extractor_lora = None
+    if config.objective.extractor_uses_stage_a_lora:
+        if "lora" in a.trainable:
+            extractor = extractor.replace(lora=a.trainable["lora"])
+            extractor_lora = a.lora
+        else:
+            extractor = extractor.replace(params=a.trainable["params"])
+    token_rows = config.concept_embedding == "token" and train_emb
+    frozen = Frozen(params=parts.transformer_params, cache=cache,
+                    embeddings=learned if learned is not None and not train_emb else None,
+                    text=backbone.text_params(parts) if token_rows else None, extractor=extractor)
+    lcfg = None if st.full_finetune else lora_config(st, backbone)
+    step_cfg = StepConfig(stage="purecc", objective=ObjectiveConfig(**_objective_kwargs(config)),
+                          timesteps=flow.TimestepConfig(**config.timesteps), trainable_lora=lcfg,
+                          extractor_lora=extractor_lora)
+    return StageInputs(trainable, frozen, step_cfg, lcfg)
+
+
+def stage_program(config: ml_collections.ConfigDict, backbone: Backbone, parts: Any, name: str,
+                  step_cfg: StepConfig, trainable: dict[str, Any]) -> StageProgram:
+    """Stage `name`'s optimizer (a learning-rate schedule per trainable group), step and state initialiser."""
+    stage_cfg = config[name]
+    lrs = {k: schedule(stage_cfg, stage_cfg.embedding_learning_rate if k == "embeddings"
+                       else stage_cfg.learning_rate) for k in trainable}
+    o = config.optimizer
+    tx = make_optimizer(lrs, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                        grad_clip=o.grad_clip or None, grad_accum=stage_cfg.grad_accum)
+    main_lr = lrs.get("lora", lrs.get("params"))
+    step = make_train_step(backbone.denoiser(parts, config), step_cfg, tx, main_lr, stage_cfg.grad_accum)
+    seed = config.seed + (0 if name == "stage_a" else 1)
+    return StageProgram(step, tx, jax.jit(lambda tr: init_state(tr, tx, seed)), seed)
+
+
+BATCH_KEYS = ("image", *TEXT_KINDS)  # what `ConceptCache.batch` returns: indices into the cache
+
+
+def batch_shardings(mesh: Mesh, rules: Any, batch_size: int) -> dict[str, jax.sharding.Sharding]:
+    """Where a stage's batch of indices lies: split over the batch's mesh axes where they divide it."""
+    return {k: sharding.batch_sharding(mesh, (batch_size,), rules) for k in BATCH_KEYS}
+
+
+def sample_settings(config: ml_collections.ConfigDict) -> SampleSettings:
+    s = config.sample
+    return SampleSettings(height=s.height, width=s.width, steps=s.steps, guidance=s.guidance,
+                          max_sequence_length=config.model.max_sequence_length)
+
+
+def sampling_inputs(config: ml_collections.ConfigDict, parts: Any, identifier: str, class_word: str,
+                    trainable: dict[str, Any], frozen: Frozen, lcfg: lora_lib.LoRAConfig | None) -> tuple[Any, Trained]:
+    """(parts, trained concept) that a stage's samples are drawn with from its current `trainable` tree."""
+    if "params" in trainable:
+        parts = dataclasses.replace(parts, transformer_params=trainable["params"])
+    adapter = None
+    if "lora" in trainable:
+        adapter = (jax.eval_shape(lambda t: lora_lib.variables(t, lcfg), trainable["lora"])
+                   if is_abstract(trainable["lora"]) else lora_lib.variables(trainable["lora"], lcfg))
+        if is_abstract(trainable["lora"]):  # a new tree of the adapter's shapes, placed like it
+            adapter = sharding.with_shardings(adapter, jax.tree_util.tree_map(lambda x: x.sharding, trainable["lora"]))
+    return parts, Trained(identifier, class_word, config.concept_embedding, adapter,
+                          trainable.get("embeddings", frozen.embeddings))
+
+
+# ----------------------------------------------------------------------------- the run
 
 class Trainer:
     """Holds the pretrained model, the concept cache and the mesh for both stages.
@@ -201,9 +402,7 @@ class Trainer:
                  backbone: Backbone | None = None, resume_ignores: Sequence[str] = ()):
         self.backbone = backbone or backbones.for_parts(parts)
         check(config, self.backbone)
-        quant = config.model.base_quantization
-        if quant != "none":  # QLoRA-style: one quantized copy, shared by the trainable model and the extractor
-            parts = dataclasses.replace(parts, transformer_params=quantize.quantize(parts.transformer_params, quant))
+        parts = prepare_parts(parts, config)
         self.config, self.workdir, self.parts = config, paths.path(workdir), parts
         self.resume_ignores = tuple(resume_ignores)
         self.mesh = parts.mesh or sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
@@ -220,7 +419,7 @@ class Trainer:
         self.max_len = config.model.max_sequence_length
         self.guidance = self.backbone.train_guidance(parts, config)
         self.cache = self._build_cache()
-        self.cache_device = jax.device_put(self.cache.arrays, sharding.replicated(self.mesh))
+        self.cache_device = on_mesh(self.cache.arrays, sharding.replicated(self.mesh))
 
     # --- data
 
@@ -236,11 +435,11 @@ class Trainer:
         return self.backbone.build_cache(self.concept, images, view_image, self.parts, self.codec, self.max_len, extra)
 
     def batch_fn(self, batch_size: int, seed: int):
+        shardings = batch_shardings(self.mesh, self.rules, batch_size)
+
         def get(step: int):
             b = self.cache.batch(step, batch_size, seed)  # indices, the same in every process
-            # each process puts only the rows of its own devices
-            return multihost.put(b, jax.tree_util.tree_map(
-                lambda x: sharding.batch_sharding(self.mesh, x.shape, self.rules), b))
+            return multihost.put(b, shardings)  # each process puts only the rows of its own devices
         return get
 
     def initial_embeddings(self) -> Any:
@@ -252,26 +451,17 @@ class Trainer:
 
     def run_stage(self, name: str, stage_cfg, step_cfg: StepConfig, trainable: dict[str, Any],
                   frozen: Frozen, sample_lora: lora_lib.LoRAConfig | None) -> dict[str, Any]:
-        lrs = {k: schedule(stage_cfg, stage_cfg.embedding_learning_rate if k == "embeddings"
-                           else stage_cfg.learning_rate) for k in trainable}
-        o = self.config.optimizer
-        tx = make_optimizer(lrs, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                            grad_clip=o.grad_clip or None, grad_accum=stage_cfg.grad_accum)
-        main_lr = lrs.get("lora", lrs.get("params"))
-        denoiser = self.backbone.denoiser(self.parts, self.config)
-        step = make_train_step(denoiser, step_cfg, tx, main_lr, stage_cfg.grad_accum)
-        seed = self.config.seed + (0 if name == "stage_a" else 1)
+        program = stage_program(self.config, self.backbone, self.parts, name, step_cfg, trainable)
+        shardings_of = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)  # noqa: E731
         with sharding.activate(self.mesh, self.rules):
-            state = jax.jit(lambda tr: init_state(tr, tx, seed))(trainable)
-            state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-            frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
-            batch0 = self.batch_fn(stage_cfg.batch_size, seed)(0)
-            batch_sh = jax.tree_util.tree_map(lambda x: x.sharding, batch0)
-            jitted = jit_train_step(step, state_sh, frozen_sh, batch_sh, self.mesh)  # as benchmarks/ time it
+            state = program.init(trainable)
+            state_sh = shardings_of(state)
+            jitted = program.jit(state_sh, shardings_of(frozen), batch_shardings(self.mesh, self.rules,
+                                                                                 stage_cfg.batch_size), self.mesh)
             lcfg = loop_config(self.config, stage_cfg.steps)
             sample_fn = self._sample_fn(sample_lora, frozen) if self.config.sample.prompts else None
             state = loop.run_stage(name, self.workdir / name, lcfg, state, state_sh, jitted, frozen,
-                                   self.batch_fn(stage_cfg.batch_size, seed), sample_fn)
+                                   self.batch_fn(stage_cfg.batch_size, program.seed), sample_fn)
         return state.trainable
 
     # --- sampling during training
@@ -283,18 +473,12 @@ class Trainer:
     def _sample_fn(self, lcfg: lora_lib.LoRAConfig | None, frozen: Frozen):
         s = self.config.sample
         prompts = self.sample_prompts()
-        settings = SampleSettings(height=s.height, width=s.width, steps=s.steps, guidance=s.guidance,
-                                  max_sequence_length=self.max_len)
+        settings = sample_settings(self.config)
         c = self.concept
 
         def sample(state):
-            tr = state.trainable
-            parts = self.parts
-            if "params" in tr:
-                parts = dataclasses.replace(parts, transformer_params=tr["params"])
-            adapter = None if "lora" not in tr else lora_lib.variables(tr["lora"], lcfg)
-            trained = Trained(c.identifier, c.class_word, self.config.concept_embedding, adapter,
-                              tr.get("embeddings", frozen.embeddings))
+            parts, trained = sampling_inputs(self.config, self.parts, c.identifier, c.class_word, state.trainable,
+                                             frozen, lcfg)
             images = self.backbone.generate(parts, prompts, settings, seeds=(s.seed,), trained=trained,
                                             codec=self.codec)
             return multihost.to_host(images), prompts
@@ -302,77 +486,33 @@ class Trainer:
 
     # --- the two stages
 
-    def fresh_trainable(self, stage_cfg, rng: jax.Array, embeddings: dict[str, Any] | None) -> dict[str, Any]:
-        params = self.parts.transformer_params
-        if stage_cfg.full_finetune:
-            # float32 master copy: bf16 weights would round small updates away
-            trainable = {"params": jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)}
-        else:
-            lcfg = lora_config(stage_cfg, self.backbone)
-            abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-            lsh = lora_lib.shardings(jax.eval_shape(lambda: lora_lib.init(rng, abstract, lcfg)),
-                                     jax.tree_util.tree_map(lambda x: x.sharding, params))
-            trainable = {"lora": jax.jit(lambda: lora_lib.init(rng, abstract, lcfg), out_shardings=lsh)()}
-        if embeddings is not None:
-            trainable["embeddings"] = jax.device_put(embeddings, sharding.replicated(self.mesh))
-        return trainable
-
     def stage_a(self) -> Stage:
-        cfg = self.config
-        st = cfg.stage_a
-        trainable = self.fresh_trainable(st, jax.random.key(cfg.seed), self.initial_embeddings())
-        text = self.backbone.text_params(self.parts) if self.token_mode else None
-        frozen = Frozen(params=self.parts.transformer_params, cache=self.cache_device, text=text)
-        lcfg = None if st.full_finetune else lora_config(st, self.backbone)
-        step_cfg = StepConfig(stage="cc", timesteps=flow.TimestepConfig(**cfg.timesteps), trainable_lora=lcfg,
-                              extractor_lora=None)
-        trained = self.run_stage("stage_a", st, step_cfg, trainable, frozen, lcfg)
-        return Stage("stage_a", trained, lcfg, self.workdir / "stage_a")
+        inputs = stage_a_inputs(self.config, self.backbone, self.parts, self.cache_device, self.mesh,
+                                self.initial_embeddings())
+        trained = self.run_stage("stage_a", self.config.stage_a, inputs.step_cfg, inputs.trainable, inputs.frozen,
+                                 inputs.lora)
+        return Stage("stage_a", trained, inputs.lora, self.workdir / "stage_a")
 
     def imported_extractor(self) -> Stage:
         """Stage A's result taken from an existing LoRA file (`config.extractor_lora`), placed like the model."""
-        path = Path(self.config.extractor_lora).expanduser()
-        params, cfg = self.parts.transformer_params, self.parts.transformer_config
-        tree, lcfg = self.backbone.read_lora(path, cfg, scanned=cfg.scan_layers)
-        lora_lib.check_fits(tree, params, path)
-        placed = jax.device_put(tree, lora_lib.shardings(tree, jax.tree_util.tree_map(lambda x: x.sharding, params)))
-        log.info("stage A skipped: the extractor is the LoRA of %s (rank %d)", path, lcfg.rank)
-        return Stage("extractor_lora", {"lora": placed}, lcfg, path)
+        stage = imported_extractor(self.config, self.backbone, self.parts)
+        log.info("stage A skipped: the extractor is the LoRA of %s (rank %d)", stage.directory, stage.lora.rank)
+        return stage
 
     def stage_b(self, a: Stage) -> Stage:
         cfg = self.config
-        st = cfg.stage_b
         learned = a.trainable.get("embeddings")
-        train_emb = cfg.train_embeddings_in_stage_b and learned is not None
         if learned is not None:
             # Frozen token embeddings are baked into the cached encodings of the complete/target texts.
             self.cache = self.backbone.bake_embeddings(self.cache, self.parts, learned, cfg.concept_embedding)
-            self.cache_device = jax.device_put(self.cache.arrays, sharding.replicated(self.mesh))
-        trainable = self.fresh_trainable(st, jax.random.key(cfg.seed + 1), learned if train_emb else None)
-        extractor = Extractor()
-        if train_emb:
-            # θ1 is frozen, its concept embedding included: the extractor keeps stage A's while stage B's move.
-            # A copy: the trainable embeddings may share these buffers, and the step donates them.
-            extractor = extractor.replace(embeddings=jax.tree_util.tree_map(jnp.copy, learned))
-        extractor_lora = None
-        if cfg.objective.extractor_uses_stage_a_lora:
-            if "lora" in a.trainable:
-                extractor = extractor.replace(lora=a.trainable["lora"])
-                extractor_lora = a.lora
-            else:
-                extractor = extractor.replace(params=a.trainable["params"])
-        frozen = Frozen(params=self.parts.transformer_params, cache=self.cache_device,
-                        embeddings=learned if learned is not None and not train_emb else None,
-                        text=self.backbone.text_params(self.parts) if self.token_mode and train_emb else None,
-                        extractor=extractor)
-        lcfg = None if st.full_finetune else lora_config(st, self.backbone)
-        step_cfg = StepConfig(stage="purecc", objective=ObjectiveConfig(**_objective_kwargs(cfg)),
-                              timesteps=flow.TimestepConfig(**cfg.timesteps), trainable_lora=lcfg,
-                              extractor_lora=extractor_lora)
-        trained = self.run_stage("stage_b", st, step_cfg, trainable, frozen, lcfg)
+            self.cache_device = on_mesh(self.cache.arrays, sharding.replicated(self.mesh))
+        inputs = stage_b_inputs(cfg, self.backbone, self.parts, self.cache_device, self.mesh, a)
+        trained = self.run_stage("stage_b", cfg.stage_b, inputs.step_cfg, inputs.trainable, inputs.frozen,
+                                 inputs.lora)
+        train_emb = cfg.train_embeddings_in_stage_b and learned is not None
         if not train_emb and learned is not None:
             trained = dict(trained, embeddings=learned)
-        return Stage("stage_b", trained, lcfg, self.workdir / "stage_b")
+        return Stage("stage_b", trained, inputs.lora, self.workdir / "stage_b")
 
     def run(self) -> Stage:
         check_resume(self.config, self.workdir, self.resume_ignores)
@@ -429,9 +569,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Stage:
     Everything that can be refused is refused before the pretrained weights are read.
     """
     validate(config)
-    running = [config.stage_a] * (not config.extractor_lora) + [config.stage_b] * (config.method == "purecc")
-    mesh = sharding.make_mesh(*sharding.mesh_sizes(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                                                   jax.device_count(), [st.batch_size for st in running]))
+    mesh = make_mesh(config)
     if not config.pretrained:
         raise ValueError("config.pretrained is empty: point it at a diffusers FLUX.1-dev folder "
                          "(huggingface-cli download black-forest-labs/FLUX.1-dev --local-dir DIR) or an SD3.5 one "
@@ -442,8 +580,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Stage:
     backbone.check_folder(pretrained, config)
     check(config, backbone)
     check_resume(config, workdir)
-    m = config.model
-    parts = backbone.load(pretrained, mesh=mesh, rules=sharding.rules_from_config(config.axis_rules), dtype=m.dtype,
-                          param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
-                          attention=m.attention)
+    parts = backbone.load(pretrained, mesh=mesh, rules=sharding.rules_from_config(config.axis_rules),
+                          **model_runtime(config))
     return Trainer(config, workdir, parts, backbone=backbone).run()

@@ -29,6 +29,7 @@ import numpy as np
 
 from purecc_jax import backbones, paths
 from purecc_jax.backbones.base import Backbone, Trained
+from purecc_jax.models import lora as lora_lib
 from purecc_jax.models.lora import LoRAConfig
 from purecc_jax.purecc import loop
 from purecc_jax.weights import manifest
@@ -228,3 +229,27 @@ def load_trained(workdir: str | Path, parts: Any, lora_scale: float = 1.0,
                  backbone: Backbone | None = None) -> tuple[Any, Trained]:
     """`load_export` of a training workdir's final export (`workdir/export/`), local or in a bucket."""
     return load_export(str(paths.path(workdir) / "export"), parts, lora_scale, backbone)
+
+
+def compose_loras(parts: Any, trained: Trained | None, files: Sequence[str | Path], scales: Sequence[float],
+                  backbone: Backbone | None = None) -> tuple[Trained | None, Any]:
+    """Several LoRAs at once, as diffusers' `set_adapters(names, scales)` composes them: the sum of each
+    adapter's update at its scale (`models.lora.compose`).
+
+    The LoRAs are the trained concept's (when it brings one; as loaded, so load it at lora_scale 1), then
+    each of `files` (local LoRA files of the backbone's formats); `scales` holds one value for all of them
+    or one per LoRA in that order. Returns (trained, lora) for `Backbone.generate`: with a trained concept the
+    composed collection replaces its LoRA and `lora` is None; without one `lora` is the composition.
+    """
+    backbone = backbone or backbones.for_parts(parts)
+    own = trained.lora if trained is not None else None
+    names = (["the trained concept's LoRA"] if own is not None else []) + [str(f) for f in files]
+    if len(scales) not in (1, len(names)):
+        raise ValueError(f"{len(scales)} LoRA scales ({', '.join(map(str, scales))}) for {len(names)} LoRAs "
+                         f"({'; '.join(names)}): give one scale for all, or one per LoRA in this order")
+    scales = list(scales) * len(names) if len(scales) == 1 else list(scales)
+    collections = ([own] if own is not None else []) + [backbone.lora_collection(f, parts) for f in files]
+    lora = lora_lib.compose(list(zip(collections, scales)))
+    if trained is not None:
+        return dataclasses.replace(trained, lora=lora), None
+    return None, lora

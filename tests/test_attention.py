@@ -59,6 +59,16 @@ def test_splash_on_a_mesh_whose_batch_axes_do_not_divide_the_batch():
     np.testing.assert_allclose(out, reference_attention(q, k, v), atol=2e-5)
 
 
+def test_splash_kernel_of_one_trace_leaks_nothing_into_the_next():
+    """A kernel built for a shape under jit carries no tracer of that trace into the next program of the
+    same shape (a recompile, another stage): it traces."""
+    q = jnp.ones((2, 80, 2, 64), jnp.bfloat16)
+    for scale in (1.0, 2.0):  # two programs, one kernel
+        grad = jax.jit(jax.grad(lambda q: jnp.sum(attention(q * scale, q, q, "splash", interpret=True)
+                                                  .astype(jnp.float32))))
+        assert grad(q).shape == q.shape
+
+
 def test_splash_bfloat16_gradients_through_default_precision():
     """bf16 splash goes through its default-precision custom_vjp, forward and backward, and its
     gradients match the XLA path. (Without that wrapper Mosaic refuses the kernels under the

@@ -141,6 +141,23 @@ def test_no_torch_or_tensorflow_at_import():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("missing", ["torch", "transformers"])
+def test_metrics_without_torch_name_the_requirements_file(missing, clip_path, dino_path, monkeypatch, tmp_path):
+    """With PyTorch (or transformers) not importable, the embedders and the sweep with --clip / --dino refuse,
+    naming requirements-eval.txt (the sweep before it reads a workdir or samples), and that file pins torch."""
+    monkeypatch.setitem(sys.modules, missing, None)  # `import torch` raises ImportError meanwhile
+    message = rf"{missing} cannot be imported.*pip install -r requirements-eval\.txt"
+    for embedder, path in ((metrics.CLIPEmbedder, clip_path), (metrics.DINOEmbedder, dino_path)):
+        with pytest.raises(ImportError, match=message):
+            embedder(path)
+    for flag in (f"--clip={clip_path}", f"--dino={dino_path}"):
+        with pytest.raises(ImportError, match=message):
+            run_cli(sweep, [f"--workdirs={tmp_path / 'not_a_run'}", f"--output={tmp_path / 'out'}", flag])
+    requirements = (ROOT / metrics.REQUIREMENTS).read_text().splitlines()
+    assert "-r requirements.txt" in requirements and any(line.startswith("torch==") for line in requirements)
+    assert not any(line.startswith("torch") for line in (ROOT / "requirements.txt").read_text().splitlines())
+
+
 # ----------------------------------------------------------------------------- the sweep
 
 

@@ -433,3 +433,66 @@ def test_extractor_lora_replaces_stage_a(folder, run, tmp_path, monkeypatch):
     np.testing.assert_allclose(got[("double_blocks", "img_attn", "q", "b")],
                                stage_a["double_blocks"]["img_attn"]["q"]["b"], rtol=1e-6)
     assert json.loads((workdir / "export" / "purecc.json").read_text())["stage"] == "stage_b"
+
+
+# ----------------------------------------------------------------------------- composing LoRAs
+
+
+def test_two_loras_compose_as_diffusers_set_adapters(folder, inputs, tmp_path):
+    """Two PEFT LoRAs (different targets, ranks and alphas) at scales 0.8 and 0.6: the transformer's output
+    is diffusers' after `set_adapters(["a", "b"], [0.8, 0.6])`, and neither LoRA's alone."""
+    from diffusers import FluxPipeline
+
+    from purecc_jax.backbones.flux.folder import load_pipeline
+
+    files = [pipeline_reference.save_peft_lora(FluxPipeline.from_pretrained(folder), targets, tmp_path / name,
+                                               r=r, lora_alpha=alpha)
+             for name, targets, r, alpha in (("a", ["to_q", "to_k", "proj_mlp"], 3, 6.0),
+                                             ("b", ["to_q", "add_v_proj", "ff.net.2"], 2, 1.0))]
+    pipe = FluxPipeline.from_pretrained(folder)
+    for name, file in zip("ab", files):
+        pipe.load_lora_weights(file, adapter_name=name)
+    pipe.set_adapters(["a", "b"], [0.8, 0.6])
+    want = flux_reference.run_torch(pipe.transformer, inputs)
+
+    parts = load_pipeline(folder)
+    _, composed = trained_lib.compose_loras(parts, None, files, [0.8, 0.6], backbones.FLUX)
+    close(jax_output(folder, inputs, composed), want)
+    for file, scale in zip(files, (0.8, 0.6)):  # each alone is far from the sum
+        alone = jax_output(folder, inputs, formats.lora_variables(file, parts, scale))
+        assert np.abs(alone - want).max() > 1e-2 * np.abs(want).max()
+
+
+def test_sample_cli_composes_the_runs_lora_with_lora_files(folder, run, inputs, tmp_path):
+    """`sample --workdir=RUN --lora=FILE --lora_scale=0.9,0.5`: the run's LoRA at 0.9 and the file's at 0.5,
+    as diffusers' set_adapters gives them; the images are generate()'s with that composition."""
+    from diffusers import FluxPipeline
+
+    from purecc_jax.backbones.flux.folder import load_pipeline
+    from purecc_jax.pipeline.settings import SampleSettings
+
+    file = pipeline_reference.save_peft_lora(FluxPipeline.from_pretrained(folder), ["to_v", "to_out.0"], tmp_path)
+    pipe = FluxPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(run[0] / "export", adapter_name="concept")
+    pipe.load_lora_weights(file, adapter_name="style")
+    pipe.set_adapters(["concept", "style"], [0.9, 0.5])
+    want = flux_reference.run_torch(pipe.transformer, inputs)
+
+    parts, trained = trained_lib.load_trained(run[0], load_pipeline(folder))
+    composed, lora = trained_lib.compose_loras(parts, trained, [file], [0.9, 0.5])
+    assert lora is None and composed.embeddings is not None  # the LoRAs ride on the trained concept
+    close(jax_output(folder, inputs, composed.lora), want)
+
+    args = ["--prompt=a photo of sks dog", "--height=32", "--width=32", "--steps=1", f"--max_sequence_length={L}",
+            "--noprogress", f"--workdir={run[0]}", f"--lora={file}"]
+    sample_cli.cli(["sample", *args, "--lora_scale=0.9,0.5", f"--output={tmp_path / 'two.npy'}"])
+    images = backbones.FLUX.generate(parts, ["a photo of sks dog"], SampleSettings(32, 32, 1, 3.5, L), seeds=[0],
+                                     trained=composed)
+    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.asarray(images), atol=1e-5)
+    with pytest.raises(ValueError, match="3 LoRA scales .* for 2 LoRAs"):
+        trained_lib.compose_loras(parts, trained, [file], [0.9, 0.5, 1.0])
+    from absl import app
+
+    with pytest.raises(app.UsageError, match="gives 3 scales for 1 --lora files"):
+        sample_cli.cli(["sample", *args, "--lora_scale=0.9,0.5,1", f"--output={tmp_path / 'x.npy'}"])
+

@@ -57,11 +57,20 @@ esac
 """
 
 
+# A local python whose `-m purecc_jax.compile_check` records its arguments and exits with $FAKE/fits (0).
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+printf '%s\n' "$@" > "$FAKE/check"
+exit "$(cat "$FAKE/fits" 2>/dev/null || echo 0)"
+"""
+
+
 @pytest.fixture
 def fake_cloud(tmp_path):
     executable(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
+    executable(tmp_path / "bin" / "fake-python", FAKE_PYTHON)
     env = dict(os.environ, FAKE=str(tmp_path), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
-               NAME="slice", ZONE="zone-a", TYPE="v5litepod-16", SPOT="1", PREEMPTION_WAIT="0")
+               NAME="slice", ZONE="zone-a", TYPE="v5litepod-16", SPOT="1", PREEMPTION_WAIT="0",
+               PYTHON=str(tmp_path / "bin" / "fake-python"))
     return tmp_path, env
 
 
@@ -85,6 +94,24 @@ def test_tpu_job_resumes_after_preemption(fake_cloud):
     words = subprocess.run(["bash", "-c", f"python() {{ printf '%s\\n' \"$@\"; }}; {runs[0].split('&& ')[-1]}"],
                            capture_output=True, text=True).stdout.splitlines()
     assert words == ["-m", "purecc_jax.main", "--distributed", *args]
+    # checked here first, once, for the slice's type with the run's own arguments
+    assert (fake / "check").read_text().splitlines() == ["-m", "purecc_jax.compile_check", "--topology=v5litepod-16",
+                                                        *args]
+
+
+def test_tpu_job_creates_no_slice_for_a_run_that_does_not_fit(fake_cloud):
+    fake, env = fake_cloud
+    (fake / "fits").write_text("1")
+    out = subprocess.run([str(ROOT / "launch" / "tpu_vm.sh"), "job", "--", "--workdir=gs://b/w"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "does not fit v5litepod-16" in out.stderr
+    assert not (fake / "calls").exists() or " create " not in (fake / "calls").read_text()
+    checked = subprocess.run([str(ROOT / "launch" / "tpu_vm.sh"), "check", "--", "--workdir=gs://b/w"], env=env,
+                             capture_output=True, text=True)
+    assert checked.returncode == 1
+    skipped = subprocess.run([str(ROOT / "launch" / "tpu_vm.sh"), "job", "--", "--workdir=gs://b/w"],
+                             env=dict(env, CHECK="0"), capture_output=True, text=True)
+    assert skipped.returncode == 0 and " create " in (fake / "calls").read_text()
 
 
 def test_tpu_job_stops_when_the_run_fails_on_a_healthy_slice(fake_cloud):

@@ -89,3 +89,23 @@ def test_shardings_follow_kernel():
     out = lora.shardings(adapter, shards)
     q = out["double_blocks"]["img_attn"]["q"]
     assert tuple(q["a"].spec) == (None, "fsdp", None) and tuple(q["b"].spec) == (None, None, "tensor")
+
+
+def test_compose_concatenates_ranks_and_keeps_one_lora_as_it_is():
+    """compose: the sum of each adapter's update at its weight, ranks concatenated (diffusers' set_adapters)."""
+    rng = np.random.default_rng(0)
+    a1, b1, a2, b2 = (rng.standard_normal(s).astype(np.float32)  # a scanned layer axis first
+                      for s in ((2, 4, 3), (2, 3, 5), (2, 4, 1), (2, 1, 5)))
+    one = {"blocks": {"q": {"a": a1, "b": b1}}, "out": {"a": a1[0], "b": b1[0]}}
+    two = {"blocks": {"q": {"a": a2, "b": b2}}}
+    got = lora.compose([(one, 0.5), (None, 1.0), (two, 2.0)])
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    q = got["blocks"]["q"]
+    assert q["a"].shape == (2, 4, 4) and q["b"].shape == (2, 4, 5)
+    update = lambda a, b: np.einsum("li,lir,lro->lo", x, a, b)  # noqa: E731
+    np.testing.assert_allclose(update(q["a"], q["b"]), 0.5 * update(a1, b1) + 2.0 * update(a2, b2), rtol=1e-5)
+    np.testing.assert_array_equal(got["out"]["b"], 0.5 * b1[0])  # only the first LoRA has `out`
+    only = lora.compose([(one, 1.0)])
+    for key, value in traverse_util.flatten_dict(one).items():
+        np.testing.assert_array_equal(traverse_util.flatten_dict(only)[key], value)
+    assert lora.compose([(None, 1.0)]) is None

@@ -209,3 +209,43 @@ def test_sample_cli_with_lora(saved, tmp_path):
                 f"--init_latents={tmp_path / 'latents.npy'}", f"--lora={tmp_path / 'lora' / 'pytorch_lora_weights.safetensors'}",
                 f"--output={tmp_path / 'out.npy'}", "--noprogress"])
     assert np.abs(np.load(tmp_path / "out.npy") - expected).max() < 1e-3
+
+
+def test_sample_cli_composes_two_loras(saved, tmp_path):
+    """--lora twice with --lora_scale=0.7,1.3 on an SD3 folder: the image diffusers makes after
+    `set_adapters(["ours", "peft"], [0.7, 1.3])` of the same files (one ours, one peft's, alpha != rank)."""
+    import jax
+    from diffusers import StableDiffusion3Pipeline
+
+    from purecc_jax import sample
+    from purecc_jax.backbones.sd3 import weights as sd3_io
+    from purecc_jax.models import lora as lora_lib
+    from purecc_jax.models import sd3
+    from purecc_jax.weights import diffusers_lora
+
+    _, folder = saved
+    cfg, params = sd3_io.load_transformer(folder / "transformer")
+    lcfg = lora_lib.LoRAConfig(rank=2, alpha=2.0, targets=sd3.LORA_TARGETS)
+    adapter = jax.tree_util.tree_map(lambda x: 0.2 * jax.random.normal(jax.random.key(3), x.shape),
+                                     lora_lib.init(jax.random.key(0), params, lcfg))
+    ours = diffusers_lora.save(adapter, lcfg, sd3_io.lora_layout(cfg),
+                               tmp_path / "ours" / "pytorch_lora_weights.safetensors")
+    peft = pipeline_reference.save_peft_lora(StableDiffusion3Pipeline.from_pretrained(folder),
+                                             ["to_q", "add_k_proj", "to_out.0"], tmp_path / "peft")
+    latents = np.random.default_rng(7).standard_normal((1, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.load_lora_weights(ours, adapter_name="ours")
+    pipe.load_lora_weights(peft, adapter_name="peft")
+    pipe.set_adapters(["ours", "peft"], [0.7, 1.3])
+    with torch.no_grad():
+        expected = pipe(prompt=PROMPTS[:1], height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+                        guidance_scale=GUIDANCE, latents=torch.from_numpy(latents), output_type="np",
+                        max_sequence_length=T5_LENGTH).images
+    args = ["sample", f"--pretrained={folder}", f"--prompt={PROMPTS[0]}", f"--height={HEIGHT}", f"--width={WIDTH}",
+            f"--steps={STEPS}", f"--guidance={GUIDANCE}", f"--max_sequence_length={T5_LENGTH}",
+            f"--init_latents={tmp_path / 'latents.npy'}", f"--lora={ours}", f"--lora={peft}", "--noprogress"]
+    sample.cli([*args, "--lora_scale=0.7,1.3", f"--output={tmp_path / 'out.npy'}"])
+    assert np.abs(np.load(tmp_path / "out.npy") - expected).max() < 1e-3
+    sample.cli([*args, "--lora_scale=0.7", f"--output={tmp_path / 'one_scale.npy'}"])  # one scale: both at 0.7
+    assert np.abs(np.load(tmp_path / "one_scale.npy") - expected).max() > 1e-2

@@ -10,6 +10,9 @@ codec, scheduler) is handed back to it. The layers above call only:
     sampling   generate(parts, prompts, settings, seeds=, trained=, lora=, ...) -> images in [0, 1]
     export     resolve_formats, write_weights, write_embeddings, export_files, read_export,
                read_lora / lora_collection, model_card, read_config, load_merge_base
+    shapes     abstract_parts(folder or preset, mesh=, rules=, **runtime), cache_shapes, embedding_shapes,
+               lower_sampler, device_params: a run's programs compiled without weights
+               (`purecc_jax.preflight`)
 
 FLUX.1 (`backbones.flux`) and SD3 / SD3.5 (`backbones.sd3`) implement it; `backbones.select`
 picks one from the pretrained folder's model_index.json or `config.model.backbone`. A new
@@ -174,3 +177,34 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def load_merge_base(self, pretrained: str | Path, scan_layers: bool) -> tuple[Any, Any]:
         """(config, params) of the pretrained transformer in its checkpoint dtype, to merge a LoRA into."""
+
+    # --- shapes: a run's programs compiled without weights (`purecc_jax.preflight`)
+
+    presets: tuple[str, ...] = ()  # model names `abstract_parts` takes instead of a pipeline folder
+
+    @abc.abstractmethod
+    def abstract_parts(self, source: str | Path, *, mesh: Any, rules: Any = None, **runtime: Any) -> Any:
+        """`load`'s parts with every parameter a ShapeDtypeStruct in the sharding `load` streams it into, no
+        weights read: the architecture from a pipeline folder's config.json files (local or in a bucket) or a
+        name of `presets`. The parts have no tokenizers."""
+
+    @abc.abstractmethod
+    def cache_shapes(self, parts: Any, height: int, width: int, views: int, texts: int,
+                     max_sequence_length: int) -> dict[str, Any]:
+        """ShapeDtypeStructs of the arrays `build_cache` makes for `views` training views of height x width
+        and `texts` distinct texts."""
+
+    def embedding_shapes(self, parts: Any, kind: str) -> Any:
+        """ShapeDtypeStructs of what `initial_embeddings` returns for `kind` (None for "none")."""
+        if kind != "none":
+            raise ValueError(f"concept embedding {kind!r} is not supported by the {self.name} backbone")
+        return None
+
+    @abc.abstractmethod
+    def lower_sampler(self, parts: Any, settings: Any, images: int, trained: Trained | None = None) -> Any:
+        """The denoising program `generate` compiles for `images` images of `settings` with `trained`
+        (its LoRA and embeddings ShapeDtypeStructs), lowered on `parts.mesh` from abstract inputs."""
+
+    @abc.abstractmethod
+    def device_params(self, parts: Any) -> dict[str, Any]:
+        """Every parameter tree `parts` keeps on the devices, by model (transformer, text encoders, VAE)."""

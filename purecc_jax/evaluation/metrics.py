@@ -16,6 +16,8 @@ transformers' PIL image processors (the original implementation; the torchvision
 slightly), and its tokenizer are used, so embeddings are the checkpoint's as published.
 
 PyTorch and transformers are imported inside these functions only: training does not need them.
+requirements.txt (the runtime install) has transformers but not PyTorch; `pip install -r
+requirements-eval.txt` adds it, and without it the embedders refuse, naming that file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,21 @@ from typing import Any
 import numpy as np
 
 from purecc_jax import paths
+
+
+REQUIREMENTS = "requirements-eval.txt"
+
+
+def require_torch() -> None:
+    """Raises ImportError naming requirements-eval.txt when PyTorch or transformers cannot be imported."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"the DreamBench metrics (CLIP-I, CLIP-T, DINO: --clip, --dino) run transformers' PyTorch "
+                          f"models, and {e.name or 'torch'} cannot be imported ({e}). Install them with "
+                          f"`pip install -r {REQUIREMENTS}` from the repository root (requirements.txt, the runtime "
+                          "install, has no PyTorch); without --clip / --dino the sweep only samples.") from e
 
 
 def _check_folder(path: str | Path, what: str) -> Path:
@@ -74,6 +91,7 @@ class CLIPEmbedder:
     """Unit-norm CLIP image and text embeddings from a local transformers CLIPModel folder."""
 
     def __init__(self, path: str | Path, *, device: str = "cpu", batch_size: int = 32):
+        require_torch()
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -107,6 +125,7 @@ class DINOEmbedder:
     """Unit-norm DINO CLS embeddings from a local transformers ViT folder (facebook/dino-vits16)."""
 
     def __init__(self, path: str | Path, *, device: str = "cpu", batch_size: int = 32):
+        require_torch()
         import torch
         from transformers import AutoImageProcessor, AutoModel
 

@@ -27,6 +27,8 @@ OUTPUT's images, grids, results.json and results.md are written to the bucket. T
 is read from local files: a bucket --data_dir (prepared elsewhere) is copied to this host once, and
 with a bucket OUTPUT the default --data_dir is PURECC_CACHE/dreambench_tfds.
 
+--clip / --dino need PyTorch: `pip install -r requirements-eval.txt` (requirements.txt has none).
+
 Cost: 2 x 25 x seeds images per run (the base images are shared by runs of one subject and
 pretrained model); 30 subjects x 4 seeds is 6,000 FLUX.1-dev images at 28 steps. Use
 --dtype=bfloat16 --param_dtype=bfloat16 for the full-size model.
@@ -339,6 +341,10 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"--{flag.name} is required")
     if _SEEDS.value < 1 or _BATCH.value < 1:
         raise app.UsageError("--seeds and --batch_size must be at least 1")
+    if _CLIP.value or _DINO.value:
+        from purecc_jax.evaluation import metrics
+
+        metrics.require_torch()  # before hours of sampling, not after
     runs = [read_run(w, n, _BASE.value) for w, n in zip(_WORKDIRS.value, _run_names(_WORKDIRS.value))]
     data_dir = local_data_dir(_DATA_DIR.value, _OUTPUT.value)
     if not tdb.builder(data_dir, _REF_RES.value).is_prepared():

@@ -100,7 +100,8 @@ def _auto(dtype) -> str:
     return "xla"
 
 
-@functools.lru_cache(maxsize=32)
+# Not cached: the kernel holds its mask's arrays as made in the trace that builds it (jnp arrays, so
+# tracers under jit), which a later trace must not meet. The mask processing itself is cached by Pallas.
 def _splash_kernel(heads: int, q_len: int, kv_len: int, block: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 

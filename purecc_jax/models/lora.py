@@ -109,6 +109,24 @@ def variables(lora: Any, cfg: LoRAConfig) -> Any:
     )
 
 
+def compose(weighted: Sequence[tuple[Any, float]]) -> Any:
+    """One `lora` collection applying the sum of several (`variables`' output) at their weights.
+
+    Ranks are concatenated, A = [A1 A2 ...] and B = [w1 B1; w2 B2; ...], so x A B = Σ wi (x Ai) Bi: the sum
+    of each adapter's scaled update, as diffusers' `set_adapters(names, weights)` composes LoRAs. A module
+    some adapters leave alone gets the others' ranks only. None entries are skipped; None if none is left.
+    """
+    flats = [(traverse_util.flatten_dict(c), float(w)) for c, w in weighted if c is not None]
+    if not flats:
+        return None
+    out = {}
+    for module in sorted({k[:-1] for flat, _ in flats for k in flat}):
+        parts = [(flat[module + ("a",)], flat[module + ("b",)] * w) for flat, w in flats if module + ("a",) in flat]
+        out[module + ("a",)] = jnp.concatenate([a for a, _ in parts], axis=-1)
+        out[module + ("b",)] = jnp.concatenate([b for _, b in parts], axis=-2)
+    return traverse_util.unflatten_dict(out)
+
+
 def merge(params: Any, lora: Any, cfg: LoRAConfig) -> Any:
     """params with every targeted kernel replaced by kernel + A @ B * alpha / rank."""
     flat = dict(traverse_util.flatten_dict(params))

@@ -5,6 +5,9 @@ Everything a stage writes lives under its directory:
     metrics.jsonl         every logged metric, one JSON object per logged step
     tensorboard/          the same scalars plus sample grids
     samples/<step>.png    sample grids with their prompts
+    wandb_run_id, wandb/  with `LoopConfig.wandb`: the id of the stage's Weights & Biases run (the same
+                          scalars and grids), so a resumed stage continues it, and wandb's local files
+                          (for a stage in a bucket, wandb/ is in the working directory)
 A stage is finished when its latest checkpoint is at its last step; running it again
 restores that checkpoint and returns at once.
 
@@ -26,6 +29,7 @@ import logging
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,29 @@ SampleFn = Callable[[Any], tuple[np.ndarray, Sequence[str]]]
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases beside TensorBoard (config.log.wandb_*): one W&B run per stage, in a group per run.
+
+    W&B keeps the first value of a step logged twice (a resumed stage logs again the steps after its
+    last checkpoint); metrics.jsonl keeps the latest. WANDB_MODE=offline writes the runs locally only
+    (`wandb sync` uploads them later); online, wandb needs `wandb login` or WANDB_API_KEY."""
+
+    project: str
+    entity: str = ""  # "": the logged-in user's default entity
+    run: str = ""  # the run's name (its W&B group; W&B runs are named "<run>/<stage>"); "": the stage's name
+    config: dict[str, Any] | None = None  # shown as each W&B run's config
+
+
+def require_wandb(project: str) -> None:
+    """Raises ImportError naming the package when W&B logging is asked for and wandb is not installed."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"config.log.wandb_project={project!r} logs to Weights & Biases, which needs the wandb "
+                          "package: `pip install wandb` (requirements.txt does not install it)") from e
+
+
+@dataclasses.dataclass(frozen=True)
 class LoopConfig:
     steps: int
     log_every: int = 10
@@ -54,6 +81,7 @@ class LoopConfig:
     sample_every: int = 0  # 0: only at the end
     progress: bool = True
     max_nonfinite_steps: int = 10  # stop after this many skipped (NaN/Inf) updates in a row; 0: never
+    wandb: WandbConfig | None = None  # also log the scalars and sample grids to Weights & Biases
 
 
 class Preempted(RuntimeError):
@@ -94,9 +122,11 @@ def _summary_writer_class() -> type:
 
 
 class MetricWriter:
-    """metrics.jsonl plus TensorBoard (tensorboardX) scalars and images."""
+    """metrics.jsonl plus TensorBoard (tensorboardX) scalars and images, and W&B's when `wandb` is given
+    (the W&B run of stage `stage`)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, wandb: WandbConfig | None = None, stage: str = ""):
+        self._wandb = None if wandb is None else _wandb_run(directory, wandb, stage)
         SummaryWriter = _summary_writer_class()
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "metrics.jsonl"
@@ -114,13 +144,38 @@ class MetricWriter:
         self._jsonl.flush()
         for k, v in metrics.items():
             self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(dict(metrics), step=step)
 
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         self._tb.add_image(tag, image, step, dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(image)}, step=step)
 
     def close(self) -> None:
         self._jsonl.close()
         self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_run(directory: Path, cfg: WandbConfig, stage: str) -> Any:
+    """The stage's W&B run: a new one, or the one `directory/wandb_run_id` names (a resumed stage)."""
+    require_wandb(cfg.project)
+    import wandb
+
+    id_file = paths.path(directory) / "wandb_run_id"
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = f"{uuid.uuid4().hex[:12]}-{stage or 'stage'}"
+        paths.write_bytes(id_file, run_id.encode())
+    name = "/".join(x for x in (cfg.run, stage) if x) or None
+    return wandb.init(project=cfg.project, entity=cfg.entity or None, id=run_id, name=name, group=cfg.run or None,
+                      job_type=stage or None, config=cfg.config, resume="allow",
+                      dir=None if paths.is_remote(directory) else str(directory))
 
 
 class _NoWriter:
@@ -190,7 +245,7 @@ def run_stage(
         manager.close()
         return state
 
-    writer = MetricWriter(directory) if multihost.is_main() else _NoWriter()
+    writer = MetricWriter(directory, cfg.wandb, name) if multihost.is_main() else _NoWriter()
     bar = tqdm(total=cfg.steps, initial=start, desc=name, disable=not cfg.progress or not multihost.is_main(),
                dynamic_ncols=True)
     t_last, n_last = time.perf_counter(), start

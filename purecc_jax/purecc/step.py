@@ -169,35 +169,187 @@ def make_loss_fn(denoiser: Denoiser, cfg: StepConfig):
     return loss_fn
 
 
+OPTIMIZERS = ("adamw", "adafactor", "prodigy", "schedule_free_adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdafactorOptions:
+    """optax.adafactor's options (config.optimizer.adafactor); 0 turns momentum and clipping off."""
+
+    decay_rate: float = 0.8
+    clipping_threshold: float = 1.0
+    min_dim_size_to_factor: int = 128
+    multiply_by_parameter_scale: bool = False
+    momentum: float = 0.0
+    weight_decay_rate: float = 0.0
+    eps: float = 1e-30
+
+
+@dataclasses.dataclass(frozen=True)
+class ProdigyOptions:
+    """optax.contrib.prodigy's options (config.optimizer.prodigy); beta3 < 0: sqrt(b2)."""
+
+    beta3: float = -1.0
+    estim_lr0: float = 1e-6
+    estim_lr_coef: float = 1.0
+    safeguard_warmup: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleFreeOptions:
+    """optax.contrib.schedule_free_adamw's option besides AdamW's (config.optimizer.schedule_free)."""
+
+    weight_lr_power: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """config.optimizer: the optimizer by name and its options (defaults.py documents each field).
+
+    b1, b2, eps and weight_decay are AdamW's and also Prodigy's (betas, eps, decoupled weight decay)
+    and schedule-free AdamW's (b1 is its interpolation between the averaged and the gradient
+    sequences); Adafactor has its own. grad_clip: global-norm clipping before any of them (None or 0: none).
+    Invalid values are refused, naming the key.
+    """
+
+    name: str = "adamw"
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    grad_clip: float | None = 1.0
+    adafactor: AdafactorOptions = AdafactorOptions()
+    prodigy: ProdigyOptions = ProdigyOptions()
+    schedule_free: ScheduleFreeOptions = ScheduleFreeOptions()
+
+    def __post_init__(self):
+        def refuse(key: str, value: Any, why: str):
+            raise ValueError(f"config.optimizer.{key}={value!r} {why}")
+
+        if self.name not in OPTIMIZERS:
+            refuse("name", self.name, f"is not one of {', '.join(OPTIMIZERS)}")
+        if self.name == "schedule_free_adamw" and self.b1 == 0:
+            refuse("b1", self.b1, "must be > 0 for schedule_free_adamw (its evaluation parameters divide by b1)")
+        a, p = self.adafactor, self.prodigy
+        checks = (("b1", self.b1, 0 <= self.b1 < 1, "must be in [0, 1)"),
+                  ("b2", self.b2, 0 <= self.b2 < 1, "must be in [0, 1)"),
+                  ("eps", self.eps, self.eps > 0, "must be > 0"),
+                  ("weight_decay", self.weight_decay, self.weight_decay >= 0, "must be >= 0"),
+                  ("grad_clip", self.grad_clip, self.grad_clip is None or self.grad_clip >= 0,
+                   "must be >= 0 (0: no clipping)"),
+                  ("adafactor.decay_rate", a.decay_rate, 0 < a.decay_rate <= 1, "must be in (0, 1]"),
+                  ("adafactor.clipping_threshold", a.clipping_threshold, a.clipping_threshold >= 0,
+                   "must be >= 0 (0: no clipping)"),
+                  ("adafactor.min_dim_size_to_factor", a.min_dim_size_to_factor, a.min_dim_size_to_factor >= 1,
+                   "must be >= 1"),
+                  ("adafactor.momentum", a.momentum, 0 <= a.momentum < 1, "must be in [0, 1) (0: none)"),
+                  ("adafactor.weight_decay_rate", a.weight_decay_rate, a.weight_decay_rate >= 0, "must be >= 0"),
+                  ("adafactor.eps", a.eps, a.eps > 0, "must be > 0"),
+                  ("prodigy.beta3", p.beta3, p.beta3 < 1, "must be < 1 (< 0: sqrt(b2))"),
+                  ("prodigy.estim_lr0", p.estim_lr0, p.estim_lr0 > 0, "must be > 0"),
+                  ("prodigy.estim_lr_coef", p.estim_lr_coef, p.estim_lr_coef > 0, "must be > 0"),
+                  ("schedule_free.weight_lr_power", self.schedule_free.weight_lr_power,
+                   self.schedule_free.weight_lr_power >= 0, "must be >= 0"))
+        for key, value, ok, why in checks:
+            if not ok:
+                refuse(key, value, why)
+
+    @classmethod
+    def from_config(cls, optimizer: Any) -> OptimizerConfig:
+        """From config.optimizer (a ConfigDict or dict, defaults.py's layout); keys it lacks keep their defaults."""
+        def build(kind: type, values: Any, where: str) -> Any:
+            values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+            known = {f.name for f in dataclasses.fields(kind)}
+            if set(values) - known:
+                raise ValueError(f"{where} has unknown keys {sorted(set(values) - known)}; known: {sorted(known)}")
+            return kind(**values)
+
+        c = dict(optimizer.to_dict() if hasattr(optimizer, "to_dict") else optimizer)
+        for key, kind in dict(adafactor=AdafactorOptions, prodigy=ProdigyOptions,
+                              schedule_free=ScheduleFreeOptions).items():
+            if key in c:
+                c[key] = build(kind, c[key], f"config.optimizer.{key}")
+        if "grad_clip" in c and not c["grad_clip"]:
+            c["grad_clip"] = None
+        return build(cls, c, "config.optimizer")
+
+    def check_schedule(self, stage: str, schedule: str) -> None:
+        """Refuses a decaying learning-rate schedule with schedule-free AdamW, which replaces the decay."""
+        if self.name == "schedule_free_adamw" and schedule != "constant":
+            raise ValueError(f"config.{stage}.schedule={schedule!r}: optimizer.name=schedule_free_adamw replaces "
+                             "the learning-rate decay; use schedule=constant (warmup_steps still applies)")
+
+
+def _group_optimizer(lr: optax.Schedule | float, o: OptimizerConfig) -> optax.GradientTransformation:
+    if o.name == "adamw":
+        return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mu_dtype=jnp.float32)
+    if o.name == "adafactor":
+        a = o.adafactor
+        return optax.adafactor(lr, min_dim_size_to_factor=a.min_dim_size_to_factor, decay_rate=a.decay_rate,
+                               multiply_by_parameter_scale=a.multiply_by_parameter_scale,
+                               clipping_threshold=a.clipping_threshold or None, momentum=a.momentum or None,
+                               weight_decay_rate=a.weight_decay_rate or None, eps=a.eps)
+    if o.name == "prodigy":
+        p = o.prodigy
+        return optax.contrib.prodigy(lr, betas=(o.b1, o.b2), beta3=None if p.beta3 < 0 else p.beta3, eps=o.eps,
+                                     estim_lr0=p.estim_lr0, estim_lr_coef=p.estim_lr_coef,
+                                     weight_decay=o.weight_decay, safeguard_warmup=p.safeguard_warmup)
+    return optax.contrib.schedule_free_adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                                             weight_lr_power=o.schedule_free.weight_lr_power,
+                                             state_dtype=jnp.float32)
+
+
 def make_optimizer(
     learning_rates: dict[str, optax.Schedule | float],
+    optimizer: OptimizerConfig = OptimizerConfig(),
     *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    grad_clip: float | None = 1.0,
     grad_accum: int = 1,
+    **fields: Any,
 ) -> optax.GradientTransformation:
-    """AdamW per trainable group ("lora", "params", "embeddings"), float32 moments, global clipping."""
-    groups = {
-        name: optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=jnp.float32)
-        for name, lr in learning_rates.items()
-    }
+    """`optimizer` (AdamW by default) per trainable group ("lora", "params", "embeddings") at its learning
+    rate, after global-norm clipping; `fields` override `optimizer`'s (b1=..., grad_clip=None, ...).
+
+    Adam moments are float32 (AdamW's first moment, schedule-free's z); with schedule-free AdamW the
+    trained parameters are its gradient point y, and sampling and export take `eval_params`.
+    """
+    o = dataclasses.replace(optimizer, **fields) if fields else optimizer
+    groups = {name: _group_optimizer(lr, o) for name, lr in learning_rates.items()}
     tx = optax.multi_transform(groups, lambda tree: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in tree.items()})
-    if grad_clip:
-        tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+    if o.grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
     if grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
     return tx
 
 
+def eval_params(trainable: dict[str, Any], opt_state: Any) -> dict[str, Any]:
+    """The parameters to sample and export from (`TrainState.trainable`, `.opt_state`).
+
+    Schedule-free AdamW takes its gradients at y (the trained parameters) and evaluates at the average
+    x = (y - (1 - b1) z) / b1 (`optax.contrib.schedule_free_eval_params`), per trainable group. With
+    every other optimizer this is `trainable` itself.
+    """
+    is_sf = lambda x: isinstance(x, optax.contrib.ScheduleFreeState)  # noqa: E731
+    is_groups = lambda x: isinstance(x, optax.MultiTransformState)  # noqa: E731
+    out = dict(trainable)
+    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=is_groups):
+        if not is_groups(node):
+            continue
+        for group, inner in node.inner_states.items():
+            states = [s for s in jax.tree_util.tree_leaves(inner, is_leaf=is_sf) if is_sf(s)]
+            if states and group in out:  # z holds the whole tree, the other groups masked out
+                state = states[0]._replace(z=states[0].z[group])
+                out[group] = optax.contrib.schedule_free_eval_params(state, trainable[group])
+    return out
+
+
 def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    # Moments are created from float32 copies so bf16 parameters never get bf16 moments.
+    # Copied: Prodigy's state keeps the initial parameters (params0), and a state holding one buffer
+    # twice cannot be donated to the step (outside jit they would be the same buffer).
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         trainable=trainable,
-        opt_state=tx.init(trainable),
+        opt_state=jax.tree_util.tree_map(jnp.copy, tx.init(trainable)),
         rng=jax.random.key_data(jax.random.key(seed)),
         nonfinite_skipped=jnp.zeros((), jnp.int32),
         nonfinite_streak=jnp.zeros((), jnp.int32),

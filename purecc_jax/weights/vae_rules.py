@@ -132,9 +132,15 @@ def load_vae(
     """
     folder = _vae_folder(Path(path))
     config = VAEConfig.from_diffusers(json.loads((folder / "config.json").read_text()), **runtime)
+    abstract, shardings = placement(config, mesh, axis_rules)
+    return config, loader.load(_weights_in(folder), diffusers_rules(config), abstract, shardings)
+
+
+def placement(config: VAEConfig, mesh: Mesh | None,
+              axis_rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES) -> tuple[Any, Any]:
+    """(ShapeDtypeStructs, shardings or None) of the VAE's parameters as `load_vae` places them."""
     boxed = jax.eval_shape(init_fn(config, jax.random.key(0)))
     abstract = sharding.unbox(boxed)
-    shardings = None
-    if mesh is not None:
-        shardings = _fit_to_shapes(abstract, sharding.logical_shardings(boxed, mesh, axis_rules), mesh)
-    return config, loader.load(_weights_in(folder), diffusers_rules(config), abstract, shardings)
+    if mesh is None:
+        return abstract, None
+    return abstract, _fit_to_shapes(abstract, sharding.logical_shardings(boxed, mesh, axis_rules), mesh)

@@ -15,6 +15,7 @@ from typing import Any
 
 from purecc_jax import sharding
 from purecc_jax.backbones.base import Backbone
+from purecc_jax.backbones.flux import abstract
 from purecc_jax.backbones.flux import cache as cache_lib
 from purecc_jax.backbones.flux import embeddings as emb_lib
 from purecc_jax.backbones.flux import folder as folder_lib
@@ -131,6 +132,26 @@ class FluxBackbone(Backbone):
     def load_merge_base(self, pretrained, scan_layers):
         return flux_io.load_transformer(pretrained, scan_layers=scan_layers,
                                         param_dtype=flux_io.checkpoint_dtype(pretrained).name)
+
+    # --- shapes
+
+    presets = tuple(abstract.PRESETS)
+
+    def abstract_parts(self, source, *, mesh, rules=None, **runtime):
+        return abstract.parts(source, mesh=mesh, rules=sharding.DEFAULT_RULES if rules is None else rules, **runtime)
+
+    def cache_shapes(self, parts, height, width, views, texts, max_sequence_length):
+        return abstract.cache_shapes(parts, height, width, views, texts, max_sequence_length)
+
+    def embedding_shapes(self, parts, kind):
+        return abstract.embedding_shapes(parts, kind)
+
+    def lower_sampler(self, parts, settings, images, trained=None):
+        return abstract.lower_sampler(parts, settings, images, trained)
+
+    def device_params(self, parts):
+        return {"transformer": parts.transformer_params, "clip": parts.text.clip_params,
+                "t5": parts.text.t5_params, "vae": parts.vae_params}
 
 
 FLUX = FluxBackbone()

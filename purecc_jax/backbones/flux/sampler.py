@@ -158,6 +158,38 @@ def denoise(
     return x
 
 
+def lower_denoise(
+    model: Transformer,
+    latents: jax.ShapeDtypeStruct,
+    text: TextEmbeddings,
+    steps: int,
+    *,
+    latent_size: tuple[int, int],
+    guidance: float | None = None,
+    concept: ConceptInjection | None = None,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
+) -> jax.stages.Lowered:
+    """The fused loop `sample` runs, lowered from ShapeDtypeStructs: `latents`, `text` and the concept
+    mask as `sample` places them (batch-split on `mesh`, rows already padded), the transformer's
+    parameters and LoRA as they lie. The few inputs `denoise` makes on the default device (sigmas,
+    guidance, position ids) are replicated here, where jit would place them at run time."""
+    h, w = latent_size
+    cond = jax.eval_shape(lambda t, c: _conditioning(model.config, t, latent_image_ids(h, w), guidance, None, 1.0, c),
+                          text, concept)
+    batched = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh, x.shape, rules))
+    replicated = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh))
+    concept_in = None
+    if concept is not None:
+        concept_in = concept._replace(mask=batched(cond.concept.mask))
+    cond = cond._replace(txt=batched(cond.txt), pooled=batched(cond.pooled), concept=concept_in,
+                         **{k: None if getattr(cond, k) is None else replicated(getattr(cond, k))
+                            for k in ("guidance", "img_ids", "txt_ids", "cfg_scale")})
+    sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=sharding.replicated(mesh))
+    with sharding.activate(mesh, rules):
+        return _fused.lower(model.config, model.variables(), latents, sigmas, cond)
+
+
 def sample(
     model: Transformer,
     codec: ImageCodec,

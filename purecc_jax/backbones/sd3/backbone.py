@@ -30,6 +30,7 @@ import numpy as np
 
 from purecc_jax import sharding
 from purecc_jax.backbones.base import Backbone
+from purecc_jax.backbones.sd3 import abstract
 from purecc_jax.backbones.sd3 import pipeline as sd3_pipeline
 from purecc_jax.backbones.sd3 import weights as sd3_io
 from purecc_jax.data import cache as cache_lib
@@ -260,6 +261,24 @@ class SD3Backbone(Backbone):
 
     def load_merge_base(self, pretrained, scan_layers):
         raise ValueError("merging a LoRA into the SD3 weights is not supported: export diffusers-lora")
+
+    # --- shapes
+
+    presets = tuple(abstract.PRESETS)
+
+    def abstract_parts(self, source, *, mesh, rules=None, **runtime):
+        return abstract.parts(source, mesh=mesh, rules=sharding.DEFAULT_RULES if rules is None else rules, **runtime)
+
+    def cache_shapes(self, parts, height, width, views, texts, max_sequence_length):
+        return abstract.cache_shapes(parts, height, width, views, texts, max_sequence_length)
+
+    def lower_sampler(self, parts, settings, images, trained=None):
+        if trained is not None and trained.concept_embedding != "none":
+            raise ValueError(f"concept embedding {trained.concept_embedding!r} is not supported by the SD3 backbone")
+        return abstract.lower_sampler(parts, settings, images, trained)
+
+    def device_params(self, parts):
+        return {"transformer": parts.transformer_params, "text": parts.text.params, "vae": parts.codec.params}
 
 
 SD3 = SD3Backbone()
