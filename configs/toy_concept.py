@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 1
     c.sample.prompts = ()  # the experiment samples every method itself (workdir/samples/)
+    # Prior preservation's class set: "a square" drawn by the base model as the evaluation samples
+    # (toy.sampling), written by the experiment into WORKDIR/class_images before any run.
+    c.prior.prompt = "a {class_word}"
+    c.prior.steps, c.prior.true_cfg_scale = 20, 3.0
     c.export.dtype = "float32"
 
     c.toy = ml_collections.ConfigDict(dict(
