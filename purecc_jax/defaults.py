@@ -67,6 +67,9 @@ def concept_config() -> ml_collections.ConfigDict:
     c.objective = ml_collections.ConfigDict(dict(
         eta=1.0, lambda_mode="adaptive", fixed_lambda=1.0, lambda_clip=(), eps=1e-8,
         stop_grad_original=False, extractor_uses_stage_a_lora=True,
+        # every this many stage-B steps, log η‖∇L_PureCC‖ / ‖∇L_CC‖ as `grad_share` (one more backward
+        # pass on those steps); 0: never
+        gradient_share_every=0,
     ))
     # DreamBooth's prior preservation: class images of the class prompt (drawn once by the pretrained model,
     # or found in class_dir) train beside the concept images with L_CC on the class prompt, weighted by

@@ -14,6 +14,7 @@ backbone's (`purecc_jax.backbones`: FLUX.1, SD3 / SD3.5), reached only through i
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -96,6 +98,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.max_nonfinite_steps={config.max_nonfinite_steps} must be >= 0 (0: never stop)")
     ObjectiveConfig(**_objective_kwargs(config))
     flow.TimestepConfig(**config.timesteps)
+    if config.objective.gradient_share_every < 0:
+        raise ValueError(f"config.objective.gradient_share_every={config.objective.gradient_share_every} must be "
+                         ">= 0 (0: never)")
+    p = config.prior
+    if p.weight < 0 or (p.weight > 0 and p.class_images < 1):
+        raise ValueError(f"config.prior.weight={p.weight} must be >= 0 (0: off) and class_images={p.class_images} "
+                         ">= 1 when it is on")
+    if p.weight > 0 and "{identifier}" in p.prompt:
+        raise ValueError(f"config.prior.prompt={p.prompt!r} names the identifier: the class prompt is the class "
+                         "without the concept (e.g. 'a photo of a {class_word}')")
 
 
 def check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
@@ -296,7 +308,7 @@ def stage_a_inputs(config: ml_collections.ConfigDict, backbone: Backbone, parts:
     frozen = Frozen(params=parts.transformer_params, cache=cache, text=text)
     lcfg = None if st.full_finetune else lora_config(st, backbone)
     step_cfg = StepConfig(stage="cc", timesteps=flow.TimestepConfig(**config.timesteps), trainable_lora=lcfg,
-                          extractor_lora=None)
+                          extractor_lora=None, prior_weight=config.prior.weight)
     return StageInputs(trainable, frozen, step_cfg, lcfg)
 
 
@@ -339,7 +351,8 @@ def stage_b_inputs(config: ml_collections.ConfigDict, backbone: Backbone, parts:
     lcfg = None if st.full_finetune else lora_config(st, backbone)
     step_cfg = StepConfig(stage="purecc", objective=ObjectiveConfig(**_objective_kwargs(config)),
                           timesteps=flow.TimestepConfig(**config.timesteps), trainable_lora=lcfg,
-                          extractor_lora=extractor_lora)
+                          extractor_lora=extractor_lora, prior_weight=config.prior.weight,
+                          gradient_share_every=config.objective.gradient_share_every)
     return StageInputs(trainable, frozen, step_cfg, lcfg)
 
 
@@ -359,11 +372,17 @@ def stage_program(config: ml_collections.ConfigDict, backbone: Backbone, parts: 
 
 
 BATCH_KEYS = ("image", *TEXT_KINDS)  # what `ConceptCache.batch` returns: indices into the cache
+PRIOR_KEYS = ("class_image", "class_text")  # and with prior preservation's class views
 
 
-def batch_shardings(mesh: Mesh, rules: Any, batch_size: int) -> dict[str, jax.sharding.Sharding]:
+def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return BATCH_KEYS + (PRIOR_KEYS if config.prior.weight > 0 else ())
+
+
+def batch_shardings(mesh: Mesh, rules: Any, batch_size: int, keys: Sequence[str] = BATCH_KEYS
+                    ) -> dict[str, jax.sharding.Sharding]:
     """Where a stage's batch of indices lies: split over the batch's mesh axes where they divide it."""
-    return {k: sharding.batch_sharding(mesh, (batch_size,), rules) for k in BATCH_KEYS}
+    return {k: sharding.batch_sharding(mesh, (batch_size,), rules) for k in keys}
 
 
 def sample_settings(config: ml_collections.ConfigDict) -> SampleSettings:
@@ -431,11 +450,45 @@ class Trainer:
         # Token rows start from the class word's embeddings and enter the cached encodings.
         extra = self.backbone.initial_embeddings(self.parts, "token", self.concept, None, self.config.seed,
                                                  self.guidance) if self.token_mode else None
+        concept, n_views = self.concept, len(images)
+        if self.config.prior.weight > 0:  # the class images are views too, after the concept's
+            classes = self.class_images(size)
+            prompt = class_prompt(self.config, concept.class_word)
+            concept = dataclasses.replace(concept, texts=(*concept.texts, texts_lib.Texts(prompt, prompt, prompt)))
+            images = np.concatenate([images, classes])
+            view_image = np.concatenate([view_image, np.full(len(classes), len(concept.texts) - 1, np.int32)])
         log.info("encoding %d views of %d images and their texts", len(images), len(self.concept.images))
-        return self.backbone.build_cache(self.concept, images, view_image, self.parts, self.codec, self.max_len, extra)
+        cache = self.backbone.build_cache(concept, images, view_image, self.parts, self.codec, self.max_len, extra)
+        return dataclasses.replace(cache, class_views=np.arange(n_views, len(images), dtype=np.int32))
+
+    def class_images(self, size: tuple[int, int]) -> np.ndarray:
+        """Prior preservation's class images (N, H, W, 3) in [-1, 1]: the N in `prior.class_dir` (default
+        WORKDIR/class_images), or, when it does not hold them all, drawn by the pretrained model from seeds
+        prior.seed + i and written there (every process draws them, so every process has them)."""
+        p = self.config.prior
+        folder = paths.path(p.class_dir) if p.class_dir else self.workdir / "class_images"
+        files = [folder / f"{i:05d}.png" for i in range(p.class_images)]
+        if not multihost.any_process(not all(f.exists() for f in files)):
+            return np.stack([concept_lib.load_image(io.BytesIO(f.read_bytes()), size, "center", None) for f in files])
+        prompt = class_prompt(self.config, self.concept.class_word)
+        settings = SampleSettings(height=size[0], width=size[1], steps=p.steps, guidance=p.guidance,
+                                  max_sequence_length=self.max_len,
+                                  negative_prompt="" if p.true_cfg_scale > 1 else None, true_cfg_scale=p.true_cfg_scale)
+        log.info("prior preservation: drawing %d images of %r into %s", p.class_images, prompt, folder)
+        out = []
+        for start in range(0, p.class_images, 8):
+            seeds = [p.seed + i for i in range(start, min(start + 8, p.class_images))]
+            drawn = np.asarray(multihost.to_host(self.backbone.generate(self.parts, [prompt], settings, seeds=seeds,
+                                                                        codec=self.codec)))
+            for i, image in zip(range(start, start + len(seeds)), drawn):
+                png = _png(image)
+                if multihost.is_main():
+                    paths.write_bytes(files[i], png)
+                out.append(concept_lib.load_image(io.BytesIO(png), size, "center", None))  # as a resume reads it
+        return np.stack(out)
 
     def batch_fn(self, batch_size: int, seed: int):
-        shardings = batch_shardings(self.mesh, self.rules, batch_size)
+        shardings = batch_shardings(self.mesh, self.rules, batch_size, batch_keys(self.config))
 
         def get(step: int):
             b = self.cache.batch(step, batch_size, seed)  # indices, the same in every process
@@ -456,8 +509,8 @@ class Trainer:
         with sharding.activate(self.mesh, self.rules):
             state = program.init(trainable)
             state_sh = shardings_of(state)
-            jitted = program.jit(state_sh, shardings_of(frozen), batch_shardings(self.mesh, self.rules,
-                                                                                 stage_cfg.batch_size), self.mesh)
+            batch_sh = batch_shardings(self.mesh, self.rules, stage_cfg.batch_size, batch_keys(self.config))
+            jitted = program.jit(state_sh, shardings_of(frozen), batch_sh, self.mesh)
             lcfg = loop_config(self.config, stage_cfg.steps)
             sample_fn = self._sample_fn(sample_lora, frozen) if self.config.sample.prompts else None
             state = loop.run_stage(name, self.workdir / name, lcfg, state, state_sh, jitted, frozen,
@@ -523,6 +576,18 @@ class Trainer:
         if multihost.is_main():
             export(host, self, self.workdir / "export")
         return final
+
+
+def class_prompt(config: ml_collections.ConfigDict, class_word: str) -> str:
+    return config.prior.prompt.format(class_word=class_word)
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _check_whole_word_identifier(concept: concept_lib.Concept) -> None:

@@ -3,7 +3,8 @@
     workdir/base/                 with toy.pretrain_base: a base pretrained here (cached);
                                   otherwise the shipped one (toyworld/shipped.py) is used
     workdir/concept/              the 4 concept references (PNG) with caption files
-    workdir/class_images/         "a square" drawn by the base model (prior preservation's class set)
+    workdir/class_images/         "a square" drawn by the base model (prior preservation's class set,
+                                  drawn by the first run that needs it, shared by the others)
     workdir/runs/<arm>/seed<k>    each run's PureCC workdir (stage_a, stage_b, export)
     workdir/samples/              evaluation grids per run
     workdir/report.{md,json,png}
@@ -186,20 +187,6 @@ def _base_folder(config, workdir: Path) -> tuple[Path, str]:
     return shipped.base_folder(), f"shipped with the package (sha256 {shipped.SHA256})"
 
 
-def write_class_images(folder: Path, sampler: Sampler, negative: TextEmbeddings, n: int, class_word: str) -> Path:
-    """Prior preservation's class set: "a square" drawn by the base model from noise rows 0..n-1 (once;
-    every prior-preservation run of the workdir shares it)."""
-    prompt = world.base_prompt(None, class_word)
-    if len(list(folder.glob("*.png"))) >= n:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    text = sampler.parts.text.encode_prompts([prompt] * n, sampler.max_len)
-    images = sampler(text, negative)
-    for i, img in enumerate(images):
-        Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
-    return folder
-
-
 @dataclasses.dataclass
 class Evaluation:
     """What every model is scored against: prompts, their noise, the base model's images of them and,
@@ -304,11 +291,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
     timings["evaluate_base"] = time.perf_counter() - t
 
     todo = [] if toy.base_only else arms(config)
-    class_dir = workdir / "class_images"
-    if any("prior.weight" in a.overrides for a in todo):
-        t = time.perf_counter()
-        write_class_images(class_dir, sampler, negative, config.prior.class_images, cls)
-        timings["class_images"] = time.perf_counter() - t
+    class_dir = workdir / "class_images"  # drawn by the first prior-preservation run, shared by the others
     names = {a.name for a in todo}
     for arm in todo:
         results[arm.name] = {"label": arm.label, "runs": {}, "paired_with": arm.stage_a_from}
