@@ -17,15 +17,17 @@ from absl import app, flags
 
 
 def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
-    """argv (program name first) → the positional arguments left; absl's own flags go to the
-    global registry, the rest to `fv`. --help prints `fv`'s flags; a bad flag exits with them."""
+    """argv (program name first) → the positional arguments left; `fv` takes its flags, absl's own go to
+    the global registry. --help prints `fv`'s flags; a bad flag exits with them."""
     argv = list(argv)
     if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
         print(fv.get_help())
         sys.exit(0)
-    rest = flags.FLAGS(argv, known_only=True)
     try:
-        return fv(rest)
+        # The entry point's own flags first: another module in the process (a benchmark, in tests) may have
+        # defined global flags of the same names (--topology, --model), which must not take their values.
+        rest = fv(argv, known_only=True)
+        return flags.FLAGS(rest)
     except flags.Error as e:
         sys.exit(f"{e}\n\n{fv.get_help()}")
 

@@ -47,6 +47,8 @@ def make_flags(argv: Sequence[str]) -> flags.FlagValues:
                          "be read here (default 5)", flag_values=fv)
     flags.DEFINE_integer("max_tries", 4, "compiles the search for settings that fit may spend (0: no search)",
                          flag_values=fv)
+    flags.DEFINE_list("programs", ["stage_a", "stage_b", "sampler"], "which of the run's programs to compile",
+                      flag_values=fv)
     flags.DEFINE_enum("unit", "GiB", ["GiB", "MiB"], "unit of the table", flag_values=fv)
     flags.DEFINE_string("workdir", None, "ignored: taken so that a run's command line can be checked as it is",
                         flag_values=fv)
@@ -66,7 +68,8 @@ def main(argv: Sequence[str], fv: flags.FlagValues) -> int:
 
     try:
         fits = preflight.run(fv.config, fv.topology, model=fv.model, images=fv.images, max_tries=fv.max_tries,
-                             unit=fv.unit, hbm=None if fv.hbm_gib is None else round(fv.hbm_gib * topology.GiB))
+                             unit=fv.unit, hbm=None if fv.hbm_gib is None else round(fv.hbm_gib * topology.GiB),
+                             programs=fv.programs)
     except (ValueError, FileNotFoundError) as e:
         print(f"compile_check: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -7,6 +7,13 @@ meaning of every field is documented here, next to its default.
 import copy
 
 import ml_collections
+from ml_collections import config_dict
+
+
+def number_or_name(value):
+    """A field of more than one type: a number or a name (--config.timesteps.shift=3.0 or =auto), a number
+    or a tuple (--config.sample.height=512 or ="(512, 768)")."""
+    return config_dict.FieldReference(value, field_type=object)
 
 
 def stage(steps: int = 400, lr: float = 1e-4) -> ml_collections.ConfigDict:
@@ -43,10 +50,28 @@ def concept_config() -> ml_collections.ConfigDict:
         identifier="sks",
         class_word="",  # read from DreamBench when empty
         template="a photo of {identifier} {class_word}",
-        resolution="512",  # "H" or "HxW", multiples of 16
+        # "H" or "HxW", multiples of 16; several comma-separated ("512,768"): every image is cached at each,
+        # and a batch comes from one of them (one compiled program per training size)
+        resolution="512",
         crop="center",  # center | random (random: crops_per_image cached crops)
         crops_per_image=4,
         flip=True,
+        # Aspect-ratio buckets: each photo resized to the bucket of each resolution's pixel area (sides multiples
+        # of bucket_step, from 2:1 to 1:2) whose aspect ratio is closest to its own, so at most a sliver is
+        # cropped (512, step 64: 512x512, 576x448, 448x576, 640x384, 384x640); a batch comes from one bucket at a
+        # time, drawn per (seed, step) with probability proportional to its views. False: every photo cropped
+        # to the resolution.
+        buckets=False,
+        bucket_step=64,  # multiple of 16 (kohya's default 64)
+        # Weight L_CC per pixel by a mask: <image stem>.mask.png beside the image (white: learn, black: ignore)
+        # or the image's alpha channel; images with neither count everywhere. The PureCC term and λ* are not
+        # masked (docs/method.md §4).
+        masked_loss=False,
+        # Probability that a training row's complete text is replaced by the empty prompt (the null text), drawn
+        # per (seed, step); kohya / ai-toolkit call it caption dropout (ai-toolkit's default is 0.05). Only L_CC's
+        # complete text is dropped: the base, target and null texts never are, and a dropped row of stage B adds
+        # no L_PureCC term (it has no complete text to compare with the base text). 0: never.
+        caption_dropout=0.0,
     ))
 
     c.model = ml_collections.ConfigDict(dict(
@@ -79,7 +104,12 @@ def concept_config() -> ml_collections.ConfigDict:
         weight=0.0, class_images=100, prompt="a photo of a {class_word}", class_dir="",
         steps=28, guidance=3.5, true_cfg_scale=1.0, seed=0,
     ))
-    c.timesteps = ml_collections.ConfigDict(dict(sampler="logit_normal", logit_mean=0.0, logit_std=1.0, shift=1.0))
+    # shift: t' = s t / (1 + (s - 1) t) on the sampled t (1: none), or "auto": the pretrained pipeline's shift at
+    # each training resolution, from its scheduler config: FLUX.1-dev's dynamic shifting s = e^mu with mu linear
+    # in the image tokens (base_shift at base_image_seq_len to max_shift at max_image_seq_len, as FluxPipeline
+    # samples); a scheduler without dynamic shifting (SD3.5: shift 3.0) gives its static shift.
+    c.timesteps = ml_collections.ConfigDict(dict(sampler="logit_normal", logit_mean=0.0, logit_std=1.0,
+                                                 shift=number_or_name(1.0)))
     c.train_guidance = 1.0  # FLUX.1-dev's embedded guidance during training; 0 for a model without (FLUX.1-schnell)
 
     # One optimizer per trainable group (LoRA or weights; embeddings) at the stage's learning rates
@@ -102,6 +132,14 @@ def concept_config() -> ml_collections.ConfigDict:
         schedule_free=dict(weight_lr_power=2.0),
     ))
 
+    # An exponential moving average of each stage's trainable tree (LoRA or weights, and concept embeddings),
+    # updated in the step after every optimizer update and checkpointed with it. decay 0: off. warmup: the
+    # decay ramps up as in diffusers' EMAModel, min(decay, (1 + n) / (10 + n)) at update n + 1 (the first
+    # update copies the weights); False: `decay` from the initial weights. When on, the samples during training
+    # and the weights stage A hands stage B are the average; export.ema picks what the final stage exports.
+    # Not with optimizer.name=schedule_free_adamw (which averages already).
+    c.ema = ml_collections.ConfigDict(dict(decay=0.0, warmup=True))
+
     c.log_every = 10
     # Weights & Biases beside TensorBoard: a project name logs every stage's scalars and sample grids to a W&B
     # run ("<workdir name>/<stage>", grouped by workdir; a resumed stage continues its run). Needs
@@ -117,9 +155,14 @@ def concept_config() -> ml_collections.ConfigDict:
         every=100,  # 0: only at the end of each stage
         prompts=("a photo of {identifier} {class_word}", "a {identifier} {class_word} on the beach",
                  "a photo of a {class_word} on the beach"),
-        steps=28, guidance=3.5, height=512, width=512, seed=0,
+        # height, width: one value for every prompt, or a tuple of one per prompt
+        steps=28, guidance=3.5, height=number_or_name(512), width=number_or_name(512), seed=0,
+        # Also sample the untrained model before the first stage's first step (samples/000000.png), so the
+        # grids show before and after. Not redone on resume.
+        at_start=True,
     ))
-    c.export = ml_collections.ConfigDict(dict(dtype="bfloat16"))
+    # ema: with ema.decay > 0, export the final stage's EMA weights (False: its last trained weights).
+    c.export = ml_collections.ConfigDict(dict(dtype="bfloat16", ema=True))
     return c
 
 

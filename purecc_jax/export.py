@@ -14,9 +14,10 @@ export_manifest.json (sha256 of every file; --verify checks a folder against it)
 An SD3 run (`backbones.sd3`) writes diffusers-lora (or diffusers-full for a full fine-tune) only.
 
 --stage defaults to the run's final stage (b, or a for method=dreambooth) and --step to
-its latest checkpoint. Only the trainable part of the checkpoint is read (not the
-optimizer state); weights are written tensor by tensor. The library half is
-`purecc_jax.trained.export_checkpoint`.
+its latest checkpoint; --ema / --noema: the EMA weights of a run that kept them (default: the
+run's config.export.ema). Only the weights' part of the checkpoint is read (with schedule-free
+AdamW, its average: the trained y and the optimizer's z); weights are written tensor by tensor.
+The library half is `purecc_jax.trained.export_checkpoint`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ _MERGE = flags.DEFINE_bool("merge_lora", False, "merge the LoRA into the pretrai
                            flag_values=FLAGS)
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "the pretrained pipeline folder (default: the run's)",
                                   flag_values=FLAGS)
+_EMA = flags.DEFINE_bool("ema", None, "export the EMA weights of a run that kept them (config.ema); default: "
+                         "the run's config.export.ema", flag_values=FLAGS)
 _VERIFY = flags.DEFINE_string("verify", None, "only check an export folder against its export_manifest.json",
                               flag_values=FLAGS)
 
@@ -61,7 +64,7 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"--{flag.name} is required")
     folder = trained_lib.export_checkpoint(_WORKDIR.value, _OUTPUT.value, formats=_FORMAT.value, stage=_STAGE.value,
                                step=_STEP.value, dtype=_DTYPE.value, merge_lora=_MERGE.value,
-                               pretrained=_PRETRAINED.value)
+                               pretrained=_PRETRAINED.value, ema=_EMA.value)
     logging.info("exported to %s", folder)
 
 

@@ -73,9 +73,6 @@ class Report:
     def failing(self) -> list[str]:
         return [p.key for p in self.programs if not p.verdict.fits]
 
-    def table(self) -> str:
-        return topology.format_table([(p.name, p.figures, p.verdict) for p in self.programs])
-
 
 def model_source(config: ml_collections.ConfigDict, model: str | None = None) -> tuple[Backbone, str]:
     """(backbone, preset name or pipeline folder) whose architecture the programs are built from: `model`
@@ -194,18 +191,25 @@ class Programs:
         self.backbone, self.model = model_source(config, model)
         train.check(config, self.backbone)
         self.notes: list[str] = []
+        if config.pretrained and self.model in PRESETS and model is None:
+            self.notes.append(f"config.pretrained={config.pretrained} is no pipeline folder this host can read: "
+                              f"{self.model}'s architecture (--model to choose)")
         runtime = _resolved_runtime(config, self.notes)
         self.mesh = train.make_mesh(config, devices)
         self.rules = sharding.rules_from_config(config.axis_rules)
         self.parts = train.prepare_parts(
             self.backbone.abstract_parts(self.model, mesh=self.mesh, rules=self.rules, **runtime), config)
-        height, width = concept_lib.parse_resolution(config.concept.resolution)
+        # Of several training sizes (resolutions, aspect-ratio buckets), the steps of the largest.
+        sizes = train.training_sizes(config)
+        height, width = max(sizes, key=lambda x: (x[0] * x[1], x))
         views, texts, where = concept_sizes(config, images)
         if config.prior.weight > 0:  # prior preservation's class images are views too, with one more text
             views, texts = views + config.prior.class_images, texts + 1
             where += f", and {config.prior.class_images} class images"
-        self.notes.append(f"concept cache: {views} views of {height}x{width}, {texts} texts ({where})")
+        several = f" (the largest of {len(sizes)} training sizes)" if len(sizes) > 1 else ""
+        self.notes.append(f"concept cache: {views} views of {height}x{width}{several}, {texts} texts ({where})")
         shapes = self.backbone.cache_shapes(self.parts, height, width, views, texts, config.model.max_sequence_length)
+        shapes = train.step_cache_arrays(config, self.parts, shapes, (height, width))
         self.cache = train.on_mesh(shapes, sharding.replicated(self.mesh))
         self.only = set(only or ("stage_a", "stage_b", "sampler"))
 
@@ -261,15 +265,16 @@ class Programs:
             last = ("stage_b", inputs, state, batch)
         if "sampler" in self.only and config.sample.prompts and last is not None:
             name, inputs, state, batch = last
-            c, s = config.concept, config.sample
+            c = config.concept
             sampling_parts, trained = train.sampling_inputs(config, parts, c.identifier, c.class_word or "thing",
                                                             state.trainable, inputs.frozen, inputs.lora)
-            images = len(s.prompts)
-            lowered = backbone.lower_sampler(sampling_parts, train.sample_settings(config), images, trained)
+            settings = train.sample_settings(config)  # the largest of the prompts' sizes, as many as have it
+            images = train.sample_sizes(config).count((settings.height, settings.width))
+            lowered = backbone.lower_sampler(sampling_parts, settings, images, trained)
             resident = resident_bytes([*backbone.device_params(parts).values(), state, inputs.frozen, batch],
                                       (sampling_parts.transformer_params, trained.lora, trained.embeddings))
-            yield Lowering("sampler", f"sampler ({name[-1].upper()}, {images}x{s.height}x{s.width})", lowered,
-                           resident)
+            size = f"{images}x{settings.height}x{settings.width}"
+            yield Lowering("sampler", f"sampler ({name[-1].upper()}, {size})", lowered, resident)
 
 
 def check(config: ml_collections.ConfigDict, topo: Topology | str, *, model: str | None = None,
@@ -354,10 +359,14 @@ def search(config: ml_collections.ConfigDict, report: Report, *, max_tries: int 
 
 
 def run(config: ml_collections.ConfigDict, topology_name: str, *, model: str | None = None, hbm: int | None = None,
-        images: int | None = None, max_tries: int = 4, unit: str = "GiB", echo: Any = print) -> bool:
+        images: int | None = None, programs: Sequence[str] | None = None, max_tries: int = 4, unit: str = "GiB",
+        echo: Any = print) -> bool:
     """`check` on the slice `topology_name`, its table printed through `echo`; when a program does not fit,
     `search` (up to `max_tries` compiles) and what it tried. True when every program fits."""
-    report = check(config, topology_name, model=model, hbm=hbm, images=images)
+    unknown = sorted(set(programs or ()) - {"stage_a", "stage_b", "sampler"})
+    if unknown:
+        raise ValueError(f"programs {unknown} are not among stage_a, stage_b, sampler")
+    report = check(config, topology_name, model=model, hbm=hbm, images=images, programs=programs)
     echo(format_report(report, unit))
     if report.fits:
         return True

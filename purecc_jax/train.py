@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,11 +38,12 @@ from purecc_jax.data import texts as texts_lib
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models import quantize
 from purecc_jax.pipeline import flow
+from purecc_jax.pipeline import schedule as schedule_lib
 from purecc_jax.pipeline.settings import SampleSettings
 from purecc_jax.purecc import loop
 from purecc_jax.purecc.objective import ObjectiveConfig
-from purecc_jax.purecc.step import (TEXT_KINDS, Extractor, Frozen, StepConfig, TrainState, init_state,
-                                    jit_train_step, make_optimizer, make_train_step)
+from purecc_jax.purecc.step import (TEXT_KINDS, Extractor, Frozen, OptimizerConfig, StepConfig, TrainState,
+                                    eval_params, init_state, jit_train_step, make_optimizer, make_train_step)
 
 log = logging.getLogger(__name__)
 METHODS = ("purecc", "dreambooth")
@@ -72,6 +74,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.model.base_quantization={quant!r} holds the frozen weights quantized: it needs "
                          "LoRA in both stages (set stage_a/stage_b.full_finetune=False or base_quantization=none)")
     runs = {"stage_a": not config.extractor_lora, "stage_b": config.method == "purecc"}
+    optimizer = OptimizerConfig.from_config(config.optimizer)
+    for name in running_stages(config):
+        optimizer.check_schedule(name, config[name].schedule)
     for name in ("stage_a", "stage_b"):
         st = config[name]
         if st.steps < int(runs[name]) or st.batch_size < 1:
@@ -84,13 +89,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
                              "(the micro-steps of an unfinished last update would be dropped)")
         if not 0 <= st.warmup_steps <= st.steps:
             raise ValueError(f"config.{name}.warmup_steps={st.warmup_steps} must be in [0, steps={st.steps}]")
+    c = config.concept
+    if isinstance(c.bucket_step, bool) or not isinstance(c.bucket_step, int) or c.bucket_step <= 0 \
+            or c.bucket_step % 16:
+        raise ValueError(f"config.concept.bucket_step={c.bucket_step!r} must be a positive multiple of 16")
     try:
-        concept_lib.parse_resolution(config.concept.resolution)
+        training_sizes(config)
     except ValueError as e:
-        raise ValueError(f"config.concept.resolution: {e}") from None
-    if config.sample.prompts and (config.sample.height % 16 or config.sample.width % 16):
-        raise ValueError(f"config.sample.height={config.sample.height} and width={config.sample.width} must be "
-                         "multiples of 16")
+        raise ValueError(f"config.concept.resolution={c.resolution!r}: {e}") from None
+    if config.sample.prompts:
+        sample_sizes(config)
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if config[key] < 1:
             raise ValueError(f"config.{key}={config[key]} must be >= 1")
@@ -98,6 +106,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.max_nonfinite_steps={config.max_nonfinite_steps} must be >= 0 (0: never stop)")
     ObjectiveConfig(**_objective_kwargs(config))
     flow.TimestepConfig(**config.timesteps)
+    _check_ema(config, optimizer)
     if config.objective.gradient_share_every < 0:
         raise ValueError(f"config.objective.gradient_share_every={config.objective.gradient_share_every} must be "
                          ">= 0 (0: never)")
@@ -108,6 +117,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if p.weight > 0 and "{identifier}" in p.prompt:
         raise ValueError(f"config.prior.prompt={p.prompt!r} names the identifier: the class prompt is the class "
                          "without the concept (e.g. 'a photo of a {class_word}')")
+    if p.weight > 0 and len(training_sizes(config)) > 1:
+        raise ValueError(f"config.prior.weight={p.weight} with several training sizes (concept.resolution="
+                         f"{c.resolution!r}, concept.buckets={c.buckets}): prior preservation trains at one size "
+                         "for now; give one resolution without buckets")
+    if not 0 <= config.concept.caption_dropout < 1:
+        raise ValueError(f"config.concept.caption_dropout={config.concept.caption_dropout} must be in [0, 1) "
+                         "(the probability that a row's complete text is the empty prompt; 0: never)")
+    if config.log.wandb_project:
+        loop.require_wandb(config.log.wandb_project)
+
+
+def _check_ema(config: ml_collections.ConfigDict, optimizer: OptimizerConfig) -> None:
+    decay = config.ema.decay
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise ValueError(f"config.ema.decay={decay!r} must be in [0, 1) (0: no EMA; e.g. 0.99 or 0.999)")
+    if decay and optimizer.name == "schedule_free_adamw":
+        raise ValueError(f"config.ema.decay={decay}: optimizer.name=schedule_free_adamw already averages its "
+                         "iterates (samples and exports use the average); set ema.decay=0 or another optimizer")
 
 
 def check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
@@ -155,7 +182,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 # Config keys (and groups) that change how a run reports or exports, not the parameters it trains.
 RESUME_IGNORES = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps",
-                  "force_resume", "sample", "export")
+                  "force_resume", "sample", "export", "log")
 
 
 def _ignored(key: str, ignore: Sequence[str]) -> bool:
@@ -230,6 +257,31 @@ class StageProgram:
 def running_stages(config: ml_collections.ConfigDict) -> list[str]:
     """The stages a run of `config` trains: stage A unless an extractor LoRA replaces it, stage B for PureCC."""
     return ["stage_a"] * (not config.extractor_lora) + ["stage_b"] * (config.method == "purecc")
+
+
+def training_sizes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """Every (height, width) a run of `config` may train at: each of concept.resolution's resolutions, or
+    with concept.buckets every aspect-ratio bucket of their areas (which the images' shapes pick from)."""
+    c = config.concept
+    resolutions = concept_lib.parse_resolutions(c.resolution)
+    if not c.buckets:
+        return resolutions
+    return sorted({b for r in resolutions for b in concept_lib.bucket_sizes(r, c.bucket_step)})
+
+
+def step_cache_arrays(config: ml_collections.ConfigDict, parts: Any, arrays: dict[str, Any],
+                      size: tuple[int, int]) -> dict[str, Any]:
+    """The cache arrays a stage's step reads for views of `size` (height, width): `arrays` (numpy, or
+    ShapeDtypeStructs) and, with timesteps.shift="auto", `timestep_shift`: the pipeline's shift at that size
+    (`pipeline.schedule.training_shift`; FLUX's and SD3's transformers see (h / 16) (w / 16) image tokens).
+    With concept.masked_loss, shapes gain the `loss_weight` that the trainer's caches hold (the latents')."""
+    if config.concept.masked_loss and is_abstract(arrays) and "loss_weight" not in arrays:
+        arrays = dict(arrays, loss_weight=jax.ShapeDtypeStruct(arrays["latents"].shape, np.float32))
+    if config.timesteps.shift != flow.AUTO:
+        return arrays
+    tokens = (size[0] // 16) * (size[1] // 16)
+    shift = np.float32(schedule_lib.training_shift(getattr(parts, "scheduler", None), tokens))
+    return dict(arrays, timestep_shift=jax.ShapeDtypeStruct((), np.float32) if is_abstract(arrays) else shift)
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -307,8 +359,7 @@ def stage_a_inputs(config: ml_collections.ConfigDict, backbone: Backbone, parts:
     text = backbone.text_params(parts) if config.concept_embedding == "token" else None
     frozen = Frozen(params=parts.transformer_params, cache=cache, text=text)
     lcfg = None if st.full_finetune else lora_config(st, backbone)
-    step_cfg = StepConfig(stage="cc", timesteps=flow.TimestepConfig(**config.timesteps), trainable_lora=lcfg,
-                          extractor_lora=None, prior_weight=config.prior.weight)
+    step_cfg = StepConfig(stage="cc", trainable_lora=lcfg, extractor_lora=None, **step_options(config))
     return StageInputs(trainable, frozen, step_cfg, lcfg)
 
 
@@ -349,11 +400,18 @@ def stage_b_inputs(config: ml_collections.ConfigDict, backbone: Backbone, parts:
                     embeddings=learned if learned is not None and not train_emb else None,
                     text=backbone.text_params(parts) if token_rows else None, extractor=extractor)
     lcfg = None if st.full_finetune else lora_config(st, backbone)
-    step_cfg = StepConfig(stage="purecc", objective=ObjectiveConfig(**_objective_kwargs(config)),
-                          timesteps=flow.TimestepConfig(**config.timesteps), trainable_lora=lcfg,
-                          extractor_lora=extractor_lora, prior_weight=config.prior.weight,
-                          gradient_share_every=config.objective.gradient_share_every)
+    step_cfg = StepConfig(stage="purecc", objective=ObjectiveConfig(**_objective_kwargs(config)), trainable_lora=lcfg,
+                          extractor_lora=extractor_lora, **step_options(config))
     return StageInputs(trainable, frozen, step_cfg, lcfg)
+
+
+def step_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The StepConfig fields both stages take from the config: timesteps, EMA, caption dropout, prior
+    preservation, the logged gradient share (stage B)."""
+    return dict(timesteps=flow.TimestepConfig(**config.timesteps), ema_decay=float(config.ema.decay),
+                ema_warmup=config.ema.warmup, caption_dropout=config.concept.caption_dropout > 0,
+                prior_weight=float(config.prior.weight),
+                gradient_share_every=config.objective.gradient_share_every)
 
 
 def stage_program(config: ml_collections.ConfigDict, backbone: Backbone, parts: Any, name: str,
@@ -362,13 +420,20 @@ def stage_program(config: ml_collections.ConfigDict, backbone: Backbone, parts: 
     stage_cfg = config[name]
     lrs = {k: schedule(stage_cfg, stage_cfg.embedding_learning_rate if k == "embeddings"
                        else stage_cfg.learning_rate) for k in trainable}
-    o = config.optimizer
-    tx = make_optimizer(lrs, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                        grad_clip=o.grad_clip or None, grad_accum=stage_cfg.grad_accum)
+    tx = make_optimizer(lrs, OptimizerConfig.from_config(config.optimizer), grad_accum=stage_cfg.grad_accum)
     main_lr = lrs.get("lora", lrs.get("params"))
     step = make_train_step(backbone.denoiser(parts, config), step_cfg, tx, main_lr, stage_cfg.grad_accum)
     seed = config.seed + (0 if name == "stage_a" else 1)
-    return StageProgram(step, tx, jax.jit(lambda tr: init_state(tr, tx, seed)), seed)
+    ema = step_cfg.ema_decay > 0
+    return StageProgram(step, tx, jax.jit(lambda tr: init_state(tr, tx, seed, ema=ema)), seed)
+
+
+def evaluated(state: TrainState, ema: bool = True) -> dict[str, Any]:
+    """The weights a stage's state stands for, to sample, export and hand on: its EMA (with `ema`, when it
+    keeps one), else schedule-free AdamW's average (`purecc.step.eval_params`), else the trainable tree."""
+    if ema and state.ema is not None:
+        return state.ema.params
+    return eval_params(state.trainable, state.opt_state)
 
 
 BATCH_KEYS = ("image", *TEXT_KINDS)  # what `ConceptCache.batch` returns: indices into the cache
@@ -385,9 +450,50 @@ def batch_shardings(mesh: Mesh, rules: Any, batch_size: int, keys: Sequence[str]
     return {k: sharding.batch_sharding(mesh, (batch_size,), rules) for k in keys}
 
 
-def sample_settings(config: ml_collections.ConfigDict) -> SampleSettings:
+@flax.struct.dataclass
+class Batch:
+    """A step's batch: indices into the concept cache of training size `bucket` (`Trainer.caches`)."""
+
+    indices: dict[str, jax.Array]
+    bucket: int = flax.struct.field(pytree_node=False, default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketSteps:
+    """The jitted step on a `Batch`, with the frozen inputs of its training size (a list, one per size): one
+    program per size, which jit compiles on first use."""
+
+    jitted: Any
+
+    def __call__(self, state: TrainState, frozen: Sequence[Frozen], batch: Batch):
+        return self.jitted(state, frozen[batch.bucket], batch.indices)
+
+    def lower(self, state: TrainState, frozen: Sequence[Frozen], batch: Batch):
+        return self.jitted.lower(state, frozen[batch.bucket], batch.indices)
+
+
+def sample_sizes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """(height, width) of each sample prompt: sample.height / sample.width, one value for all prompts or
+    one per prompt."""
     s = config.sample
-    return SampleSettings(height=s.height, width=s.width, steps=s.steps, guidance=s.guidance,
+    n = len(s.prompts)
+    sides = {}
+    for key in ("height", "width"):
+        value = s[key]
+        values = [value] * n if isinstance(value, int) and not isinstance(value, bool) else list(value)
+        if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 16 == 0
+                                       for v in values):
+            raise ValueError(f"config.sample.{key}={value!r} must be a positive multiple of 16, or one per sample "
+                             f"prompt ({n})")
+        sides[key] = values
+    return list(zip(sides["height"], sides["width"]))
+
+
+def sample_settings(config: ml_collections.ConfigDict, size: tuple[int, int] | None = None) -> SampleSettings:
+    """The samples' settings at `size` (default: the largest of the prompts' sizes)."""
+    s = config.sample
+    height, width = size or max(sample_sizes(config) or [(s.height, s.width)], key=lambda x: (x[0] * x[1], x))
+    return SampleSettings(height=height, width=width, steps=s.steps, guidance=s.guidance,
                           max_sequence_length=config.model.max_sequence_length)
 
 
@@ -437,29 +543,55 @@ class Trainer:
         self.backbone.prepare_identifier(parts, self.concept.identifier, config.concept_embedding)
         self.max_len = config.model.max_sequence_length
         self.guidance = self.backbone.train_guidance(parts, config)
-        self.cache = self._build_cache()
-        self.cache_device = on_mesh(self.cache.arrays, sharding.replicated(self.mesh))
+        self.caches = self._build_cache()
+        self._place_caches()
 
     # --- data
 
-    def _build_cache(self) -> cache_lib.ConceptCache:
+    @property
+    def cache(self) -> cache_lib.ConceptCache:
+        """The concept cache of the first training size (the only one with one resolution and no buckets)."""
+        return self.caches[0]
+
+    @property
+    def cache_device(self) -> dict[str, jax.Array]:
+        """`cache`'s arrays as the step reads them, on the devices."""
+        return self.cache_devices[0]
+
+    def _build_cache(self) -> list[cache_lib.ConceptCache]:
+        """One concept cache per training size (`concept_lib.views_by_size`), in the order of `self.sizes`."""
         c = self.config.concept
-        size = concept_lib.parse_resolution(c.resolution)
-        images, view_image = concept_lib.views(self.concept, size, crop=c.crop, crops_per_image=c.crops_per_image,
-                                               flip=c.flip, seed=self.config.seed)
+        groups = concept_lib.views_by_size(
+            self.concept, concept_lib.parse_resolutions(c.resolution), buckets=c.buckets, bucket_step=c.bucket_step,
+            crop=c.crop, crops_per_image=c.crops_per_image, flip=c.flip, seed=self.config.seed, masks=c.masked_loss)
+        if c.masked_loss and not self.concept.masks and all(np.all(g.weights == 1) for g in groups):
+            raise ValueError(f"config.concept.masked_loss=True but no image of {self.concept.name} has an alpha "
+                             f"channel or a mask file (<image stem>{concept_lib.MASK_SUFFIX}) beside it")
         # Token rows start from the class word's embeddings and enter the cached encodings.
         extra = self.backbone.initial_embeddings(self.parts, "token", self.concept, None, self.config.seed,
                                                  self.guidance) if self.token_mode else None
-        concept, n_views = self.concept, len(images)
-        if self.config.prior.weight > 0:  # the class images are views too, after the concept's
-            classes = self.class_images(size)
-            prompt = class_prompt(self.config, concept.class_word)
-            concept = dataclasses.replace(concept, texts=(*concept.texts, texts_lib.Texts(prompt, prompt, prompt)))
-            images = np.concatenate([images, classes])
-            view_image = np.concatenate([view_image, np.full(len(classes), len(concept.texts) - 1, np.int32)])
-        log.info("encoding %d views of %d images and their texts", len(images), len(self.concept.images))
-        cache = self.backbone.build_cache(concept, images, view_image, self.parts, self.codec, self.max_len, extra)
-        return dataclasses.replace(cache, class_views=np.arange(n_views, len(images), dtype=np.int32))
+        self.sizes = [g.size for g in groups]
+        caches = []
+        for g in groups:
+            concept, images, view_image, n_views = self.concept, g.images, g.view_image, len(g.images)
+            if self.config.prior.weight > 0:  # the class images are views too, after the concept's (one size)
+                classes = self.class_images(g.size)
+                prompt = class_prompt(self.config, concept.class_word)
+                concept = dataclasses.replace(concept, texts=(*concept.texts, texts_lib.Texts(prompt, prompt, prompt)))
+                images = np.concatenate([images, classes])
+                view_image = np.concatenate([view_image, np.full(len(classes), len(concept.texts) - 1, np.int32)])
+            log.info("encoding %d views of %dx%d and their texts", len(images), *g.size)
+            cache = self.backbone.build_cache(concept, images, view_image, self.parts, self.codec, self.max_len,
+                                              extra)
+            cache = dataclasses.replace(cache, class_views=np.arange(n_views, len(images), dtype=np.int32))
+            if g.weights is not None:
+                weights = self._loss_weights(g)
+                if len(cache.class_views):  # class images count whole
+                    weights = np.concatenate([weights, np.ones((len(cache.class_views), *weights.shape[1:]),
+                                                               weights.dtype)])
+                cache = dataclasses.replace(cache, arrays=dict(cache.arrays, loss_weight=weights))
+            caches.append(cache)
+        return caches
 
     def class_images(self, size: tuple[int, int]) -> np.ndarray:
         """Prior preservation's class images (N, H, W, 3) in [-1, 1]: the N in `prior.class_dir` (default
@@ -487,12 +619,30 @@ class Trainer:
                 out.append(concept_lib.load_image(io.BytesIO(png), size, "center", None))  # as a resume reads it
         return np.stack(out)
 
+    def _loss_weights(self, views: concept_lib.SizedViews) -> np.ndarray:
+        """A masked loss's per-pixel weights, averaged over each latent pixel, in the latents' layout."""
+        f = self.codec.downsample_factor
+        m, h, w = views.weights.shape
+        pooled = views.weights.reshape(m, h // f, f, w // f, f).mean(axis=(2, 4))
+        empty = [str(self.concept.images[views.view_image[i]]) for i in range(m) if not pooled[i].sum() > 0]
+        if empty:
+            raise ValueError(f"the masks of {sorted(set(empty))} leave nothing to learn at {h}x{w} (all black, or "
+                             "no pixel of the crop): paint the subject white in the mask or its alpha channel")
+        return self.backbone.loss_weights(pooled, self.codec.latent_channels).astype(np.float32)
+
+    def _place_caches(self) -> None:
+        self.cache_devices = [on_mesh(step_cache_arrays(self.config, self.parts, cache.arrays, size),
+                                      sharding.replicated(self.mesh)) for cache, size in zip(self.caches, self.sizes)]
+
     def batch_fn(self, batch_size: int, seed: int):
         shardings = batch_shardings(self.mesh, self.rules, batch_size, batch_keys(self.config))
+        dropout = self.config.concept.caption_dropout
 
-        def get(step: int):
-            b = self.cache.batch(step, batch_size, seed)  # indices, the same in every process
-            return multihost.put(b, shardings)  # each process puts only the rows of its own devices
+        def get(step: int) -> Batch:
+            # indices, the same in every process (the size too)
+            bucket = cache_lib.draw_bucket(self.caches, step, seed)
+            b = self.caches[bucket].batch(step, batch_size, seed, caption_dropout=dropout)
+            return Batch(multihost.put(b, shardings), bucket)  # each process puts only its own devices' rows
         return get
 
     def initial_embeddings(self) -> Any:
@@ -509,13 +659,17 @@ class Trainer:
         with sharding.activate(self.mesh, self.rules):
             state = program.init(trainable)
             state_sh = shardings_of(state)
-            batch_sh = batch_shardings(self.mesh, self.rules, stage_cfg.batch_size, batch_keys(self.config))
-            jitted = program.jit(state_sh, shardings_of(frozen), batch_sh, self.mesh)
-            lcfg = loop_config(self.config, stage_cfg.steps)
-            sample_fn = self._sample_fn(sample_lora, frozen) if self.config.sample.prompts else None
+            jitted = BucketSteps(program.jit(state_sh, shardings_of(frozen), batch_shardings(
+                self.mesh, self.rules, stage_cfg.batch_size, batch_keys(self.config)), self.mesh))
+            frozen = [frozen.replace(cache=cache) for cache in self.cache_devices]  # by training size
+            lcfg = loop_config(self.config, stage_cfg.steps, run=self.workdir.name,
+                               first_stage=name == running_stages(self.config)[0])
+            sample_fn = self._sample_fn(sample_lora, frozen[0]) if self.config.sample.prompts else None
             state = loop.run_stage(name, self.workdir / name, lcfg, state, state_sh, jitted, frozen,
                                    self.batch_fn(stage_cfg.batch_size, program.seed), sample_fn)
-        return state.trainable
+        # Stage A hands stage B its EMA when it keeps one; the final stage's export takes it by export.ema.
+        final = name == running_stages(self.config)[-1]
+        return evaluated(state, ema=not final or self.config.export.ema)
 
     # --- sampling during training
 
@@ -526,15 +680,20 @@ class Trainer:
     def _sample_fn(self, lcfg: lora_lib.LoRAConfig | None, frozen: Frozen):
         s = self.config.sample
         prompts = self.sample_prompts()
-        settings = sample_settings(self.config)
+        sizes = sample_sizes(self.config)
         c = self.concept
 
         def sample(state):
-            parts, trained = sampling_inputs(self.config, self.parts, c.identifier, c.class_word, state.trainable,
+            parts, trained = sampling_inputs(self.config, self.parts, c.identifier, c.class_word, evaluated(state),
                                              frozen, lcfg)
-            images = self.backbone.generate(parts, prompts, settings, seeds=(s.seed,), trained=trained,
-                                            codec=self.codec)
-            return multihost.to_host(images), prompts
+            images = [None] * len(prompts)
+            for size in dict.fromkeys(sizes):  # one call per size, in the prompts' order
+                rows = [i for i, x in enumerate(sizes) if x == size]
+                out = self.backbone.generate(parts, [prompts[i] for i in rows], sample_settings(self.config, size),
+                                             seeds=(s.seed,), trained=trained, codec=self.codec)
+                for i, image in zip(rows, multihost.to_host(out)):
+                    images[i] = image
+            return (np.stack(images) if len(set(sizes)) == 1 else images), prompts
         return sample
 
     # --- the two stages
@@ -557,8 +716,9 @@ class Trainer:
         learned = a.trainable.get("embeddings")
         if learned is not None:
             # Frozen token embeddings are baked into the cached encodings of the complete/target texts.
-            self.cache = self.backbone.bake_embeddings(self.cache, self.parts, learned, cfg.concept_embedding)
-            self.cache_device = on_mesh(self.cache.arrays, sharding.replicated(self.mesh))
+            self.caches = [self.backbone.bake_embeddings(cache, self.parts, learned, cfg.concept_embedding)
+                           for cache in self.caches]
+            self._place_caches()
         inputs = stage_b_inputs(cfg, self.backbone, self.parts, self.cache_device, self.mesh, a)
         trained = self.run_stage("stage_b", cfg.stage_b, inputs.step_cfg, inputs.trainable, inputs.frozen,
                                  inputs.lora)
@@ -601,10 +761,18 @@ def _check_whole_word_identifier(concept: concept_lib.Concept) -> None:
                     "export) read the learned token there too: rephrase the caption or choose another identifier")
 
 
-def loop_config(config, steps: int) -> loop.LoopConfig:
+def loop_config(config, steps: int, run: str = "", first_stage: bool = True) -> loop.LoopConfig:
+    """A stage's loop settings; `run`: the run's name (its workdir's) for W&B; `first_stage`: whether the
+    stage is the run's first, which samples the untrained model at step 0 (`sample.at_start`)."""
+    log_cfg = config.log
+    wandb = None
+    if log_cfg.wandb_project:
+        wandb = loop.WandbConfig(project=log_cfg.wandb_project, entity=log_cfg.wandb_entity, run=run,
+                                 config=json.loads(config.to_json_best_effort()))
     return loop.LoopConfig(steps=steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                            keep_checkpoints=config.keep_checkpoints, sample_every=config.sample.every,
-                           progress=config.progress, max_nonfinite_steps=config.max_nonfinite_steps)
+                           progress=config.progress, max_nonfinite_steps=config.max_nonfinite_steps, wandb=wandb,
+                           sample_at_start=bool(config.sample.at_start and first_stage))
 
 
 # ----------------------------------------------------------------------------- export

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from purecc_jax import backbones, paths
@@ -169,11 +171,72 @@ def last_grid(directory: Path, step: int) -> Path | None:
     return grids[-1] if grids else None
 
 
+def _has_ema(config: dict[str, Any]) -> bool:
+    return bool(config.get("ema", {}).get("decay", 0))
+
+
+def checkpoint_weights(directory: str | Path, config: dict[str, Any], step: int | None = None,
+                       ema: bool = False) -> tuple[dict[str, Any], int]:
+    """The weights a stage's checkpoint stands for (host numpy arrays) and its step (default: the latest):
+    with `ema` its EMA (config.ema), else with schedule-free AdamW (the run's `config`) its average
+    x = (y - (1 - b1) z) / b1 per trainable group (`purecc.step.eval_params`), else its trainable tree.
+    Only those parts of the checkpoint are read."""
+    if ema:
+        restored, step = loop.restore_leaves(directory, lambda p: p[:2] == ("ema", "params"), step)
+        if not restored:
+            raise ValueError(f"{directory}: checkpoint {step} holds no EMA (the run had ema.decay=0): export "
+                             "its trained weights instead (--noema)")
+        return restored["ema"]["params"], step
+    if config.get("optimizer", {}).get("name") != "schedule_free_adamw":
+        return loop.restore_trainable(directory, step)
+    restored, step = loop.restore_leaves(directory, _trainable_or_average_state, step)
+    return _schedule_free_average(restored["trainable"], restored.get("opt_state")), step
+
+
+def _trainable_or_average_state(path: tuple[str, ...]) -> bool:
+    """The trainable tree, and per group g the b1 and z[g] of schedule-free's state (inner_states/g/inner_state)."""
+    if path[0] == "trainable":
+        return True
+    for i in range(2, len(path) - 1):
+        if path[i] == "inner_state" and path[i - 2] == "inner_states":
+            group, rest = path[i - 1], path[i + 1:]
+            return rest == ("b1",) or rest[:2] == ("z", group)
+    return False
+
+
+def _schedule_free_average(trainable: dict[str, Any], opt_state: Any) -> dict[str, Any]:
+    out = dict(trainable)
+    found = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for group, state in (node.get("inner_states") or {}).items():
+                inner = state.get("inner_state", {}) if isinstance(state, dict) else {}
+                if group in out and "b1" in inner and group in inner.get("z", {}):
+                    # as optax.contrib.schedule_free_eval_params computes it in the trainer (float32 b1)
+                    b1 = jnp.asarray(inner["b1"])
+                    out[group] = jax.tree_util.tree_map(lambda y, z: np.asarray((y - (1.0 - b1) * z) / b1),
+                                                        trainable[group], inner["z"][group])
+                    found.append(group)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(opt_state)
+    if set(found) != set(trainable):
+        missing = sorted(set(trainable) - set(found))
+        raise ValueError(f"a schedule_free_adamw checkpoint without the optimizer state of {missing}")
+    return out
+
+
 def export_checkpoint(workdir: str | Path, output: str | Path, *, formats: Sequence[str] = ("default",),
                       stage: str | None = None, step: int | None = None, dtype: str | None = None,
-                      merge_lora: bool = False, pretrained: str | None = None) -> Path:
+                      merge_lora: bool = False, pretrained: str | None = None, ema: bool | None = None) -> Path:
     """Exports a checkpoint of a training workdir: `stage` "a" or "b" (default: the run's final one),
-    `step` (default: its latest checkpoint). Only the trainable part of the checkpoint is read."""
+    `step` (default: its latest checkpoint), `ema`: its EMA weights (default: when the run kept one and its
+    config.export.ema). Only the weights' part of the checkpoint is read (`checkpoint_weights`)."""
     workdir = Path(workdir)
     config = read_config(workdir)
     method = config.get("method", "purecc")
@@ -181,11 +244,15 @@ def export_checkpoint(workdir: str | Path, output: str | Path, *, formats: Seque
     if stage == "b" and method == "dreambooth":
         raise ValueError(f"{workdir} is a dreambooth run: it has only stage a")
     name = f"stage_{stage}"
-    trainable, step = loop.restore_trainable(workdir / name, step)
+    if ema is None:
+        ema = _has_ema(config) and config.get("export", {}).get("ema", True)
+    trainable, step = checkpoint_weights(workdir / name, config, step, ema)
     kind = config.get("concept_embedding", "none")
     if kind != "none" and "embeddings" not in trainable and stage == "b":
-        # Stage B keeps stage A's learned embeddings frozen: they live in stage A's final checkpoint.
-        trainable["embeddings"] = loop.restore_trainable(workdir / "stage_a")[0].get("embeddings")
+        # Stage B keeps stage A's learned embeddings frozen: those stage A handed on (its EMA when it kept one),
+        # from its final checkpoint.
+        trainable["embeddings"] = checkpoint_weights(workdir / "stage_a", config, None, _has_ema(config))[0].get(
+            "embeddings")
     pretrained = pretrained or workdir_pretrained(workdir)
     model = config.get("model", {})
     backbone = backbones.select(pretrained, model.get("backbone", backbones.AUTO))

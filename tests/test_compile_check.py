@@ -75,10 +75,12 @@ def test_trainer_and_check_lower_the_same_steps(tmp_path, monkeypatch):
 
 
 @requires_libtpu
-@pytest.mark.parametrize("model,topology_name", [("flux-tiny", "v5e:2x2"), ("sd3-tiny", "v6e:2x2")])
-def test_tiny_runs_compile_for_a_tpu_slice(model, topology_name, caplog):
-    """Stage A, stage B and the sampler of a tiny run, compiled by XLA:TPU with the splash kernel (Mosaic)."""
-    config = tiny_config(model)
+@pytest.mark.parametrize("model,topology_name,overrides", [
+    ("flux-tiny", "v5e:2x2", {"model.base_quantization": "int8"}), ("sd3-tiny", "v6e:2x2", {})])
+def test_tiny_runs_compile_for_a_tpu_slice(model, topology_name, overrides, caplog):
+    """Stage A, stage B and the sampler of a tiny run, compiled by XLA:TPU with the splash kernel (Mosaic);
+    FLUX with its frozen base in int8."""
+    config = tiny_config(model, **overrides)
     with caplog.at_level("INFO", logger="purecc_jax.models.attention"):
         report = preflight.check(config, topology_name, model=model)
     assert [p.key for p in report.programs] == ["stage_a", "stage_b", "sampler"]
@@ -87,6 +89,9 @@ def test_tiny_runs_compile_for_a_tpu_slice(model, topology_name, caplog):
     assert any("attention splash" in r.getMessage() for r in caplog.records)
     table = preflight.format_report(report, unit="MiB")
     assert "resident MiB" in table and table.count("fits:") == 3
+    if overrides:  # the run's frozen weights, as the check built them, are int8
+        parts = preflight.Programs(config, report.topology.devices, model=model).parts
+        assert "int8" in {str(x.dtype) for x in jax.tree_util.tree_leaves(parts.transformer_params)}
 
 
 @requires_libtpu
@@ -142,14 +147,16 @@ def test_search_bisects_remat_then_tries_meshes_and_int8(monkeypatch):
 
 
 @requires_libtpu
-def test_multihost_slice_compiles_with_the_distributed_mesh():
-    """v5e:4x4 is 16 chips on 4 hosts: the run's mesh (data -1 = 4 for a batch of 4, fsdp 4) spans every
-    host, as `--distributed` builds it from all the processes' devices, and both steps compile."""
+@pytest.mark.parametrize("topology_name,data,hosts", [("v5e:4x4", 4, 4), ("v5p:2x2x2", 2, 2)])
+def test_multihost_slice_compiles_with_the_distributed_mesh(topology_name, data, hosts):
+    """v5e:4x4 is 16 chips on 4 hosts, v5p:2x2x2 8 chips on 2: the run's mesh (fsdp 4, data -1: the rest
+    that divides the batch of 4) spans every host, as `--distributed` builds it from all the processes'
+    devices, and stage B's step compiles with collectives."""
     config = tiny_config("flux-tiny", **{"mesh.data": -1, "mesh.fsdp": 4, "sample.prompts": ()})
-    topo = topology.tpu_topology("v5e:4x4")
+    topo = topology.tpu_topology(topology_name)
     built = preflight.Programs(config, topo.devices, model="flux-tiny", only=("stage_b",))
-    assert dict(built.mesh.shape) == {"data": 4, "fsdp": 4, "tensor": 1}
-    assert {d.process_index for d in built.mesh.devices.flat} == {0, 1, 2, 3}
+    assert dict(built.mesh.shape) == {"data": data, "fsdp": 4, "tensor": 1}
+    assert {d.process_index for d in built.mesh.devices.flat} == set(range(hosts))
     assert built.mesh.devices.tolist() == train.make_mesh(config, topo.devices).devices.tolist()
     (stage_b,) = list(built)
     compiled, figures = topology.compile_and_measure(stage_b.lowered)
@@ -170,6 +177,8 @@ def test_cli_exit_status(capsys):
     assert "--config.model.remat_policy=full" in out and "none of the settings tried fits" in out
     assert compile_check.cli([*base, "--topology=v7x-8"]) == 2
     assert "unknown generation" in capsys.readouterr().err
+    assert compile_check.cli([*base, "--programs=stage_c"]) == 2
+    assert "['stage_c'] are not among" in capsys.readouterr().err
 
 
 def test_presets_name_their_backbone():

@@ -5,7 +5,7 @@ codec, scheduler) is handed back to it. The layers above call only:
 
     folder     folder_parts, is_folder(path), check_folder(path, config), load(path, mesh=, rules=, **runtime)
     config     check_config(config), lora_targets(targets), train_guidance(parts, config)
-    training   denoiser(parts, config) -> `purecc.step.Denoiser`; prepare_identifier, build_cache,
+    training   denoiser(parts, config) -> `purecc.step.Denoiser`; prepare_identifier, build_cache, loss_weights,
                initial_embeddings, bake_embeddings, text_params (learned concept embeddings)
     sampling   generate(parts, prompts, settings, seeds=, trained=, lora=, ...) -> images in [0, 1]
     export     resolve_formats, write_weights, write_embeddings, export_files, read_export,
@@ -105,6 +105,11 @@ class Backbone(abc.ABC):
                     max_sequence_length: int, embeddings: Any = None) -> Any:
         """The concept cache (`data.cache.ConceptCache`): training latents of every view (through `codec`),
         the encodings of every text; `embeddings`: learned token rows to encode with."""
+
+    def loss_weights(self, weights: np.ndarray, latent_channels: int) -> np.ndarray:
+        """Per-pixel loss weights at latent resolution (M, h, w) as per-element weights in the layout of
+        `build_cache`'s latents (a masked L_CC)."""
+        raise ValueError(f"the {self.name} backbone has no masked loss")
 
     def initial_embeddings(self, parts: Any, kind: str, concept: Any, cache: Any, seed: int,
                            guidance: float | None) -> Any:

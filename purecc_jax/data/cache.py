@@ -5,7 +5,9 @@ A backbone's cache holds at least
     latents    (M, ...)   the M views' (images x crops x flips) latents, in its transformer's layout
     t5         (K, T, D)  the context tokens of the K distinct texts (index 0 is the null text "")
     pooled     (K, P)     the pooled text vectors
-and, per view, the text indices `complete`, `base`, `target` (the null text is index 0).
+and, per view, the text indices `complete`, `base`, `target` (the null text is index 0); with a masked
+loss also `loss_weight` (the latents' shape), L_CC's per-element weights. A run with several training
+sizes (resolutions, aspect-ratio buckets) has one cache per size; a batch comes from one (`draw_bucket`).
 Each backbone builds its own from `encode_images` and `index_texts` (`backbones.flux.cache`:
 the arrays above; `backbones.sd3`: NHWC latents, `t5` the joint CLIP ++ T5 context, `pooled`).
 """
@@ -13,6 +15,7 @@ the arrays above; `backbones.sd3`: NHWC latents, `t5` the joint CLIP ++ T5 conte
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -38,19 +41,34 @@ class ConceptCache:
         """The concept's own views (the class images' views come after them)."""
         return len(self.view_image) - len(self.class_views)
 
-    def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    def batch(self, step: int, batch_size: int, seed: int, caption_dropout: float = 0.0) -> dict[str, np.ndarray]:
         """Indices of a batch of concept views and their texts, and with class views as many class examples
-        (`class_image`, `class_text`); deterministic in (seed, step), so a resumed run sees the same batches."""
+        (`class_image`, `class_text`); deterministic in (seed, step), so a resumed run sees the same batches.
+        `caption_dropout`: the probability that a row's complete text is the null text (drawn after the views,
+        which it leaves as they are); the base, target and null texts, and the class texts, are never dropped."""
         rng = np.random.default_rng([seed, step])
         views = rng.choice(self.n_views, batch_size, replace=self.n_views < batch_size).astype(np.int32)
-        out = dict(image=views, **{k: v[views] for k, v in self.view_texts.items()},
-                   null=np.full(batch_size, NULL, np.int32))
+        texts = {k: v[views] for k, v in self.view_texts.items()}
+        if caption_dropout:
+            texts["complete"] = np.where(rng.random(batch_size) < caption_dropout, NULL, texts["complete"])
+            texts["complete"] = texts["complete"].astype(np.int32)
+        out = dict(image=views, **texts, null=np.full(batch_size, NULL, np.int32))
         if len(self.class_views):
             n = len(self.class_views)
-            picks = np.random.default_rng([seed, step, 1]).choice(n, batch_size, replace=n < batch_size)
+            picks = np.random.default_rng([seed, step, 2]).choice(n, batch_size, replace=n < batch_size)
             classes = self.class_views[picks].astype(np.int32)
             out.update(class_image=classes, class_text=self.view_texts["complete"][classes])
         return out
+
+
+def draw_bucket(caches: Sequence[ConceptCache], step: int, seed: int) -> int:
+    """Which cache (training size) step `step`'s batch comes from, deterministic in (seed, step) as the
+    batches are, so every process of a multi-host run draws the same; each with probability proportional to
+    its views, so every view is as likely as without buckets. One cache: 0, drawing nothing."""
+    if len(caches) == 1:
+        return 0
+    views = np.asarray([c.n_views for c in caches], np.float64)
+    return int(np.random.default_rng([seed, step, 1]).choice(len(caches), p=views / views.sum()))
 
 
 def encode_images(codec: Any, images: np.ndarray, chunk: int = 8, to_tokens: Any = pack) -> np.ndarray:

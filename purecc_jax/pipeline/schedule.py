@@ -30,6 +30,22 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: in
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
+def training_shift(scheduler_config: Mapping[str, Any] | None, image_seq_len: int) -> float:
+    """The shift s of t' = s t / (1 + (s - 1) t) that equals the pipeline's sigma shift at `image_seq_len`
+    image tokens, for training timesteps (config.timesteps.shift="auto"): with dynamic shifting e^mu
+    (exponential time shift; mu for linear), mu = `calculate_shift` as FluxPipeline computes it; otherwise
+    the scheduler's static `shift`. `scheduler_config` None: FLUX.1-dev's dynamic shifting with
+    FluxPipeline's defaults."""
+    config = dict(scheduler_config if scheduler_config is not None else {"use_dynamic_shifting": True})
+    if not config.get("use_dynamic_shifting", False):
+        return float(config.get("shift", 1.0))
+    mu = calculate_shift(image_seq_len, *(config.get(k, d) for k, d in DEFAULTS.items()))
+    shift_type = config.get("time_shift_type", "exponential")
+    if shift_type not in ("exponential", "linear"):
+        raise ValueError(f"scheduler config time_shift_type={shift_type!r} is not 'exponential' or 'linear'")
+    return math.exp(mu) if shift_type == "exponential" else mu
+
+
 def flux_sigmas(steps: int, image_seq_len: int, scheduler_config: Mapping[str, Any] | None = None) -> np.ndarray:
     """(steps + 1,) float32 sigmas from 1 down to 0 for `image_seq_len` packed image tokens.
 

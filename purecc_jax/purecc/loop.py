@@ -4,7 +4,7 @@ Everything a stage writes lives under its directory:
     checkpoints/<step>/   orbax checkpoints of the TrainState (every N steps, keep K, async)
     metrics.jsonl         every logged metric, one JSON object per logged step
     tensorboard/          the same scalars plus sample grids
-    samples/<step>.png    sample grids with their prompts
+    samples/<step>.png    sample grids with their prompts (000000.png: the untrained model, `sample_at_start`)
     wandb_run_id, wandb/  with `LoopConfig.wandb`: the id of the stage's Weights & Biases run (the same
                           scalars and grids), so a resumed stage continues it, and wandb's local files
                           (for a stage in a bucket, wandb/ is in the working directory)
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # Metrics a step computes only on some steps (nan on the others, which are not logged).
 SPARSE_METRICS = ("grad_share",)
 
-# sample_fn(state) -> (images (N, H, W, 3) float in [0, 1], captions)
+# sample_fn(state) -> (images (N, H, W, 3) float in [0, 1], or a list of (H, W, 3) of several sizes, captions)
 SampleFn = Callable[[Any], tuple[np.ndarray, Sequence[str]]]
 
 
@@ -85,6 +85,7 @@ class LoopConfig:
     progress: bool = True
     max_nonfinite_steps: int = 10  # stop after this many skipped (NaN/Inf) updates in a row; 0: never
     wandb: WandbConfig | None = None  # also log the scalars and sample grids to Weights & Biases
+    sample_at_start: bool = False  # also sample before the first step (step 0), unless resuming
 
 
 class Preempted(RuntimeError):
@@ -204,9 +205,12 @@ def read_metrics(directory: Path) -> list[dict[str, float]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def grid(images: np.ndarray, captions: Sequence[str], columns: int | None = None, caption_height: int = 14) -> np.ndarray:
-    """uint8 grid of images (N, H, W, 3 in [0, 1]) with a caption strip under each."""
-    n, h, w, _ = images.shape
+def grid(images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str], columns: int | None = None,
+         caption_height: int = 14) -> np.ndarray:
+    """uint8 grid of images (N, H, W, 3 in [0, 1], or N images (H, W, 3) of any sizes, each in a cell of the
+    largest) with a caption strip under each."""
+    n = len(images)
+    h, w = max(img.shape[0] for img in images), max(img.shape[1] for img in images)
     columns = columns or min(n, 4)
     rows = -(-n // columns)
     cell_w = max(w, 96)
@@ -253,6 +257,8 @@ def run_stage(
                dynamic_ncols=True)
     t_last, n_last = time.perf_counter(), start
     try:
+        if sample_fn is not None and cfg.sample_at_start and start == 0:
+            _write_samples(name, directory, writer, 0, sample_fn(state))
         for step in range(start, cfg.steps):
             state, metrics = step_fn(state, frozen, batch_fn(step))
             done = step + 1
@@ -275,13 +281,8 @@ def run_stage(
                 manager.save(done, args=ocp.args.StandardSave(state))
                 faults.point(f"{name}:checkpoint:{done}")
             if sample_fn is not None and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps):
-                images, captions = sample_fn(state)  # in every process: sampling runs on the whole mesh
-                picture = grid(images, captions)
-                if multihost.is_main():
-                    png = io.BytesIO()
-                    Image.fromarray(picture).save(png, format="png")
-                    paths.write_bytes(directory / "samples" / f"{done:06d}.png", png.getvalue())
-                writer.image(done, f"{name}/samples", picture)
+                # in every process: sampling runs on the whole mesh
+                _write_samples(name, directory, writer, done, sample_fn(state))
             if multihost.any_process(stop_requested()) and done < cfg.steps:  # all hosts stop at one step
                 if not saved:
                     manager.save(done, args=ocp.args.StandardSave(state))
@@ -294,6 +295,17 @@ def run_stage(
         manager.wait_until_finished()
         manager.close()
     return state
+
+
+def _write_samples(name: str, directory: Path, writer: Any, step: int, samples: tuple[Any, Sequence[str]]) -> None:
+    """samples/<step>.png (process 0) and the writer's image of a sample_fn's (images, captions)."""
+    images, captions = samples
+    picture = grid(images, captions)
+    if multihost.is_main():
+        png = io.BytesIO()
+        Image.fromarray(picture).save(png, format="png")
+        paths.write_bytes(directory / "samples" / f"{step:06d}.png", png.getvalue())
+    writer.image(step, f"{name}/samples", picture)
 
 
 def _check_finite(name: str, cfg: LoopConfig, metrics: dict[str, Any], done: int, checkpoint: int | None) -> None:
@@ -325,6 +337,15 @@ def restore_trainable(directory: Path, step: int | None = None) -> tuple[dict[st
 
     Only the trainable part is read: the optimizer state of a full fine-tune would be twice the model again.
     """
+    restored, step = restore_leaves(directory, lambda path: path[0] == "trainable", step)
+    return restored["trainable"], step
+
+
+def restore_leaves(directory: Path, keep: Callable[[tuple[str, ...]], bool],
+                   step: int | None = None) -> tuple[dict[str, Any], int]:
+    """The leaves of a stage's checkpoint whose path (the state's field names and keys, list indices as
+    strings, e.g. ("ema", "params", "lora", ...)) `keep` accepts, as host numpy arrays in the checkpoint's
+    nesting (dicts, lists), and its step (default: the latest). Nothing else is read."""
     directory = Path(directory)
     steps = checkpoint_steps(directory)
     if not steps:
@@ -333,9 +354,22 @@ def restore_trainable(directory: Path, step: int | None = None) -> tuple[dict[st
     if step not in steps:
         raise ValueError(f"{directory / 'checkpoints'} has no step {step}; it has {steps}")
     path = directory / "checkpoints" / str(step) / "default"
-    tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
-    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["trainable"])
+    item = _pruned(ocp.PyTreeCheckpointHandler().metadata(path).tree, keep, ()) or {}
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    if not item:
+        return {}, step
     with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-            item={"trainable": tree["trainable"]}, restore_args={"trainable": as_numpy}, partial_restore=True))
-    return restored["trainable"], step
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=as_numpy,
+                                                                          partial_restore=True))
+    return restored, step
+
+
+def _pruned(tree: Any, keep: Callable[[tuple[str, ...]], bool], path: tuple[str, ...]) -> Any:
+    """`tree` (checkpoint metadata) with only the leaves `keep` accepts; None where nothing is left."""
+    if isinstance(tree, dict):
+        out = {k: _pruned(v, keep, (*path, str(k))) for k, v in tree.items()}
+        return {k: v for k, v in out.items() if v is not None} or None
+    if isinstance(tree, (list, tuple)):
+        out = [_pruned(v, keep, (*path, str(i))) for i, v in enumerate(tree)]
+        return None if all(v is None for v in out) else out
+    return tree if tree is not None and keep(path) else None

@@ -11,6 +11,8 @@ All predictions share x0, x1, t (hence x_t). Shapes: velocities (B, N, C) packed
 
 Squared norms in the losses are means over a sample's latent elements, then over the batch
 (the same normalisation as L_CC); λ* uses plain inner products, where the normalisation cancels.
+A masked loss weights L_CC's elements (a weighted mean per sample); L_PureCC and λ* stay over the
+whole latent (docs/method.md §4). Rows whose caption was dropped have no L_PureCC term.
 Everything here runs in float32 whatever the model's compute dtype: R_learn is a difference of
 two close velocities and λ* a ratio of sums over ~10^5 elements, which bfloat16 would round away.
 """
@@ -45,9 +47,14 @@ def per_sample_mse(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean(d.reshape(d.shape[0], -1), axis=1)
 
 
-def flow_loss(v_pred: jax.Array, x0: jax.Array, x1: jax.Array) -> jax.Array:
-    """L_CC: || (x1 - x0) - v ||², per-sample mean then batch mean."""
-    return jnp.mean(per_sample_mse(x1 - x0, v_pred))
+def flow_loss(v_pred: jax.Array, x0: jax.Array, x1: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """L_CC: || (x1 - x0) - v ||², per-sample mean then batch mean. `weight` (x0's shape, >= 0, not all 0
+    in a sample): per element, a weighted mean Σ w (x1 - x0 - v)² / Σ w per sample (masked loss)."""
+    if weight is None:
+        return jnp.mean(per_sample_mse(x1 - x0, v_pred))
+    d = (x1.astype(jnp.float32) - x0.astype(jnp.float32) - v_pred.astype(jnp.float32)) ** 2
+    w = weight.astype(jnp.float32).reshape(d.shape[0], -1)
+    return jnp.mean(jnp.sum(w * d.reshape(d.shape[0], -1), axis=1) / jnp.sum(w, axis=1))
 
 
 def adaptive_lambda(r_learn: jax.Array, r_tar: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -64,13 +71,19 @@ def purecc_loss(
     x0: jax.Array,
     x1: jax.Array,
     cfg: ObjectiveConfig,
+    weight: jax.Array | None = None,
+    kept: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L_PCC and its parts. `r_tar` must already be the frozen extractor's guidance (Eq. 8)."""
+    """L_PCC and its parts. `r_tar` must already be the frozen extractor's guidance (Eq. 8).
+
+    `weight`: L_CC's per-element weights (`flow_loss`); L_PureCC and λ* do not read them. `kept` (B,) bool:
+    rows whose complete text was kept; the others (caption dropped) add 0 to L_PureCC, whose batch mean
+    still divides by B, and are left out of the λ* metrics (0 when no row is kept)."""
     r_tar = jax.lax.stop_gradient(r_tar).astype(jnp.float32)
     v_complete, v_base = v_complete.astype(jnp.float32), v_base.astype(jnp.float32)
     if cfg.stop_grad_original:
         v_base = jax.lax.stop_gradient(v_base)
-    l_cc = flow_loss(v_complete, x0, x1)
+    l_cc = flow_loss(v_complete, x0, x1, weight)
     if cfg.lambda_mode == "adaptive":
         lam = adaptive_lambda(v_complete - v_base, r_tar, cfg.eps)
     else:
@@ -79,10 +92,18 @@ def purecc_loss(
         lam = jnp.clip(lam, *cfg.lambda_clip)
     lam_b = lam.reshape((-1,) + (1,) * (r_tar.ndim - 1))
     v_pure = v_base + lam_b * r_tar
-    l_pure = jnp.mean(per_sample_mse(v_pure, v_complete))
+    pure = per_sample_mse(v_pure, v_complete)
+    if kept is None:
+        l_pure = jnp.mean(pure)
+        lam_stats = dict(lambda_mean=jnp.mean(lam), lambda_min=jnp.min(lam), lambda_max=jnp.max(lam))
+    else:
+        l_pure = jnp.mean(jnp.where(kept, pure, 0.0))
+        n, any_kept = jnp.sum(kept), jnp.any(kept)
+        lam_stats = dict(lambda_mean=jnp.sum(jnp.where(kept, lam, 0.0)) / jnp.maximum(n, 1),
+                         lambda_min=jnp.where(any_kept, jnp.min(jnp.where(kept, lam, jnp.inf)), 0.0),
+                         lambda_max=jnp.where(any_kept, jnp.max(jnp.where(kept, lam, -jnp.inf)), 0.0))
     loss = l_cc + cfg.eta * l_pure
-    metrics = dict(loss=loss, l_cc=l_cc, l_pure=l_pure, lambda_mean=jnp.mean(lam),
-                   lambda_min=jnp.min(lam), lambda_max=jnp.max(lam),
+    metrics = dict(loss=loss, l_cc=l_cc, l_pure=l_pure, **lam_stats,
                    cos_learn_tar=jnp.mean(cosine(v_complete - v_base, r_tar)))
     return loss, metrics
 

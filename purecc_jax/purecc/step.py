@@ -1,6 +1,6 @@
 """The one fused train step of both PureCC stages (and of the DreamBooth baseline).
 
-    state  = TrainState(step, trainable, opt_state, rng, nonfinite_skipped, nonfinite_streak)  donated
+    state  = TrainState(step, trainable, opt_state, rng, nonfinite_skipped, nonfinite_streak, ema)  donated
     frozen = Frozen(params, cache, embeddings, text, extractor)    never donated, stop-gradient
     batch  = {"image": (B,), "complete": (B,), "base": (B,), "target": (B,), "null": (B,)}  indices
 
@@ -17,6 +17,9 @@ uninterrupted one.
 A step whose loss or gradient is not finite changes neither the parameters nor the optimizer
 state (the whole update is selected away inside the step); it is counted in
 `nonfinite_skipped` (in total) and `nonfinite_streak` (in a row), which the loop watches.
+
+With `StepConfig.ema_decay` > 0 the state also keeps an exponential moving average of the trainable
+tree (`EMA`), updated inside the step after each optimizer update that reached the parameters.
 
 The step knows no model. It is built from a `Denoiser` (a backbone hands one to the trainer:
 `Backbone.denoiser`) that turns cached texts into conditioning and predicts velocities from
@@ -43,6 +46,7 @@ from purecc_jax.purecc.objective import ObjectiveConfig, flow_loss, purecc_loss
 
 STAGES = ("cc", "purecc")
 TEXT_KINDS = ("complete", "base", "target", "null")
+NULL_TEXT = 0  # the null text's index in every concept cache (`data.cache.NULL`)
 
 
 @flax.struct.dataclass
@@ -53,6 +57,15 @@ class TrainState:
     rng: jax.Array  # raw key data (uint32), so it checkpoints like any array
     nonfinite_skipped: jax.Array  # int32: steps whose update was skipped for a NaN/Inf loss or gradient
     nonfinite_streak: jax.Array  # int32: of those, how many in a row up to this step
+    ema: EMA | None = None  # the exponential moving average of `trainable` (StepConfig.ema_decay > 0)
+
+
+@flax.struct.dataclass
+class EMA:
+    """An exponential moving average of the trainable tree, updated once per optimizer update."""
+
+    count: jax.Array  # int32: optimizer updates averaged so far
+    params: Any  # the average, in the trainable tree's structure and dtypes
 
 
 @flax.struct.dataclass
@@ -110,6 +123,11 @@ class StepConfig:
     # η‖∇L_PureCC‖ / ‖∇L_CC‖ (the two terms' gradients computed apart: one more backward pass on those
     # steps; nan on the others, which the loop does not log); 0: never.
     gradient_share_every: int = 0
+    ema_decay: float = 0.0  # > 0: keep TrainState.ema, the average of the trainable tree (`ema_update`)
+    ema_warmup: bool = True  # the decay ramps up as diffusers' EMAModel's does (`ema_decay_at`)
+    # Batches may carry dropped captions (the complete text replaced by the null text, `data.cache`):
+    # stage B gives those rows no L_PureCC term (docs/method.md §4).
+    caption_dropout: bool = False
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -117,6 +135,8 @@ class StepConfig:
         if self.prior_weight < 0 or self.gradient_share_every < 0:
             raise ValueError(f"prior_weight={self.prior_weight} and gradient_share_every={self.gradient_share_every} "
                              "must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema decay {self.ema_decay} must be in [0, 1) (0: no EMA)")
 
 
 def _collection(adapter: Any, lora_cfg: lora_lib.LoRAConfig | None) -> Any:
@@ -133,10 +153,13 @@ def make_loss_fn(denoiser: Denoiser, cfg: StepConfig):
     def loss_fn(trainable: dict[str, Any], frozen: Frozen, batch: dict[str, jax.Array], rng: jax.Array):
         cache = frozen.cache
         x0 = cache["latents"][batch["image"]].astype(jnp.float32)
+        # Per-element weights of L_CC (masked loss), in the latents' layout; absent: unweighted.
+        weight = cache["loss_weight"][batch["image"]] if "loss_weight" in cache else None
         b = x0.shape[0]
         noise_rng, t_rng = jax.random.split(rng)
         x1 = jax.random.normal(noise_rng, x0.shape, jnp.float32)
-        t = flow.sample_timesteps(t_rng, b, cfg.timesteps)
+        # timesteps.shift="auto": the shift of this resolution comes with the cache (train.step_cache).
+        t = flow.sample_timesteps(t_rng, b, cfg.timesteps, cache.get("timestep_shift"))
         xt = flow.noisy(x0, x1, t)
 
         # Token embeddings that train in this stage re-encode the texts in the step; frozen ones were
@@ -154,12 +177,13 @@ def make_loss_fn(denoiser: Denoiser, cfg: StepConfig):
             x0p = cache["latents"][batch["class_image"]].astype(jnp.float32)
             noise_p, t_p = jax.random.split(jax.random.fold_in(rng, 1))
             x1p = jax.random.normal(noise_p, x0p.shape, jnp.float32)
-            tp = flow.sample_timesteps(t_p, x0p.shape[0], cfg.timesteps)
+            tp = flow.sample_timesteps(t_p, x0p.shape[0], cfg.timesteps, cache.get("timestep_shift"))
             xtp = flow.noisy(x0p, x1p, tp)
+            weight_p = cache["loss_weight"][batch["class_image"]] if "loss_weight" in cache else None
             class_cond = denoiser.condition(model, cache, "base", batch["class_text"])  # no identifier in it
 
         def with_prior(loss, metrics, v_prior):
-            l_prior = flow_loss(v_prior, x0p, x1p)
+            l_prior = flow_loss(v_prior, x0p, x1p, weight_p)
             loss = loss + cfg.prior_weight * l_prior
             return loss, dict(metrics, loss=loss, l_prior=l_prior)
 
@@ -167,10 +191,10 @@ def make_loss_fn(denoiser: Denoiser, cfg: StepConfig):
             if prior:
                 v = denoiser.velocity(model, cache, jnp.concatenate([xt, xtp]), jnp.concatenate([t, tp]),
                                       _cat(complete, class_cond))
-                loss = flow_loss(v[:b], x0, x1)
+                loss = flow_loss(v[:b], x0, x1, weight)
                 return with_prior(loss, dict(loss=loss, l_cc=loss), v[b:])
             v_c = denoiser.velocity(model, cache, xt, t, complete)
-            loss = flow_loss(v_c, x0, x1)
+            loss = flow_loss(v_c, x0, x1, weight)
             return loss, dict(loss=loss, l_cc=loss)
 
         base = denoiser.condition(model, cache, "base", batch["base"])
@@ -198,7 +222,9 @@ def make_loss_fn(denoiser: Denoiser, cfg: StepConfig):
         r = denoiser.velocity(extractor, cache, xt2, t2, _cat(target, null))
         r = r.astype(jnp.float32)  # R_tar is a difference of close velocities: subtract in float32
         r_tar = jax.lax.stop_gradient(r[:b] - r[b:])
-        loss, metrics = purecc_loss(v_complete, v_base, r_tar, x0, x1, cfg.objective)
+        # A row whose caption was dropped (complete text -> the null text, index NULL) has no R_learn.
+        kept = (batch["complete"] != NULL_TEXT) if cfg.caption_dropout else None
+        loss, metrics = purecc_loss(v_complete, v_base, r_tar, x0, x1, cfg.objective, weight=weight, kept=kept)
         return with_prior(loss, metrics, v_prior) if prior else (loss, metrics)
 
     return loss_fn
@@ -378,9 +404,10 @@ def eval_params(trainable: dict[str, Any], opt_state: Any) -> dict[str, Any]:
     return out
 
 
-def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int, ema: bool = False) -> TrainState:
+    """A stage's first TrainState; `ema`: with the average started at `trainable`."""
     # Copied: Prodigy's state keeps the initial parameters (params0), and a state holding one buffer
-    # twice cannot be donated to the step (outside jit they would be the same buffer).
+    # twice cannot be donated to the step (outside jit they would be the same buffer). So is the EMA.
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         trainable=trainable,
@@ -388,7 +415,34 @@ def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int) -> T
         rng=jax.random.key_data(jax.random.key(seed)),
         nonfinite_skipped=jnp.zeros((), jnp.int32),
         nonfinite_streak=jnp.zeros((), jnp.int32),
+        ema=EMA(jnp.zeros((), jnp.int32), jax.tree_util.tree_map(jnp.copy, trainable)) if ema else None,
     )
+
+
+def ema_decay_at(update: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """The decay of the `update`-th (1-based) optimizer update's EMA step. With `warmup`, as diffusers'
+    EMAModel by default: 0 at the first update (the average starts at the trained weights), then
+    min(decay, (1 + s) / (10 + s)) with s = update - 1; without, `decay` from the start."""
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    s = (update - 1).astype(jnp.float32)
+    return jnp.where(s <= 0, 0.0, jnp.minimum(decay, (1 + s) / (10 + s)))
+
+
+def ema_update(ema: EMA, trainable: Any, decay: float, warmup: bool, applied: jax.Array) -> EMA:
+    """The average after one micro-step: where `applied` (an optimizer update happened and was kept),
+    average = d * average + (1 - d) * trainable with d = `ema_decay_at`; otherwise unchanged."""
+    count = ema.count + applied.astype(jnp.int32)
+    d = ema_decay_at(count, decay, warmup)
+    averaged = jax.tree_util.tree_map(lambda a, p: (d * a + (1 - d) * p).astype(a.dtype), ema.params, trainable)
+    return EMA(count, _select(applied, averaged, ema.params))
+
+
+def _update_applied(opt_state: Any) -> jax.Array:
+    """Whether the optimizer's update just reached the parameters (`optax.MultiSteps` emits one per k)."""
+    if isinstance(opt_state, optax.MultiStepsState):
+        return opt_state.mini_step == 0
+    return jnp.asarray(True)
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -422,6 +476,9 @@ def make_train_step(
         # batch can never reach the parameters or a checkpoint.
         finite = jnp.isfinite(loss) & all_finite(grads)
         skipped = jnp.logical_not(finite).astype(jnp.int32)
+        if state.ema is not None:
+            ema = ema_update(state.ema, trainable, cfg.ema_decay, cfg.ema_warmup, finite & _update_applied(opt_state))
+            state = state.replace(ema=ema)
         state = state.replace(
             step=state.step + 1, trainable=_select(finite, trainable, state.trainable),
             opt_state=_select(finite, opt_state, state.opt_state),

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from purecc_jax import sharding
 from purecc_jax.backbones.base import Backbone
 from purecc_jax.backbones.flux import abstract
@@ -26,6 +28,7 @@ from purecc_jax.backbones.flux.denoiser import FluxDenoiser
 from purecc_jax.backbones.flux.generate import generate, trained_overrides
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models.flux import FluxConfig, FluxTransformer
+from purecc_jax.pipeline.latents import pack
 
 
 class FluxBackbone(Backbone):
@@ -73,6 +76,11 @@ class FluxBackbone(Backbone):
 
     def build_cache(self, concept, images, view_image, parts, codec, max_sequence_length, embeddings=None):
         return cache_lib.build(concept, images, view_image, codec, parts.text, max_sequence_length, embeddings)
+
+    def loss_weights(self, weights, latent_channels):
+        # packed as the latents are: 2x2 patches of every latent channel
+        full = np.broadcast_to(np.asarray(weights, np.float32)[..., None], (*np.shape(weights), latent_channels))
+        return np.asarray(pack(full))
 
     def initial_embeddings(self, parts, kind, concept, cache, seed, guidance):
         return emb_lib.initial(parts, kind, concept.class_word, cache, seed, guidance)

@@ -137,6 +137,11 @@ class SD3Backbone(Backbone):
         arrays = dict(latents=latents, t5=np.concatenate(context), pooled=np.concatenate(pooled))
         return cache_lib.ConceptCache(arrays, texts, view_texts, np.asarray(view_image, np.int32))
 
+    def loss_weights(self, weights, latent_channels):
+        # NHWC, as the cached latents
+        w = np.asarray(weights, np.float32)
+        return np.ascontiguousarray(np.broadcast_to(w[..., None], (*w.shape, latent_channels)))
+
     # --- sampling
 
     def generate(self, parts, prompts, settings, *, seeds, init_latents=None, trained=None, lora=None, codec=None,
