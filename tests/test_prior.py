@@ -77,7 +77,6 @@ def flux_folder(tmp_path_factory):
 
 
 def _trainer(config, workdir):
-    m = config.model
     mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
     parts = backbones.select(config.pretrained, config.model.backbone).load(
         config.pretrained, mesh=mesh, **train.model_runtime(config))

@@ -83,6 +83,7 @@ def _arms(toy) -> dict[str, Arm]:
 
 
 STUDY_ARMS = ("lcc", "prior", "eta0", "purecc", "purecc_noext", "authors")
+ENDPOINT_SETS = ("concept_plain", "concept_other", "world")  # the prompt sets the endpoints read
 ABLATIONS = ("purecc_sg", "purecc_fixed*", "lcc_layerwise", "purecc_layerwise", "purecc_eta*")
 
 
@@ -199,14 +200,18 @@ class Evaluation:
     paired_base: np.ndarray
 
     def score(self, parts, trainable: dict[str, Any], lcfg, concept_embedding: str, identifier: str,
-              grid: Path | None = None) -> dict[str, Any]:
-        text, injection = emb_lib.embed_prompts(parts.text, [p.text for p in self.items], self.sampler.max_len,
+              grid: Path | None = None, sets: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The scores of one model; `sets`: only these prompt sets (checkpoints along training need only
+        the endpoints' sets)."""
+        rows = np.asarray([i for i, p in enumerate(self.items) if sets is None or p.set in sets])
+        items = [self.items[i] for i in rows]
+        text, injection = emb_lib.embed_prompts(parts.text, [p.text for p in items], self.sampler.max_len,
                                                 concept_embedding, identifier, trainable.get("embeddings"))
         adapter = lora_lib.variables(trainable["lora"], lcfg)
-        images = self.sampler(text, self.negative, lora=adapter, concept=injection)
+        images = self.sampler(text, self.negative, lora=adapter, concept=injection, rows=rows)
         if grid is not None:
-            _grid(images, self.items, grid)
-        return evaluate.score(images, self.items, self.base_images, self.paired_base)
+            _grid(images, items, grid)
+        return evaluate.score(images, items, self.base_images[rows], self.paired_base)
 
 
 def _stage_trainables(run_dir: Path, stage: str, fractions, final: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -245,7 +250,7 @@ def _train_and_score(config, arm: Arm, seed: int, workdir: Path, concept_dir: Pa
            "curves": loop.read_metrics(run_dir / stage)}
     if study:
         out["checkpoints"] = {
-            str(step): evaluation.score(parts, tree, final.lora, mcfg.concept_embedding, ident)
+            str(step): evaluation.score(parts, tree, final.lora, mcfg.concept_embedding, ident, sets=ENDPOINT_SETS)
             for step, tree in _stage_trainables(run_dir, stage, config.toy.checkpoints[:-1], final.trainable).items()}
         out["checkpoints"][str(mcfg[stage].steps)] = out["scores"]
     return out
