@@ -113,8 +113,8 @@ def valid_config():
     ("stage_b.steps", -1, r"config.stage_b: steps=-1"),
     ("stage_b.grad_accum", 3, r"config.stage_b.grad_accum=3 must be >= 1 and divide steps=400"),
     ("stage_a.warmup_steps", 500, r"config.stage_a.warmup_steps=500 must be in \[0, steps=400\]"),
-    ("concept.resolution", "500", r"config.concept.resolution: resolution '500'.*multiples of 16"),
-    ("sample.height", 100, r"config.sample.height=100 .*multiples of 16"),
+    ("concept.resolution", "500", r"config.concept.resolution='500': resolution '500'.*multiples of 16"),
+    ("sample.height", 100, r"config.sample.height=100 .*multiple of 16"),
     ("checkpoint_every", 0, r"config.checkpoint_every=0 must be >= 1"),
     ("max_nonfinite_steps", -1, r"config.max_nonfinite_steps=-1"),
 ])

@@ -138,8 +138,13 @@ def flux_runs(flux_folder, photos, tmp_path_factory):
     return FluxRuns(config, base / "straight", base / "resumed", final)
 
 
-def test_buckets_masks_and_shift_in_the_cache(flux_runs, tmp_path):
-    trainer = trainer_of(flux_runs.config, tmp_path / "cache")
+@pytest.fixture(scope="module")
+def options_trainer(flux_runs, tmp_path_factory):
+    return trainer_of(flux_runs.config, tmp_path_factory.mktemp("cache") / "run")
+
+
+def test_buckets_masks_and_shift_in_the_cache(options_trainer):
+    trainer = options_trainer
     assert trainer.sizes == [(48, 80), (80, 48), (64, 64)]
     shifts = [float(c["timestep_shift"]) for c in trainer.cache_devices]
     want = [train.schedule_lib.training_shift(trainer.parts.scheduler, (h // 16) * (w // 16))
@@ -162,6 +167,37 @@ def test_buckets_masks_and_shift_in_the_cache(flux_runs, tmp_path):
         assert int(np.max(b.indices["image"])) < trainer.caches[b.bucket].n_views
     assert any((np.asarray(b.indices["complete"]) == cache_lib.NULL).any() for b in batches)
     assert trainer.cache.texts[cache_lib.NULL] == ""
+
+
+def test_samples_during_training_are_drawn_from_the_ema(options_trainer, monkeypatch):
+    """The stage's sample_fn gives the sampler the EMA's LoRA and embeddings, and calls it once per prompt size."""
+    from purecc_jax.models import lora as lora_lib
+
+    trainer = options_trainer
+    inputs = train.stage_a_inputs(trainer.config, trainer.backbone, trainer.parts, trainer.cache_device, trainer.mesh,
+                                  trainer.initial_embeddings())
+    program = train.stage_program(trainer.config, trainer.backbone, trainer.parts, "stage_a", inputs.step_cfg,
+                                  inputs.trainable)
+    state = program.init(inputs.trainable)
+    average = jax.tree_util.tree_map(lambda x: x + 0.5, state.ema.params)  # an EMA away from the weights
+    state = state.replace(ema=state.ema.replace(params=average))
+    calls = []
+
+    def generate(parts, prompts, settings, *, seeds, trained=None, codec=None, **kw):
+        calls.append((list(prompts), settings.height, trained))
+        return np.zeros((len(prompts), settings.height, settings.width, 3), np.float32)
+
+    monkeypatch.setattr(trainer.backbone, "generate", generate)
+    images, captions = trainer._sample_fn(inputs.lora, inputs.frozen)(state)
+    assert [(len(p), h) for p, h, _ in calls] == [(1, 32), (1, 48)]
+    assert [image.shape for image in images] == [(32, 32, 3), (48, 32, 3)] and len(captions) == 2
+    for _, _, trained in calls:
+        want = lora_lib.variables(average["lora"], inputs.lora)
+        for a, b in zip(jax.tree_util.tree_leaves(trained.lora), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        leaves = jax.tree_util.tree_leaves
+        for a, b in zip(leaves(trained.embeddings), leaves(average["embeddings"])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_resumed_run_is_bit_identical(flux_runs):
