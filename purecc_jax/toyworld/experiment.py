@@ -300,16 +300,27 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
     names = {a.name for a in todo}
     for arm in todo:
         results[arm.name] = {"label": arm.label, "runs": {}, "paired_with": arm.stage_a_from}
-        for seed in seeds:
+
+    def summary():
+        return {"config": json.loads(config.to_json_best_effort()), "base_origin": origin, "results": results,
+                "timings": timings, "machine": {**started, "load_end": machine.load()},
+                "base_training": loop.read_metrics(workdir / "base_training") if toy.pretrain_base else []}
+
+    # Seed by seed, every arm of a seed before the next: the study's report is rewritten after each
+    # complete seed, so a study stopped early has a report of complete, paired seeds.
+    for done, seed in enumerate(seeds, 1):
+        for arm in todo:
             t = time.perf_counter()
             results[arm.name]["runs"][str(seed)] = _train_and_score(
                 config, arm, seed, workdir, concept_dir, class_dir, parts, evaluation, names, toy.study)
             timings[f"{arm.name}_seed{seed}"] = time.perf_counter() - t
             log.info("%s seed %d: %.0f s", arm.name, seed, timings[f"{arm.name}_seed{seed}"])
+        if toy.study and 2 <= done < len(seeds):
+            timings["total"] = time.perf_counter() - t0
+            report.write(workdir, summary())
+            log.info("report of seeds %s written (%d of %d seeds)", seeds[:done], done, len(seeds))
 
     timings["total"] = time.perf_counter() - t0
-    summary = {"config": json.loads(config.to_json_best_effort()), "base_origin": origin, "results": results,
-               "timings": timings, "machine": {**started, "load_end": machine.load()},
-               "base_training": loop.read_metrics(workdir / "base_training") if toy.pretrain_base else []}
-    report.write(workdir, summary)
-    return summary
+    out = summary()
+    report.write(workdir, out)
+    return out
