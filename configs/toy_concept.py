@@ -24,9 +24,11 @@ from purecc_jax.defaults import concept_config, stage
 
 
 def toy_stage(steps: int) -> ml_collections.ConfigDict:
-    s = stage(steps=steps, lr=2e-3)
+    # Calibrated on DreamBooth-LoRA alone (docs/toy_world.md, "Recipe"): the LoRA learning rate with the
+    # concept-free world prompts kept >= 0.85 all-correct that learns the concept best.
+    s = stage(steps=steps, lr=4e-4)
     s.batch_size = 4
-    s.embedding_learning_rate = 1e-2
+    s.embedding_learning_rate = 2e-3  # 5x the LoRA's, as in the calibration grid
     s.lora.rank = 8
     s.lora.alpha = 8.0
     return s
@@ -48,6 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 1
     c.sample.prompts = ()  # the experiment samples every method itself (workdir/samples/)
+    # Prior preservation's class set: "a square" drawn by the base model as the evaluation samples
+    # (toy.sampling), written by the experiment into WORKDIR/class_images before any run.
+    c.prior.prompt = "a {class_word}"
+    c.prior.steps, c.prior.true_cfg_scale = 20, 3.0
+    c.objective.gradient_share_every = 10  # how strongly the PureCC term acts, in the report
     c.export.dtype = "float32"
 
     c.toy = ml_collections.ConfigDict(dict(
@@ -86,15 +93,26 @@ def get_config() -> ml_collections.ConfigDict:
                   schedule="cosine", init_from=""),
         sampling=dict(steps=20, cfg_scale=3.0, shift=3.0),
         evaluation=dict(samples=50, chunk=125),
-        seeds=(0, 1, 2),  # training seeds of every method (same evaluation prompts and noise for all)
-        alpha=0.05,  # level of the two-sided t-tests across seeds in the report
+        # "plain": the references captioned "a sks square", as the paper captions DreamBench (the gray
+        # background is not named); "named": "a sks square on a gray background"
+        captions="plain",
+        arms=("lcc", "prior", "purecc"),  # the main command's arms (toyworld/experiment.py names them all)
+        seeds=(0, 1, 2),  # training seeds of every arm (same evaluation prompts and noise for all)
+        # --config.toy.study=True: every arm of experiment.STUDY_ARMS on study_seeds, study_samples per
+        # prompt set, each run also scored at these fractions of its last stage (checkpoints every
+        # study_checkpoint_every steps), for the comparison at equal fidelity (docs/toy_world.md)
+        study=False,
+        study_seeds=(0, 1, 2, 3, 4, 5, 6, 7),
+        study_samples=100,
+        checkpoints=(0.25, 0.5, 0.75, 1.0),
+        study_checkpoint_every=50,
+        alpha=0.05,  # family-wise level of the report's tests (Holm's correction)
         pretrain_base=False,  # pretrain a base into workdir/base instead of loading the shipped one
         base_only=False,  # stop after evaluating the base (with pretrain_base: how the shipped base is made)
         quick=False,  # fewer steps, samples and sampling steps (toyworld/experiment.py QUICK)
         ablations=False,  # also stop-grad through v_b, fixed λ, layer-wise embedding, large η ± stop-grad
         fixed_lambdas=(1.0, 3.0, 5.0),
         etas=(20.0, 100.0),
-        methods=(),  # names of methods to run (any of toyworld/experiment.py's, ablations included)
         references=4,
     ))
     return c

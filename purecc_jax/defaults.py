@@ -92,6 +92,17 @@ def concept_config() -> ml_collections.ConfigDict:
     c.objective = ml_collections.ConfigDict(dict(
         eta=1.0, lambda_mode="adaptive", fixed_lambda=1.0, lambda_clip=(), eps=1e-8,
         stop_grad_original=False, extractor_uses_stage_a_lora=True,
+        # every this many stage-B steps, log η‖∇L_PureCC‖ / ‖∇L_CC‖ as `grad_share` (one more backward
+        # pass on those steps); 0: never
+        gradient_share_every=0,
+    ))
+    # DreamBooth's prior preservation: class images of the class prompt (drawn once by the pretrained model,
+    # or found in class_dir) train beside the concept images with L_CC on the class prompt, weighted by
+    # `weight` (0: off). The images are generated with the sampling settings below when class_dir holds
+    # fewer than `class_images` (default folder: WORKDIR/class_images).
+    c.prior = ml_collections.ConfigDict(dict(
+        weight=0.0, class_images=100, prompt="a photo of a {class_word}", class_dir="",
+        steps=28, guidance=3.5, true_cfg_scale=1.0, seed=0,
     ))
     # shift: t' = s t / (1 + (s - 1) t) on the sampled t (1: none), or "auto": the pretrained pipeline's shift at
     # each training resolution, from its scheduler config: FLUX.1-dev's dynamic shifting s = e^mu with mu linear

@@ -203,6 +203,9 @@ class Programs:
         sizes = train.training_sizes(config)
         height, width = max(sizes, key=lambda x: (x[0] * x[1], x))
         views, texts, where = concept_sizes(config, images)
+        if config.prior.weight > 0:  # prior preservation's class images are views too, with one more text
+            views, texts = views + config.prior.class_images, texts + 1
+            where += f", and {config.prior.class_images} class images"
         several = f" (the largest of {len(sizes)} training sizes)" if len(sizes) > 1 else ""
         self.notes.append(f"concept cache: {views} views of {height}x{width}{several}, {texts} texts ({where})")
         shapes = self.backbone.cache_shapes(self.parts, height, width, views, texts, config.model.max_sequence_length)
@@ -214,7 +217,7 @@ class Programs:
         """(train state, batch, the step's lowering) of a stage, ShapeDtypeStructs in their shardings."""
         config, mesh = self.config, self.mesh
         program = train.stage_program(config, self.backbone, self.parts, name, inputs.step_cfg, inputs.trainable)
-        batch_sh = train.batch_shardings(mesh, self.rules, config[name].batch_size)
+        batch_sh = train.batch_shardings(mesh, self.rules, config[name].batch_size, train.batch_keys(config))
         batch = {k: jax.ShapeDtypeStruct((config[name].batch_size,), np.int32, sharding=s)
                  for k, s in batch_sh.items()}
         with sharding.activate(mesh, self.rules):

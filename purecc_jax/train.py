@@ -14,6 +14,7 @@ backbone's (`purecc_jax.backbones`: FLUX.1, SD3 / SD3.5), reached only through i
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -106,6 +107,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ObjectiveConfig(**_objective_kwargs(config))
     flow.TimestepConfig(**config.timesteps)
     _check_ema(config, optimizer)
+    if config.objective.gradient_share_every < 0:
+        raise ValueError(f"config.objective.gradient_share_every={config.objective.gradient_share_every} must be "
+                         ">= 0 (0: never)")
+    p = config.prior
+    if p.weight < 0 or (p.weight > 0 and p.class_images < 1):
+        raise ValueError(f"config.prior.weight={p.weight} must be >= 0 (0: off) and class_images={p.class_images} "
+                         ">= 1 when it is on")
+    if p.weight > 0 and "{identifier}" in p.prompt:
+        raise ValueError(f"config.prior.prompt={p.prompt!r} names the identifier: the class prompt is the class "
+                         "without the concept (e.g. 'a photo of a {class_word}')")
+    if p.weight > 0 and len(training_sizes(config)) > 1:
+        raise ValueError(f"config.prior.weight={p.weight} with several training sizes (concept.resolution="
+                         f"{c.resolution!r}, concept.buckets={c.buckets}): prior preservation trains at one size "
+                         "for now; give one resolution without buckets")
     if not 0 <= config.concept.caption_dropout < 1:
         raise ValueError(f"config.concept.caption_dropout={config.concept.caption_dropout} must be in [0, 1) "
                          "(the probability that a row's complete text is the empty prompt; 0: never)")
@@ -391,9 +406,12 @@ def stage_b_inputs(config: ml_collections.ConfigDict, backbone: Backbone, parts:
 
 
 def step_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The StepConfig fields both stages take from the config: timesteps, EMA, caption dropout."""
+    """The StepConfig fields both stages take from the config: timesteps, EMA, caption dropout, prior
+    preservation, the logged gradient share (stage B)."""
     return dict(timesteps=flow.TimestepConfig(**config.timesteps), ema_decay=float(config.ema.decay),
-                ema_warmup=config.ema.warmup, caption_dropout=config.concept.caption_dropout > 0)
+                ema_warmup=config.ema.warmup, caption_dropout=config.concept.caption_dropout > 0,
+                prior_weight=float(config.prior.weight),
+                gradient_share_every=config.objective.gradient_share_every)
 
 
 def stage_program(config: ml_collections.ConfigDict, backbone: Backbone, parts: Any, name: str,
@@ -419,11 +437,17 @@ def evaluated(state: TrainState, ema: bool = True) -> dict[str, Any]:
 
 
 BATCH_KEYS = ("image", *TEXT_KINDS)  # what `ConceptCache.batch` returns: indices into the cache
+PRIOR_KEYS = ("class_image", "class_text")  # and with prior preservation's class views
 
 
-def batch_shardings(mesh: Mesh, rules: Any, batch_size: int) -> dict[str, jax.sharding.Sharding]:
+def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return BATCH_KEYS + (PRIOR_KEYS if config.prior.weight > 0 else ())
+
+
+def batch_shardings(mesh: Mesh, rules: Any, batch_size: int, keys: Sequence[str] = BATCH_KEYS
+                    ) -> dict[str, jax.sharding.Sharding]:
     """Where a stage's batch of indices lies: split over the batch's mesh axes where they divide it."""
-    return {k: sharding.batch_sharding(mesh, (batch_size,), rules) for k in BATCH_KEYS}
+    return {k: sharding.batch_sharding(mesh, (batch_size,), rules) for k in keys}
 
 
 @flax.struct.dataclass
@@ -549,13 +573,51 @@ class Trainer:
         self.sizes = [g.size for g in groups]
         caches = []
         for g in groups:
-            log.info("encoding %d views of %dx%d and their texts", len(g.images), *g.size)
-            cache = self.backbone.build_cache(self.concept, g.images, g.view_image, self.parts, self.codec,
-                                              self.max_len, extra)
+            concept, images, view_image, n_views = self.concept, g.images, g.view_image, len(g.images)
+            if self.config.prior.weight > 0:  # the class images are views too, after the concept's (one size)
+                classes = self.class_images(g.size)
+                prompt = class_prompt(self.config, concept.class_word)
+                concept = dataclasses.replace(concept, texts=(*concept.texts, texts_lib.Texts(prompt, prompt, prompt)))
+                images = np.concatenate([images, classes])
+                view_image = np.concatenate([view_image, np.full(len(classes), len(concept.texts) - 1, np.int32)])
+            log.info("encoding %d views of %dx%d and their texts", len(images), *g.size)
+            cache = self.backbone.build_cache(concept, images, view_image, self.parts, self.codec, self.max_len,
+                                              extra)
+            cache = dataclasses.replace(cache, class_views=np.arange(n_views, len(images), dtype=np.int32))
             if g.weights is not None:
-                cache = dataclasses.replace(cache, arrays=dict(cache.arrays, loss_weight=self._loss_weights(g)))
+                weights = self._loss_weights(g)
+                if len(cache.class_views):  # class images count whole
+                    weights = np.concatenate([weights, np.ones((len(cache.class_views), *weights.shape[1:]),
+                                                               weights.dtype)])
+                cache = dataclasses.replace(cache, arrays=dict(cache.arrays, loss_weight=weights))
             caches.append(cache)
         return caches
+
+    def class_images(self, size: tuple[int, int]) -> np.ndarray:
+        """Prior preservation's class images (N, H, W, 3) in [-1, 1]: the N in `prior.class_dir` (default
+        WORKDIR/class_images), or, when it does not hold them all, drawn by the pretrained model from seeds
+        prior.seed + i and written there (every process draws them, so every process has them)."""
+        p = self.config.prior
+        folder = paths.path(p.class_dir) if p.class_dir else self.workdir / "class_images"
+        files = [folder / f"{i:05d}.png" for i in range(p.class_images)]
+        if not multihost.any_process(not all(f.exists() for f in files)):
+            return np.stack([concept_lib.load_image(io.BytesIO(f.read_bytes()), size, "center", None) for f in files])
+        prompt = class_prompt(self.config, self.concept.class_word)
+        settings = SampleSettings(height=size[0], width=size[1], steps=p.steps, guidance=p.guidance,
+                                  max_sequence_length=self.max_len,
+                                  negative_prompt="" if p.true_cfg_scale > 1 else None, true_cfg_scale=p.true_cfg_scale)
+        log.info("prior preservation: drawing %d images of %r into %s", p.class_images, prompt, folder)
+        out = []
+        for start in range(0, p.class_images, 8):
+            seeds = [p.seed + i for i in range(start, min(start + 8, p.class_images))]
+            drawn = np.asarray(multihost.to_host(self.backbone.generate(self.parts, [prompt], settings, seeds=seeds,
+                                                                        codec=self.codec)))
+            for i, image in zip(range(start, start + len(seeds)), drawn):
+                png = _png(image)
+                if multihost.is_main():
+                    paths.write_bytes(files[i], png)
+                out.append(concept_lib.load_image(io.BytesIO(png), size, "center", None))  # as a resume reads it
+        return np.stack(out)
 
     def _loss_weights(self, views: concept_lib.SizedViews) -> np.ndarray:
         """A masked loss's per-pixel weights, averaged over each latent pixel, in the latents' layout."""
@@ -573,7 +635,7 @@ class Trainer:
                                       sharding.replicated(self.mesh)) for cache, size in zip(self.caches, self.sizes)]
 
     def batch_fn(self, batch_size: int, seed: int):
-        shardings = batch_shardings(self.mesh, self.rules, batch_size)
+        shardings = batch_shardings(self.mesh, self.rules, batch_size, batch_keys(self.config))
         dropout = self.config.concept.caption_dropout
 
         def get(step: int) -> Batch:
@@ -598,7 +660,7 @@ class Trainer:
             state = program.init(trainable)
             state_sh = shardings_of(state)
             jitted = BucketSteps(program.jit(state_sh, shardings_of(frozen), batch_shardings(
-                self.mesh, self.rules, stage_cfg.batch_size), self.mesh))
+                self.mesh, self.rules, stage_cfg.batch_size, batch_keys(self.config)), self.mesh))
             frozen = [frozen.replace(cache=cache) for cache in self.cache_devices]  # by training size
             lcfg = loop_config(self.config, stage_cfg.steps, run=self.workdir.name,
                                first_stage=name == running_stages(self.config)[0])
@@ -674,6 +736,18 @@ class Trainer:
         if multihost.is_main():
             export(host, self, self.workdir / "export")
         return final
+
+
+def class_prompt(config: ml_collections.ConfigDict, class_word: str) -> str:
+    return config.prior.prompt.format(class_word=class_word)
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _check_whole_word_identifier(concept: concept_lib.Concept) -> None:

@@ -63,6 +63,9 @@ def test_purecc_loss_matches_numpy(cfg):
     np.testing.assert_allclose(float(loss), total, rtol=1e-5)
     np.testing.assert_allclose([m["lambda_mean"], m["lambda_min"], m["lambda_max"]],
                                [lam.mean(), lam.min(), lam.max()], rtol=1e-5, atol=1e-7)
+    learn, tar = (np.asarray(x, np.float64).reshape(3, -1) for x in (v_c - v_b, r_tar))
+    cos = [learn[i] @ tar[i] / (np.linalg.norm(learn[i]) * np.linalg.norm(tar[i])) for i in range(3)]
+    np.testing.assert_allclose(float(m["cos_learn_tar"]), np.mean(cos), rtol=1e-5)
 
 
 def test_gradients_follow_method():

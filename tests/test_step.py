@@ -270,3 +270,32 @@ def test_bfloat16_step_follows_float32(setup):
     flat16 = np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree_util.tree_leaves(g16)])
     assert np.linalg.norm(flat16 - flat) <= 0.1 * np.linalg.norm(flat), np.linalg.norm(flat16 - flat) / np.linalg.norm(flat)
     assert flat16 @ flat / (np.linalg.norm(flat16) * np.linalg.norm(flat)) > 0.99
+
+
+def test_gradient_share_is_logged_every_k_steps(setup):
+    """grad_share = η‖∇L_PureCC‖ / ‖∇L_CC‖ at the step's parameters and draws, on the steps it is asked for
+    (nan on the others); the update itself is the one without it, to the bit."""
+    cfg, params, cache, extractor, trainable = setup
+    denoiser = denoiser_of(cfg)
+    eta = 1.5
+    scfg = StepConfig(objective=ObjectiveConfig(eta=eta), trainable_lora=LCFG, extractor_lora=LCFG)
+    logged = StepConfig(objective=ObjectiveConfig(eta=eta), trainable_lora=LCFG, extractor_lora=LCFG,
+                        gradient_share_every=2)
+    tx = make_optimizer({"lora": 1e-2})
+    frozen = Frozen(params=params, cache=cache, extractor=Extractor(lora=extractor))
+    state = init_state({"lora": trainable}, tx, seed=0)
+    plain, with_share = jax.jit(make_train_step(denoiser, scfg, tx)), jax.jit(make_train_step(denoiser, logged, tx))
+    s1, m1 = with_share(state, frozen, batch())  # step 1: not a multiple of 2
+    s0, _ = plain(state, frozen, batch())
+    assert np.isnan(float(m1["grad_share"]))
+    state, s1 = s1, None
+    s1, m1 = with_share(state, frozen, batch())  # step 2
+    s0, _ = plain(state, frozen, batch())
+    for a, b in zip(jax.tree_util.tree_leaves(s1.trainable), jax.tree_util.tree_leaves(s0.trainable)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    loss_fn = make_loss_fn(denoiser, scfg)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grad = lambda key: jax.grad(lambda tr: loss_fn(tr, frozen, batch(), rng)[1][key])(state.trainable)  # noqa: E731
+    want = eta * optax.tree.norm(grad("l_pure")) / optax.tree.norm(grad("l_cc"))
+    np.testing.assert_allclose(float(m1["grad_share"]), float(want), rtol=1e-4)
+

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from purecc_jax.backbones.flux.folder import load_pipeline
+from purecc_jax.purecc import loop
 from purecc_jax.toyworld import experiment
 
 
@@ -19,7 +20,9 @@ def tiny_config():
     t.base.steps, t.base.batch_size, t.base.warmup_steps = 12, 8, 2
     t.sampling.steps = 3
     t.evaluation.samples, t.evaluation.chunk = 3, 8
-    t.methods = ("lcc", "purecc")
+    t.arms = ("lcc", "prior", "purecc")
+    c.objective.gradient_share_every = 3  # the last step's, the one logged
+    c.prior.class_images = 4
     t.seeds = (0, 1)
     t.pretrain_base = True  # a tiny base of its own, not the shipped one
     for st in (c.stage_a, c.stage_b):
@@ -41,7 +44,7 @@ def test_every_stage_runs_and_the_report_is_written(run):
     parts = load_pipeline(workdir / "base")  # the base is an ordinary pipeline folder
     assert parts.codec.downsample_factor == config.toy.patch // 2
     assert sorted((workdir / "concept").glob("*.png")) and sorted((workdir / "concept").glob("*.txt"))
-    for name in ("lcc", "purecc"):
+    for name in ("lcc", "prior", "purecc"):
         for seed in (0, 1):
             assert (workdir / "runs" / name / f"seed{seed}" / "export" / "pytorch_lora_weights.safetensors").exists()
             assert (workdir / "samples" / f"{name}_seed{seed}.png").exists()
@@ -51,21 +54,31 @@ def test_every_stage_runs_and_the_report_is_written(run):
     for ext in ("md", "json", "png"):
         assert (workdir / f"report.{ext}").stat().st_size > 0
     report = json.loads((workdir / "report.json").read_text())
-    assert set(report["results"]) == {"base", "lcc", "purecc"}
+    assert set(report["results"]) == {"base", "lcc", "prior", "purecc"}
+    captions = {p.read_text() for p in (workdir / "concept").glob("*.txt")}
+    assert captions == {"a sks square\ntarget: a sks square\n"}  # the paper's captions: no background named
+    assert len(list((workdir / "class_images").glob("*.png"))) == 4  # drawn once, shared by both seeds
+    prior_rows = loop.read_metrics(workdir / "runs" / "prior" / "seed0" / "stage_a")
+    assert prior_rows and all("l_prior" in row for row in prior_rows)
     runs = report["results"]["purecc"]["runs"]
     assert set(runs) == {"0", "1"}
     scores = runs["1"]["scores"]
     assert scores["fidelity_ref"]["n"] == config.toy.evaluation.samples
     assert np.isfinite(scores["drift_world"])
     assert any("lambda_mean" in row for row in runs["1"]["curves"])
+    assert any(np.isfinite(row.get("grad_share", np.nan)) for row in runs["1"]["curves"])
+    assert all(k in scores for k in ("plain_gray", "purity_other", "segcons_iou", "segcons_background",
+                                     "fidelity_plain", "fidelity_and_background_other"))
     # seeds train differently: the LoRA weights of the two L_CC runs differ
     lora = [(workdir / "runs" / "lcc" / f"seed{s}" / "export" / "pytorch_lora_weights.safetensors").read_bytes()
             for s in (0, 1)]
     assert lora[0] != lora[1]
     md = (workdir / "report.md").read_text()
-    assert "| PureCC, adaptive λ* |" in md and "Welch's" in md and "pretrained in this workdir (sha256" in md
+    assert "| PureCC, adaptive λ* (the paper) |" in md and "pretrained in this workdir (sha256" in md
+    assert "## Positive control" in md and "## What this many seeds can show" in md
     assert report["machine"]["jax"] and report["machine"]["cpu"]
-    assert any(key.startswith("purecc vs lcc: ") for key in report["tests"])
+    assert any(" | purecc vs lcc: " in key for key in report["tests"])
+    assert report["results"]["purecc"]["paired_with"] == "lcc" and report["results"]["prior"]["paired_with"] is None
 
 
 def test_rerun_reuses_everything(run):
@@ -75,26 +88,41 @@ def test_rerun_reuses_everything(run):
     assert again["results"]["purecc"]["runs"] == first["results"]["purecc"]["runs"]
 
 
-def test_unknown_method_is_refused():
+def test_unknown_arm_is_refused():
     c = tiny_config()
-    c.toy.methods = ("lcc", "magic")
-    with pytest.raises(ValueError, match="unknown methods"):
-        experiment.methods(c)
+    c.toy.arms = ("lcc", "magic")
+    with pytest.raises(ValueError, match="unknown arms"):
+        experiment.arms(c)
 
 
-def test_method_sets():
+def test_arm_sets():
     c = tiny_config()
-    c.toy.methods = ()
-    assert [m.name for m in experiment.methods(c)] == ["lcc", "purecc"]
-    c.toy.ablations = True
-    names = [m.name for m in experiment.methods(c)]
+    c.toy.arms = ("purecc",)  # its stage-A arm comes first
+    assert [a.name for a in experiment.arms(c)] == ["lcc", "purecc"]
+    c.toy.study = True
+    study = experiment.arms(c)
+    assert [a.name for a in study] == list(experiment.STUDY_ARMS)
+    authors = next(a for a in study if a.name == "authors")
+    assert authors.overrides == {"objective.lambda_mode": "fixed", "objective.fixed_lambda": 1.0,
+                                 "objective.eta": 2.0, "objective.extractor_uses_stage_a_lora": False}
+    assert next(a for a in study if a.name == "prior").stage_a_from is None
+    c.toy.study, c.toy.ablations = False, True
+    names = [a.name for a in experiment.arms(c)]
     assert {"purecc_sg", "purecc_fixed1", "purecc_fixed3", "purecc_fixed5", "lcc_layerwise", "purecc_layerwise",
             "purecc_eta20", "purecc_eta20_sg", "purecc_eta100", "purecc_eta100_sg"} <= set(names)
-    c.toy.ablations = False
-    c.toy.methods = ("purecc_eta100_sg", "lcc")  # any method by name, in the canonical order
-    chosen = experiment.methods(c)
-    assert [m.name for m in chosen] == ["lcc", "purecc_eta100_sg"]
-    assert chosen[1].overrides == {"objective.eta": 100.0, "objective.stop_grad_original": True}
+
+
+def test_stage_checkpoints_for_the_equal_fidelity_comparison(run):
+    """A run's last stage at fractions of its steps: the nearest checkpoints, the final tree last, stage A's
+    embeddings where stage B keeps them frozen."""
+    workdir, _, _ = run
+    run_dir = workdir / "runs" / "purecc" / "seed0"
+    final = {"lora": "final", "embeddings": "stage A's"}
+    trees = experiment._stage_trainables(run_dir, "stage_b", (0.25, 1.0), final)
+    steps = loop.checkpoint_steps(run_dir / "stage_b")
+    assert sorted(trees) == sorted({min(steps, key=lambda s: abs(s - f * steps[-1])) for f in (0.25, 1.0)})
+    assert trees[steps[-1]] is final
+    assert all(t["embeddings"] == "stage A's" for t in trees.values())
 
 
 def test_one_seed_is_refused(tmp_path):

@@ -59,3 +59,24 @@ def test_mean_sd_and_bad_input():
         stats.welch([0.1], [0.2, 0.3])
     with pytest.raises(ValueError, match="no values"):
         stats.mean_sd([])
+
+
+def test_intervals_and_paired_test_match_scipy():
+    """Welch's and the paired test's p-values and 95% intervals equal scipy's."""
+    from scipy import stats as ss
+
+    a, b = [0.5, 0.6, 0.55, 0.7, 0.62], [0.4, 0.45, 0.5, 0.42, 0.58]
+    for ours, theirs in ((stats.welch(a, b), ss.ttest_ind(a, b, equal_var=False)),
+                         (stats.paired(a, b), ss.ttest_rel(a, b))):
+        ci = theirs.confidence_interval()
+        assert ours.p == pytest.approx(theirs.pvalue, rel=1e-9)
+        assert ours.interval() == pytest.approx((ci.low, ci.high), rel=1e-9)
+    with pytest.raises(ValueError, match="one pair per seed"):
+        stats.paired(a, b[:3])
+
+
+def test_holm_adjusts_step_down():
+    """Holm's adjusted p-values: sorted p times (m - rank), made monotone, capped at 1."""
+    assert stats.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert stats.holm([]) == []

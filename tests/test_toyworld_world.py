@@ -2,6 +2,7 @@
 must read rendered scenes (clean and mildly degraded) correctly, and the prompts, split and
 concept texts must be exactly what the trainer and the evaluation rely on."""
 
+import dataclasses
 import itertools
 import re
 
@@ -307,3 +308,29 @@ def test_world_scores_per_asked_shape():
         assert v["shape"]["rate"] == v["all"]["rate"] == (0.0 if " square " in f" {name} " else 1.0), name
     assert sum(v["shape"]["n"] for v in by.values()) == len(items)
     assert by["white circle on a green background"] == right["world_by_combination"]["white circle on a green background"]
+
+
+def test_endpoints_read_rendered_scenes():
+    """The comparison's endpoints on renders whose answers are known: absorption (plain prompts drawn on
+    gray), purity (asked background among concept images), fidelity, and segment consistency (the same
+    object on the same background: IoU 1, background agreement 1; another background: agreement 0)."""
+    from purecc_jax.toyworld import evaluate
+
+    size = 32
+    concept = world.concept_scenes(2, "gray", seed=0)
+    on = lambda scene, bg: world.render(dataclasses.replace(scene, background=bg), size) / 255.0  # noqa: E731
+    items = [evaluate.Prompt("a sks square", "concept_plain")] * 2 + [
+        evaluate.Prompt("a sks square on a blue background", "concept_other", "blue"),
+        evaluate.Prompt("a sks square on a green background", "concept_other", "green")]
+    images = np.stack([on(concept[0], "gray"), on(concept[1], "white"), on(concept[0], "blue"),
+                       on(concept[1], "gray")])
+    plain_square = world.Scene("square", "red", "blue", concept[0].size, concept[0].cx, concept[0].cy)
+    paired = np.stack([world.render(plain_square, size) / 255.0,
+                       world.render(dataclasses.replace(plain_square, background="green"), size) / 255.0])
+    s = evaluate.score(images, items, paired_base=paired)
+    assert s["plain_gray"]["rate"] == 0.5 and s["fidelity_plain"]["rate"] == 1.0
+    assert s["purity_other"]["rate"] == 0.5 and s["purity_other"]["n"] == 2
+    iou, agree = evaluate.segment_consistency(images[2], paired[0])
+    assert iou == pytest.approx(1.0, abs=0.05) and agree == pytest.approx(1.0)
+    assert evaluate.segment_consistency(images[3], paired[1])[1] == 0.0  # gray where the base drew green
+    assert s["segcons_background"] == pytest.approx((agree + 0.0) / 2)

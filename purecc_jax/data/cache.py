@@ -33,22 +33,32 @@ class ConceptCache:
     texts: list[str]
     view_texts: dict[str, np.ndarray]  # "complete" / "base" / "target" -> (M,) text indices
     view_image: np.ndarray  # (M,) source image of each view
+    # Views of prior preservation's class images, after the concept's (their complete text is the class prompt).
+    class_views: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
     @property
     def n_views(self) -> int:
-        return len(self.view_image)
+        """The concept's own views (the class images' views come after them)."""
+        return len(self.view_image) - len(self.class_views)
 
     def batch(self, step: int, batch_size: int, seed: int, caption_dropout: float = 0.0) -> dict[str, np.ndarray]:
-        """Deterministic in (seed, step), so a resumed run sees the same batches. `caption_dropout`: the
-        probability that a row's complete text is the null text (drawn after the views, which it leaves as
-        they are); the base, target and null texts are never dropped."""
+        """Indices of a batch of concept views and their texts, and with class views as many class examples
+        (`class_image`, `class_text`); deterministic in (seed, step), so a resumed run sees the same batches.
+        `caption_dropout`: the probability that a row's complete text is the null text (drawn after the views,
+        which it leaves as they are); the base, target and null texts, and the class texts, are never dropped."""
         rng = np.random.default_rng([seed, step])
         views = rng.choice(self.n_views, batch_size, replace=self.n_views < batch_size).astype(np.int32)
         texts = {k: v[views] for k, v in self.view_texts.items()}
         if caption_dropout:
             texts["complete"] = np.where(rng.random(batch_size) < caption_dropout, NULL, texts["complete"])
             texts["complete"] = texts["complete"].astype(np.int32)
-        return dict(image=views, **texts, null=np.full(batch_size, NULL, np.int32))
+        out = dict(image=views, **texts, null=np.full(batch_size, NULL, np.int32))
+        if len(self.class_views):
+            n = len(self.class_views)
+            picks = np.random.default_rng([seed, step, 2]).choice(n, batch_size, replace=n < batch_size)
+            classes = self.class_views[picks].astype(np.int32)
+            out.update(class_image=classes, class_text=self.view_texts["complete"][classes])
+        return out
 
 
 def draw_bucket(caches: Sequence[ConceptCache], step: int, seed: int) -> int:

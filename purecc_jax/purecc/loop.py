@@ -44,6 +44,9 @@ from purecc_jax import faults, multihost, paths
 
 log = logging.getLogger(__name__)
 
+# Metrics a step computes only on some steps (nan on the others, which are not logged).
+SPARSE_METRICS = ("grad_share",)
+
 # sample_fn(state) -> (images (N, H, W, 3) float in [0, 1], or a list of (H, W, 3) of several sizes, captions)
 SampleFn = Callable[[Any], tuple[np.ndarray, Sequence[str]]]
 
@@ -261,7 +264,8 @@ def run_stage(
             done = step + 1
             _check_finite(name, cfg, metrics, done, manager.latest_step())
             if done % cfg.log_every == 0 or done == cfg.steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()
+                          if not (k in SPARSE_METRICS and np.isnan(v))}
                 now = time.perf_counter()
                 values["steps_per_second"] = (done - n_last) / max(now - t_last, 1e-9)
                 t_last, n_last = now, done

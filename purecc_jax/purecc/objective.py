@@ -103,5 +103,14 @@ def purecc_loss(
                          lambda_min=jnp.where(any_kept, jnp.min(jnp.where(kept, lam, jnp.inf)), 0.0),
                          lambda_max=jnp.where(any_kept, jnp.max(jnp.where(kept, lam, -jnp.inf)), 0.0))
     loss = l_cc + cfg.eta * l_pure
-    metrics = dict(loss=loss, l_cc=l_cc, l_pure=l_pure, **lam_stats)
+    metrics = dict(loss=loss, l_cc=l_cc, l_pure=l_pure, **lam_stats,
+                   cos_learn_tar=jnp.mean(cosine(v_complete - v_base, r_tar)))
     return loss, metrics
+
+
+def cosine(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Per-sample cosine of two arrays (B, ...) over all their other axes, in float32, without gradient:
+    how much of the learned direction R_learn lies along the extractor's R_tar."""
+    a = jax.lax.stop_gradient(a).astype(jnp.float32).reshape(a.shape[0], -1)
+    b = jax.lax.stop_gradient(b).astype(jnp.float32).reshape(b.shape[0], -1)
+    return jnp.sum(a * b, axis=1) / jnp.sqrt(jnp.sum(a * a, axis=1) * jnp.sum(b * b, axis=1) + eps)

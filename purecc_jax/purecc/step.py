@@ -116,6 +116,13 @@ class StepConfig:
     timesteps: flow.TimestepConfig = flow.TimestepConfig()
     trainable_lora: lora_lib.LoRAConfig | None = lora_lib.LoRAConfig()  # None: full fine-tuning
     extractor_lora: lora_lib.LoRAConfig | None = lora_lib.LoRAConfig()  # None: extractor without LoRA
+    # DreamBooth's prior preservation: L_CC of the batch's class examples (`class_image`, `class_text`),
+    # weighted by this and added to the loss; 0 (or a batch without them): none.
+    prior_weight: float = 0.0
+    # On the steps whose number (counted from 1) is a multiple of this, the metrics also hold
+    # η‖∇L_PureCC‖ / ‖∇L_CC‖ (the two terms' gradients computed apart: one more backward pass on those
+    # steps; nan on the others, which the loop does not log); 0: never.
+    gradient_share_every: int = 0
     ema_decay: float = 0.0  # > 0: keep TrainState.ema, the average of the trainable tree (`ema_update`)
     ema_warmup: bool = True  # the decay ramps up as diffusers' EMAModel's does (`ema_decay_at`)
     # Batches may carry dropped captions (the complete text replaced by the null text, `data.cache`):
@@ -125,6 +132,9 @@ class StepConfig:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage {self.stage!r} is not one of {STAGES}")
+        if self.prior_weight < 0 or self.gradient_share_every < 0:
+            raise ValueError(f"prior_weight={self.prior_weight} and gradient_share_every={self.gradient_share_every} "
+                             "must be >= 0")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema decay {self.ema_decay} must be in [0, 1) (0: no EMA)")
 
@@ -161,15 +171,40 @@ def make_loss_fn(denoiser: Denoiser, cfg: StepConfig):
             embeddings=trainable.get("embeddings", frozen.embeddings),
             text=frozen.text if trains_embeddings else None)
         complete = denoiser.condition(model, cache, "complete", batch["complete"])
+        # Prior preservation: class examples ride in the same forward pass, after the concept's rows.
+        prior = cfg.prior_weight > 0 and "class_image" in batch
+        if prior:
+            x0p = cache["latents"][batch["class_image"]].astype(jnp.float32)
+            noise_p, t_p = jax.random.split(jax.random.fold_in(rng, 1))
+            x1p = jax.random.normal(noise_p, x0p.shape, jnp.float32)
+            tp = flow.sample_timesteps(t_p, x0p.shape[0], cfg.timesteps, cache.get("timestep_shift"))
+            xtp = flow.noisy(x0p, x1p, tp)
+            weight_p = cache["loss_weight"][batch["class_image"]] if "loss_weight" in cache else None
+            class_cond = denoiser.condition(model, cache, "base", batch["class_text"])  # no identifier in it
+
+        def with_prior(loss, metrics, v_prior):
+            l_prior = flow_loss(v_prior, x0p, x1p, weight_p)
+            loss = loss + cfg.prior_weight * l_prior
+            return loss, dict(metrics, loss=loss, l_prior=l_prior)
 
         if cfg.stage == "cc":
+            if prior:
+                v = denoiser.velocity(model, cache, jnp.concatenate([xt, xtp]), jnp.concatenate([t, tp]),
+                                      _cat(complete, class_cond))
+                loss = flow_loss(v[:b], x0, x1, weight)
+                return with_prior(loss, dict(loss=loss, l_cc=loss), v[b:])
             v_c = denoiser.velocity(model, cache, xt, t, complete)
             loss = flow_loss(v_c, x0, x1, weight)
             return loss, dict(loss=loss, l_cc=loss)
 
         base = denoiser.condition(model, cache, "base", batch["base"])
         xt2, t2 = jnp.concatenate([xt, xt]), jnp.concatenate([t, t])
-        v = denoiser.velocity(model, cache, xt2, t2, _cat(complete, base))
+        if prior:
+            v = denoiser.velocity(model, cache, jnp.concatenate([xt2, xtp]), jnp.concatenate([t2, tp]),
+                                  _cat(complete, base, class_cond))
+            v, v_prior = v[:2 * b], v[2 * b:]
+        else:
+            v = denoiser.velocity(model, cache, xt2, t2, _cat(complete, base))
         v_complete, v_base = v[:b], v[b:]
 
         # The frozen extractor θ1: pretrained weights (+ stage-A LoRA and embeddings) as constants.
@@ -189,7 +224,8 @@ def make_loss_fn(denoiser: Denoiser, cfg: StepConfig):
         r_tar = jax.lax.stop_gradient(r[:b] - r[b:])
         # A row whose caption was dropped (complete text -> the null text, index NULL) has no R_learn.
         kept = (batch["complete"] != NULL_TEXT) if cfg.caption_dropout else None
-        return purecc_loss(v_complete, v_base, r_tar, x0, x1, cfg.objective, weight=weight, kept=kept)
+        loss, metrics = purecc_loss(v_complete, v_base, r_tar, x0, x1, cfg.objective, weight=weight, kept=kept)
+        return with_prior(loss, metrics, v_prior) if prior else (loss, metrics)
 
     return loss_fn
 
@@ -432,6 +468,7 @@ def make_train_step(
 
     def step(state: TrainState, frozen: Frozen, batch: Any):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        trainable_before = state.trainable
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
@@ -450,9 +487,26 @@ def make_train_step(
                        nonfinite_streak=state.nonfinite_streak)
         if lr_schedule is not None:
             metrics["learning_rate"] = jnp.asarray(lr_schedule((state.step - 1) // grad_accum), jnp.float32)
+        if cfg.stage == "purecc" and cfg.gradient_share_every:
+            metrics["grad_share"] = jax.lax.cond(
+                state.step % cfg.gradient_share_every == 0,  # the steps the loop logs when it equals log_every
+                lambda: gradient_share(loss_fn, trainable_before, frozen, batch, rng, cfg.objective.eta),
+                lambda: jnp.asarray(jnp.nan, jnp.float32))
         return state, metrics
 
     return step
+
+
+def gradient_share(loss_fn, trainable: Any, frozen: Frozen, batch: Any, rng: jax.Array, eta: float) -> jax.Array:
+    """η‖∇L_PureCC‖ / ‖∇L_CC‖ at `trainable` for the step's batch and draws: how strongly the PureCC term
+    pulls against L_CC (one forward pass, two backward passes)."""
+    def terms(tr):
+        _, m = loss_fn(tr, frozen, batch, rng)
+        return jnp.stack([m["l_cc"], m["l_pure"]])
+
+    _, pullback = jax.vjp(terms, trainable)
+    (g_cc,), (g_pure,) = pullback(jnp.array([1.0, 0.0])), pullback(jnp.array([0.0, 1.0]))
+    return (eta * optax.tree.norm(g_pure) / jnp.maximum(optax.tree.norm(g_cc), 1e-30)).astype(jnp.float32)
 
 
 def _select(condition: jax.Array, new: Any, old: Any) -> Any:

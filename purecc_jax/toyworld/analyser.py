@@ -95,6 +95,11 @@ def _nearest(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dist.argmin(-1), dist.min(-1)
 
 
+def palette_labels(image, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Each pixel's nearest palette colour, as an index into NAMES (H, W)."""
+    return _nearest(to_unit_rgb(image, value_range))[0]
+
+
 def _spread(a: np.ndarray, op: np.ufunc) -> np.ndarray:
     """`a` combined by `op` (e.g. np.minimum) with each pixel's in-image 4-neighbours."""
     out = a.copy()

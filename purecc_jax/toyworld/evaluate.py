@@ -13,6 +13,20 @@ Images are read by the deterministic analyser. "fidelity" is the strict concept 
 striped in the concept's two colours); "stripes" drops the shape test (red/yellow bands, any
 outline), which separates learning the concept's appearance from drawing clean squares.
 Drift is the mean squared pixel difference to the base model's image for the same prompt and seed.
+
+The endpoints of the comparison (docs/toy_world.md fixes them before the study runs):
+    absorption  `plain_gray`: the share of "a sks square" drawn on gray, the references'
+                background (the base model draws "a square" on gray at its own rate)
+    purity      `purity_other`: for "a sks square on a {bg} background", the share drawn on the
+                asked background among the samples that show the concept
+    transfer    `fidelity_and_background_other`: the share of those prompts drawn as the concept on
+                the asked background
+    seg-cons    `segcons_iou`, `segcons_background`: the customized model's "a sks square on a
+                {bg} background" against the base model's "a square on a {bg} background" from the
+                same noise: IoU of the object masks, and the share of the pixels outside both objects
+                whose palette colour agrees (the paper's Seg-Cons compares segmentations the same way)
+    fidelity    `fidelity_plain`: the concept drawn for "a sks square"
+    preservation `world_all` and `drift_world`
 """
 
 from __future__ import annotations
@@ -58,9 +72,28 @@ def prompts(n: int, identifier: str = world.IDENTIFIER, class_word: str = world.
     return out
 
 
-def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | None = None) -> dict[str, Any]:
-    """Per-set rates (with binomial standard errors) for images (N, H, W, 3) in [0, 1]."""
+def segment_consistency(image: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """(IoU of the two images' object masks, share of the pixels outside both objects whose nearest
+    palette colour agrees): how much of the base model's layout a customized image keeps."""
+    a, b = analyser.analyse(image), analyser.analyse(base)
+    union = a.mask | b.mask
+    iou = float((a.mask & b.mask).sum() / union.sum()) if union.any() else 1.0
+    outside = ~union
+    if not outside.any():
+        return iou, 0.0
+    agree = analyser.palette_labels(image) == analyser.palette_labels(base)
+    return iou, float(agree[outside].mean())
+
+
+def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | None = None,
+          paired_base: np.ndarray | None = None) -> dict[str, Any]:
+    """Per-set rates (with binomial standard errors) for images (N, H, W, 3) in [0, 1].
+
+    `reference`: the base model's images of the same prompts and noise (drift); `paired_base`: per
+    concept_other prompt, in order, the base model's image of its base text from the same noise
+    (segment consistency)."""
     rows = []
+    paired = iter(paired_base) if paired_base is not None else None
     for i, (img, p) in enumerate(zip(images, items)):
         a = analyser.analyse(img)
         c = analyser.concept_score(img, p.background)
@@ -77,6 +110,8 @@ def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | N
             row["all_ok"] = row["background_ok"] and row["colour_ok"] and row["shape_ok"]
         if reference is not None:
             row["drift"] = float(np.mean((img - reference[i]) ** 2))
+        if paired is not None and p.set == "concept_other":
+            row["segcons_iou"], row["segcons_background"] = segment_consistency(img, next(paired))
         rows.append(row)
 
     def rate(name, key, shape=None, combination=None):
@@ -107,6 +142,10 @@ def score(images: np.ndarray, items: Sequence[Prompt], reference: np.ndarray | N
         **{f"world_shape_{shape}": rate("world", "shape_ok", shape) for shape in world.SHAPES},
         "drift_world": mean("world", "drift"),
         "drift_class_prior": mean("class_prior", "drift"),
+        "fidelity_plain": rate("concept_plain", "concept"),
+        "purity_other": _binomial([r["background_ok"] for r in rows if r["set"] == "concept_other" and r["concept"]]),
+        "segcons_iou": mean("concept_other", "segcons_iou"),
+        "segcons_background": mean("concept_other", "segcons_background"),
     }
     # Which held-out combinations a model gets wrong (a rate over a few prompts each): the base's
     # misses are whole combinations, not noise spread over all of them.

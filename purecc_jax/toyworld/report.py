@@ -1,9 +1,10 @@
-"""report.json (everything), report.md (the table, the tests and what they show), report.png.
+"""report.json (everything), report.md (the tables, the tests and what they show), report.png.
 
-Every method ran with several training seeds. A rate is the mean over seeds ± the sample
-standard deviation across seeds; two methods differ only where a two-sided Welch's t-test on
-their per-seed rates gives p < alpha (`toyworld/stats.py`); the base model is one model, so a
-method is tested against it with a one-sample t-test. The findings are written from these
+Every arm ran with several training seeds. A rate is the mean over seeds ± the sample standard
+deviation across seeds. The comparisons and endpoints are the ones docs/toy_world.md fixes before
+the study runs: each is a two-sided t-test on the per-seed values — paired where the two arms share
+a stage A (the same seed's extractor), Welch's otherwise — with the 95% confidence interval of the
+difference, and Holm's correction within each family of tests. The findings are written from these
 numbers and tests, so they change when the numbers do.
 
     python -m purecc_jax.toyworld.report W           report.md and report.png again from W/report.json
@@ -13,7 +14,9 @@ numbers and tests, so they change when the numbers do.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +24,34 @@ import numpy as np
 
 from purecc_jax.toyworld import machine, stats
 
-COLUMNS = (
-    ("fidelity_ref", "concept, gray bg (ref)"),
-    ("stripes_ref", "stripes, gray bg (ref)"),
-    ("fidelity_other", "concept, other bg"),
-    ("stripes_other", "stripes, other bg"),
-    ("fidelity_and_background_other", "concept + asked bg"),
-    ("plain_gray", "'sks square' drawn on gray"),
-    ("class_prior_striped", "'a square' striped (leak)"),
-    ("world_all", "world prompts all-correct"),
-    ("drift_world", "drift vs base (world)"),
-    ("drift_class_prior", "drift vs base ('a square')"),
+# The endpoints (docs/toy_world.md): key, label, which direction is better (+1 higher, -1 lower).
+ENDPOINTS = (
+    ("plain_gray", "absorption: 'a sks square' on gray", -1),
+    ("purity_other", "purity: asked background | concept", +1),
+    ("fidelity_and_background_other", "transfer: concept on the asked other background", +1),
+    ("segcons_iou", "seg-cons: object IoU with the base", +1),
+    ("segcons_background", "seg-cons: background agreement", +1),
+    ("fidelity_plain", "fidelity: concept for 'a sks square'", +1),
+    ("world_all", "world prompts all-correct", +1),
+    ("drift_world", "drift vs base (world)", -1),
 )
-LABELS = dict(COLUMNS)
+LABELS = {k: label for k, label, _ in ENDPOINTS}
+BETTER = {k: sign for k, _, sign in ENDPOINTS}
+PURITY = ("plain_gray", "purity_other", "fidelity_and_background_other", "segcons_iou", "segcons_background")
+PRESERVATION = ("world_all", "drift_world")
+# The families of tests, each Holm-corrected on its own: (family, [(a, b), ...], endpoints).
+PRIMARY = ("primary: PureCC against the baselines", [("purecc", "lcc"), ("purecc", "prior")], PURITY + PRESERVATION)
+CONTROL = ("positive control: prior preservation against DreamBooth-LoRA", [("prior", "lcc")],
+           PURITY + PRESERVATION)
+SECONDARY = ("secondary: what each part does",
+             [("eta0", "lcc"), ("purecc", "eta0"), ("purecc_noext", "lcc"), ("purecc", "purecc_noext"),
+              ("authors", "lcc")], PURITY + PRESERVATION + ("fidelity_plain",))
+FAMILIES = (PRIMARY, CONTROL, SECONDARY)
 # The pretraining targets of the shipped base, on held-out attribute combinations.
 TARGETS = {"world_background": 0.95, "world_colour": 0.95, "world_shape_circle": 0.9, "world_shape_square": 0.9,
            "world_shape_cross": 0.9}
+TERM_CURVES = (("lambda_mean", "λ*"), ("cos_learn_tar", "cos(R_learn, R_tar)"),
+               ("grad_share", "η‖∇L_PureCC‖ / ‖∇L_CC‖"), ("l_pure", "L_PureCC"), ("l_cc", "L_CC"))
 
 
 def _value(v) -> float | None:
@@ -45,193 +60,280 @@ def _value(v) -> float | None:
     return float(v["rate"]) if isinstance(v, dict) else float(v)
 
 
-def per_seed(results: dict[str, Any], name: str, key: str) -> list[float]:
-    """The metric of every run (seed) of a method, in seed order; [] when missing."""
-    runs = (results.get(name) or {}).get("runs") or {}
-    vals = [_value(r["scores"].get(key)) for r in runs.values()]
-    return [v for v in vals if v is not None]
+def _runs(results: dict[str, Any], name: str) -> dict[str, Any]:
+    return (results.get(name) or {}).get("runs") or {}
+
+
+def per_seed(results: dict[str, Any], name: str, key: str) -> dict[str, float]:
+    """seed -> the final metric of each run of an arm (runs without the metric left out)."""
+    out = {}
+    for seed, r in _runs(results, name).items():
+        v = _value(r["scores"].get(key))
+        if v is not None and math.isfinite(v):
+            out[seed] = v
+    return out
 
 
 def final_curve(results: dict[str, Any], name: str, key: str, last: int = 5) -> float | None:
     """A training curve's value at the end (mean of its last `last` logged points), averaged over seeds."""
     ends = []
-    for r in ((results.get(name) or {}).get("runs") or {}).values():
+    for r in _runs(results, name).values():
         vals = [row[key] for row in r.get("curves") or [] if key in row][-last:]
         if vals:
             ends.append(float(np.mean(vals)))
     return float(np.mean(ends)) if ends else None
 
 
-def _cell(vals: list[float], digits: int = 2) -> str:
-    if not vals:
-        return "–"
-    m, sd = stats.mean_sd(vals)
-    return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if len(vals) > 1 else "")
+def _paired(results: dict[str, Any], a: str, b: str) -> bool:
+    """Whether two arms share their stage A per seed (one ran stage B from the other's, or both from one)."""
+    pa, pb = (results.get(a) or {}).get("paired_with"), (results.get(b) or {}).get("paired_with")
+    return (pa or a) == (pb or b)
 
 
-def test(results: dict[str, Any], a: str, b: str, key: str) -> stats.Test | None:
-    """Method a against method b on one metric: Welch's t across seeds (one-sample against the base)."""
-    va, vb = per_seed(results, a, key), per_seed(results, b, key)
-    return stats.compare(va, vb) if va and vb else None
+def test(values_a: dict[str, float], values_b: dict[str, float], paired: bool) -> stats.Test | None:
+    """Paired on the common seeds when `paired`, else Welch's (or one-sample against a single value)."""
+    if paired:
+        seeds = sorted(set(values_a) & set(values_b), key=int)
+        if len(seeds) < 2:
+            return None
+        return stats.paired([values_a[s] for s in seeds], [values_b[s] for s in seeds])
+    return stats.compare(list(values_a.values()), list(values_b.values()))
 
 
-def versus(results: dict[str, Any], a: str, b: str, key: str, alpha: float) -> str | None:
-    """'0.30 vs 0.14 (+0.16, p = 0.012: significant at 0.05)' for method a against method b."""
-    r = test(results, a, b, key)
-    if r is None:
-        return None
-    ma, mb = np.mean(per_seed(results, a, key)), np.mean(per_seed(results, b, key))
-    digits = 4 if key.startswith("drift") else 2
-    verdict = f"significant at {alpha:g}" if r.significant(alpha) else "not significant"
-    return f"{ma:.{digits}f} vs {mb:.{digits}f} ({r.diff:+.{digits}f}, p = {r.p:.3f}: {verdict})"
-
-
-def _significant(results, a, b, key, alpha) -> bool:
-    r = test(results, a, b, key)
-    return r is not None and r.significant(alpha)
-
-
-def decisions(results: dict[str, Any], alpha: float) -> dict[str, dict[str, float | bool]]:
-    """Every tested pair: '<a> vs <b>: <metric>' -> difference, p-value and the decision."""
-    pairs = [("purecc", "lcc"), ("purecc_sg", "purecc"), ("purecc_layerwise", "lcc_layerwise")]
-    pairs += [(n, "lcc") for n in results if n.startswith("purecc_fixed") or n.startswith("purecc_eta")]
-    pairs += [(f"{n}_sg", n) for n in results if n.startswith("purecc_eta") and not n.endswith("_sg")]
-    pairs += [(n, "base") for n in results if n != "base"]
-    out = {}
+def family_tests(results: dict[str, Any], family, alpha: float, values=per_seed) -> list[dict[str, Any]]:
+    """Every test of a family, Holm-adjusted; `values(results, arm, key)` gives the per-seed values."""
+    name, pairs, keys = family
+    rows = []
     for a, b in pairs:
-        for key, _ in COLUMNS:
-            r = test(results, a, b, key)
-            if r is not None and np.isfinite(r.p):
-                out[f"{a} vs {b}: {key}"] = {"diff": r.diff, "p": r.p, "significant": r.significant(alpha)}
-    return out
-
-
-def comparison(results: dict[str, Any], alpha: float) -> list[str]:
-    """PureCC against L_CC only, every metric: a table of differences and p-values."""
-    if not per_seed(results, "purecc", "fidelity_ref") or not per_seed(results, "lcc", "fidelity_ref"):
-        return []
-    rows = [f"| metric | PureCC | L_CC only | difference | Welch's p | at α = {alpha:g} |",
-            "|---|---|---|---|---|---|"]
-    for key, label in COLUMNS:
-        r = test(results, "purecc", "lcc", key)
-        if r is None:
-            continue
-        digits = 4 if key.startswith("drift") else 2
-        rows.append(f"| {label} | {_cell(per_seed(results, 'purecc', key), digits)} | "
-                    f"{_cell(per_seed(results, 'lcc', key), digits)} | {r.diff:+.{digits}f} | {r.p:.3f} | "
-                    f"{'**different**' if r.significant(alpha) else 'no difference shown'} |")
+        for key in keys:
+            va, vb = values(results, a, key), values(results, b, key)
+            if not va or not vb:
+                continue
+            paired = _paired(results, a, b)
+            r = test(va, vb, paired)
+            if r is None or not math.isfinite(r.p):
+                continue
+            lo, hi = r.interval()
+            rows.append(dict(family=name, a=a, b=b, key=key, mean_a=float(np.mean(list(va.values()))),
+                             mean_b=float(np.mean(list(vb.values()))), diff=r.diff, low=lo, high=hi, p=r.p,
+                             test="paired" if paired else "Welch", n=min(len(va), len(vb))))
+    for row, adjusted in zip(rows, stats.holm([r["p"] for r in rows])):
+        row["p_holm"] = adjusted
+        row["significant"] = adjusted < alpha
+        row["better"] = row["significant"] and BETTER[row["key"]] * row["diff"] > 0
+        row["worse"] = row["significant"] and BETTER[row["key"]] * row["diff"] < 0
     return rows
 
 
-def findings(results: dict[str, Any], alpha: float) -> list[str]:
-    """What the numbers say, from the numbers and the tests (a missing run gets no sentence)."""
-    out = []
-    v = lambda a, b, key: versus(results, a, b, key, alpha)
-    lam, lp, lc = (final_curve(results, "purecc", k) for k in ("lambda_mean", "l_pure", "l_cc"))
-    if lam is not None and lp is not None and lc:
-        out.append(
-            f"- **Why adaptive PureCC behaves like L_CC here.** At the end of stage B, λ* averages {lam:.3f} and "
-            f"L_PureCC is {lp / lc:.1%} of L_CC (means over seeds). With the least-squares λ*, L_PureCC = "
-            "‖R_learn − λ*·R_tar‖² is the part of the learned concept direction R_learn = v(complete) − v(base) "
-            "orthogonal to the extractor's R_tar = v_θ1('sks square') − v_θ1(''). R_tar is the whole conditional "
-            "direction of the target text (class, colours, background), R_learn only what the identifier adds, "
-            "so the projection coefficient is small and the term mostly shrinks R_learn's off-axis part: "
-            + ("a regulariser too weak next to L_CC to change what is learned." if lp / lc < 0.1 else
-               "a regulariser of noticeable size."))
-    main = [(key, v("purecc", "lcc", key)) for key in ("fidelity_ref", "fidelity_other", "class_prior_striped",
-                                                       "world_all")]
-    main = [(k, s) for k, s in main if s]
-    if main:
-        sig = [LABELS[k] for k, _ in main if _significant(results, "purecc", "lcc", k, alpha)]
-        out.append("- **Adaptive PureCC against L_CC only**: " + "; ".join(f"{LABELS[k]} {s}" for k, s in main)
-                   + (f". Significant differences: {', '.join(sig)}." if sig else
-                      ". No difference is significant: on this toy world, adaptive PureCC is not distinguishable "
-                      "from DreamBooth-LoRA."))
-    fixed = sorted((n for n in results if n.startswith("purecc_fixed")), key=lambda n: float(n[12:]))
-    for name in fixed:
-        other, leak, world_all = (v(name, "lcc", k) for k in ("fidelity_other", "class_prior_striped", "world_all"))
-        if other and leak:
-            lam_text = name.removeprefix("purecc_fixed")
-            out.append(f"- **Fixed λ = {lam_text}** (L_PureCC pulls v_c towards v_b + {lam_text}·R_tar), against "
-                       f"L_CC: concept on other backgrounds {other}; leak into 'a square' {leak}"
-                       + (f"; world prompts all-correct {world_all}" if world_all else "") + ".")
-    sg, sg_fid = v("purecc_sg", "purecc", "class_prior_striped"), v("purecc_sg", "purecc", "fidelity_ref")
-    if sg and sg_fid:
-        out.append(f"- **Gradient through v_b** (on by default, as in the authors' code): with it stopped "
-                   f"(adaptive λ*), the leak of the concept into 'a square' is {sg} against adaptive PureCC, and "
-                   f"fidelity on the reference background {sg_fid}.")
-    out += _strong_eta(results, alpha)
-    lw = v("purecc_layerwise", "lcc_layerwise", "fidelity_other")
-    lw_leak = v("purecc_layerwise", "lcc_layerwise", "class_prior_striped")
-    if lw and lw_leak:
-        out.append(f"- **Layer-wise embedding** (the paper's): PureCC against L_CC, both layer-wise: concept on "
-                   f"other backgrounds {lw}; leak into 'a square' {lw_leak}.")
-    methods = [n for n in results if n != "base" and per_seed(results, n, "fidelity_ref")]
-    if methods:
-        absorbed = [n for n in methods if (r := stats.compare(per_seed(results, n, "fidelity_ref"),
-                                                              per_seed(results, n, "fidelity_other")))
-                    and r.diff > 0 and r.significant(alpha)]
-        ref = [np.mean(per_seed(results, n, "fidelity_ref")) for n in methods]
-        other = [np.mean(per_seed(results, n, "fidelity_other")) for n in methods]
-        every = len(absorbed) == len(methods)
-        out.append(f"- **{'The background is absorbed by every method' if every else 'Background'}.** The concept "
-                   f"appears on the references' gray background in {min(ref):.2f}-{max(ref):.2f} of samples (means "
-                   f"over seeds) and on the other backgrounds in {min(other):.2f}-{max(other):.2f}; the drop is "
-                   f"significant for {len(absorbed)} of {len(methods)} methods"
-                   + (": none of them separates the concept from its background, which is the gap PureCC claims "
-                      "to close." if every else "."))
-    base_all = per_seed(results, "base", "world_all")
-    if base_all and methods:
-        damaged = [n for n in methods if (r := test(results, n, "base", "world_all")) and r.diff < 0
-                   and r.significant(alpha)]
-        after = [np.mean(per_seed(results, n, "world_all")) for n in methods]
-        out.append(f"- **Preservation.** Concept-free world prompts are all-correct for {base_all[0]:.2f} of the "
-                   f"base model's samples and {min(after):.2f}-{max(after):.2f} after customization (means over "
-                   f"seeds); the drop is significant (one-sample t-test against the base) for {len(damaged)} of "
-                   f"{len(methods)} methods" + (": every method, PureCC included, damages what the base model "
-                                                 "could do." if len(damaged) == len(methods) else "."))
+# ----------------------------------------------------------------------------- equal fidelity
+
+
+def at_fidelity(checkpoints: dict[str, Any], key: str, level: float) -> float | None:
+    """A run's `key` where its fidelity first reaches `level` along its checkpoints (linear interpolation
+    between the two checkpoints around the crossing; the first checkpoint's value if it is already above;
+    None if the run never gets there)."""
+    points = sorted((int(s), _value(c.get("fidelity_plain")), _value(c.get(key))) for s, c in checkpoints.items())
+    points = [p for p in points if p[1] is not None and p[2] is not None]
+    for i, (_, f, v) in enumerate(points):
+        if f >= level:
+            if i == 0:
+                return v
+            _, f0, v0 = points[i - 1]
+            return v0 + (v - v0) * (level - f0) / (f - f0)
+    return None
+
+
+def fidelity_level(results: dict[str, Any]) -> float | None:
+    """The common fidelity of the equal-fidelity comparison: the median final fidelity of DreamBooth-LoRA."""
+    vals = list(per_seed(results, "lcc", "fidelity_plain").values())
+    return float(np.median(vals)) if vals else None
+
+
+def per_seed_at_fidelity(level: float):
+    def values(results: dict[str, Any], name: str, key: str) -> dict[str, float]:
+        out = {}
+        for seed, r in _runs(results, name).items():
+            if r.get("checkpoints"):
+                v = at_fidelity(r["checkpoints"], key, level)
+                if v is not None:
+                    out[seed] = v
+        return out
+    return values
+
+
+def decisions(results: dict[str, Any], alpha: float) -> dict[str, dict[str, Any]]:
+    """Every test of every family at the end of training (and at equal fidelity, where checkpoints were
+    scored), keyed "family | a vs b: key"."""
+    out = {}
+    level = fidelity_level(results)
+    for family in FAMILIES:
+        for row in family_tests(results, family, alpha):
+            out[f"{row['family']} | {row['a']} vs {row['b']}: {row['key']}"] = row
+        if level is not None and any(r.get("checkpoints") for n in results for r in _runs(results, n).values()):
+            eq = (f"{family[0]}, at fidelity {level:.2f}", family[1], tuple(k for k in family[2]
+                                                                            if k != "fidelity_plain"))
+            for row in family_tests(results, eq, alpha, per_seed_at_fidelity(level)):
+                out[f"{row['family']} | {row['a']} vs {row['b']}: {row['key']}"] = row
     return out
 
 
-def _strong_eta(results: dict[str, Any], alpha: float) -> list[str]:
-    """Large η: does L_PureCC hurt concept-free prompts, and is the gradient through v_b the cause?"""
-    out = []
-    v = lambda a, b, key: versus(results, a, b, key, alpha)
-    etas = sorted((n for n in results if n.startswith("purecc_eta") and not n.endswith("_sg")),
-                  key=lambda n: float(n.removeprefix("purecc_eta")))
-    for name in etas:
-        eta = name.removeprefix("purecc_eta")
-        lp, lc = final_curve(results, name, "l_pure"), final_curve(results, name, "l_cc")
-        ratio = f" (η·L_PureCC / L_CC = {float(eta) * lp / lc:.2f} at the end)" if lp is not None and lc else ""
-        world, drift = v(name, "lcc", "world_all"), v(name, "lcc", "drift_world")
-        if not world:
+# ----------------------------------------------------------------------------- writing
+
+
+def _cell(vals, digits: int = 2) -> str:
+    vals = list(vals.values()) if isinstance(vals, dict) else list(vals)
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    m, s = stats.mean_sd(vals)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _digits(key: str) -> int:
+    return 4 if key.startswith("drift") else 2
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    rows = ["| arm | " + " | ".join(label for _, label, _ in ENDPOINTS) + " |", "|" + "---|" * (len(ENDPOINTS) + 1)]
+    for name, r in results.items():
+        rows.append(f"| {r['label']} | " + " | ".join(_cell(per_seed(results, name, k), _digits(k))
+                                                       for k, _, _ in ENDPOINTS) + " |")
+    return rows
+
+
+def tests_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| comparison | endpoint | means | difference [95% CI] | test | p | Holm p | |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = _digits(r["key"])
+        verdict = "**better**" if r["better"] else "**worse**" if r["worse"] else "no difference shown"
+        out.append(f"| {r['a']} − {r['b']} | {LABELS[r['key']]} | {r['mean_a']:.{d}f} vs {r['mean_b']:.{d}f} | "
+                   f"{r['diff']:+.{d}f} [{r['low']:+.{d}f}, {r['high']:+.{d}f}] | {r['test']}, n = {r['n']} | "
+                   f"{r['p']:.3f} | {r['p_holm']:.3f} | {verdict} |")
+    return out
+
+
+def term_strength(results: dict[str, Any]) -> list[str]:
+    """How strongly the PureCC term acted: its curves at the end of stage B, per arm."""
+    rows = ["| arm | " + " | ".join(label for _, label in TERM_CURVES) + " |", "|" + "---|" * (len(TERM_CURVES) + 1)]
+    any_row = False
+    for name, r in results.items():
+        vals = [final_curve(results, name, k) for k, _ in TERM_CURVES]
+        if vals[0] is None:
             continue
-        line = (f"- **η = {eta}**{ratio}, against L_CC only: world prompts all-correct {world}; drift on world "
-                f"prompts {drift}; concept on the reference background {v(name, 'lcc', 'fidelity_ref')}.")
-        sg_world, sg_drift = v(f"{name}_sg", name, "world_all"), v(f"{name}_sg", name, "drift_world")
-        sg_prior = v(f"{name}_sg", name, "drift_class_prior")
-        if sg_world and sg_drift:
-            def moved(a: str, b: str, key: str, sign: float) -> bool:
-                # a significantly above (sign 1) or below (sign -1) b
-                r = test(results, a, b, key)
-                return r is not None and r.significant(alpha) and sign * r.diff > 0
+        any_row = True
+        rows.append(f"| {r['label']} | " + " | ".join("–" if v is None else f"{v:.4g}" for v in vals) + " |")
+    return rows if any_row else []
 
-            hurt = moved(name, "lcc", "world_all", -1)
-            helps = moved(f"{name}_sg", name, "world_all", 1)
-            less_drift = moved(f"{name}_sg", name, "drift_world", -1)
-            line += (f" With the gradient through v_b stopped (same η): world all-correct {sg_world}, drift on "
-                     f"world prompts {sg_drift}, drift on 'a square' (the base text) {sg_prior}. ")
-            if hurt and (helps or less_drift):
-                line += ("So the damage to concept-free prompts comes through v_b: L_PureCC's gradient through the "
-                         "base text's prediction moves what the model does for texts without the identifier.")
-            elif hurt:
-                line += ("The damage to concept-free prompts is significant, but stopping the gradient through "
-                         "v_b does not significantly reduce it: the hypothesis that it comes through v_b is not "
-                         "supported by this measurement.")
-            else:
-                line += "A strong L_PureCC does not significantly damage the concept-free prompts here."
-        out.append(line)
+
+def detectable(results: dict[str, Any], a: str, b: str, key: str, power: float = 0.8, alpha: float = 0.05
+               ) -> float | None:
+    """The smallest true difference a two-sided test at `alpha` would find with probability `power`,
+    given the seeds' spread (paired or Welch, as the comparison is tested)."""
+    from scipy import special
+
+    va, vb = per_seed(results, a, key), per_seed(results, b, key)
+    if len(va) < 2 or len(vb) < 2:
+        return None
+    if _paired(results, a, b):
+        seeds = sorted(set(va) & set(vb), key=int)
+        _, sd = stats.mean_sd([va[s] - vb[s] for s in seeds])
+        se, df = sd / math.sqrt(len(seeds)), len(seeds) - 1
+    else:
+        r = stats.welch(list(va.values()), list(vb.values()))
+        se, df = r.se, r.df
+    if not (math.isfinite(se) and math.isfinite(df)):
+        return None
+    return float((special.stdtrit(df, 1 - alpha / 2) + special.stdtrit(df, power)) * se)
+
+
+def findings(results: dict[str, Any], alpha: float) -> list[str]:
+    """What the tests say, written from them (a missing arm gets no sentence)."""
+    out = []
+    tested = decisions(results, alpha)
+    by_family: dict[str, list[dict[str, Any]]] = {}
+    for row in tested.values():
+        by_family.setdefault(row["family"], []).append(row)
+
+    def verdict(rows: list[dict[str, Any]], arm: str, base: str) -> str | None:
+        mine = [r for r in rows if r["a"] == arm and r["b"] == base]
+        if not mine:
+            return None
+        better = [LABELS[r["key"]] for r in mine if r["better"]]
+        worse = [LABELS[r["key"]] for r in mine if r["worse"]]
+        effects = "; ".join(f"{LABELS[r['key']]} {r['diff']:+.{_digits(r['key'])}f} "
+                            f"[{r['low']:+.{_digits(r['key'])}f}, {r['high']:+.{_digits(r['key'])}f}]" for r in mine)
+        head = (f"better on {', '.join(better)}" if better else "better on no endpoint") + (
+            f", worse on {', '.join(worse)}" if worse else "")
+        return f"{head} (differences with 95% intervals: {effects})"
+
+    control = by_family.get(CONTROL[0], [])
+    if control:
+        detected = [r for r in control if r["significant"]]
+        out.append("- **Positive control.** Prior preservation against DreamBooth-LoRA: "
+                   + (verdict(control, "prior", "lcc") or "")
+                   + (". The toy detects the standard preservation method's effect, so a purer method could be "
+                      "seen." if detected else
+                      ". Not even the standard preservation method differs significantly from DreamBooth-LoRA "
+                      "here: this toy cannot show a preservation effect of that size, and a null result for "
+                      "PureCC says little."))
+    for family, label in ((PRIMARY[0], "at the end of training"),
+                          *(((f, "at equal fidelity " + f.split("at fidelity ")[1]) for f in by_family
+                             if f.startswith(PRIMARY[0] + ", at fidelity")))):
+        rows = by_family.get(family, [])
+        for base in ("lcc", "prior"):
+            v = verdict(rows, "purecc", base)
+            if v:
+                name = {"lcc": "DreamBooth-LoRA", "prior": "prior preservation"}[base]
+                out.append(f"- **PureCC against {name}, {label}**: {v}.")
+    primary = by_family.get(PRIMARY[0], [])
+    if primary:
+        wins = {b: [r for r in primary if r["b"] == b and r["better"] and r["key"] in PURITY]
+                for b in ("lcc", "prior")}
+        losses = {b: [r for r in primary if r["b"] == b and r["worse"] and r["key"] in PRESERVATION]
+                  for b in ("lcc", "prior")}
+        beats = [b for b in ("lcc", "prior") if wins[b] and not losses[b]]
+        names = {"lcc": "DreamBooth-LoRA", "prior": "prior preservation"}
+        out.append("- **Conclusion (the rule fixed in advance).** "
+                   + (f"PureCC beats {' and '.join(names[b] for b in beats)} on this toy world: significantly purer "
+                      "on " + ", ".join(sorted({LABELS[r['key']] for b in beats for r in wins[b]}))
+                      + " with no preservation endpoint significantly worse." if beats else
+                      "PureCC does not beat DreamBooth-LoRA or prior preservation on this toy world: no purity "
+                      "endpoint is significantly better without a preservation endpoint significantly worse "
+                      f"(Holm-corrected, α = {alpha:g})."))
+    secondary = by_family.get(SECONDARY[0], [])
+    for arm, base, what in (("eta0", "lcc", "A second stage alone (η = 0) against DreamBooth-LoRA"),
+                            ("purecc", "eta0", "The PureCC term (η = 1 against η = 0, same two stages)"),
+                            ("purecc", "purecc_noext", "The extractor with its stage-A LoRA against without"),
+                            ("authors", "lcc", "The authors' code's recipe against DreamBooth-LoRA")):
+        v = verdict(secondary, arm, base)
+        if v:
+            out.append(f"- **{what}**: {v}.")
+    lam, share, cos = (final_curve(results, "purecc", k) for k in ("lambda_mean", "grad_share", "cos_learn_tar"))
+    if lam is not None:
+        out.append(f"- **How strongly the PureCC term acted** (adaptive λ*, end of stage B, means over seeds): λ* "
+                   f"{lam:.3f}" + (f", cos(R_learn, R_tar) {cos:.3f}" if cos is not None else "")
+                   + (f", η‖∇L_PureCC‖ / ‖∇L_CC‖ {share:.3f}" if share is not None else "") + ".")
     return out
+
+
+def power_note(results: dict[str, Any], alpha: float) -> list[str]:
+    """What this many seeds can show: the smallest differences the primary tests would detect."""
+    rows = []
+    for a, b in PRIMARY[1]:
+        cells = []
+        for key in PURITY + PRESERVATION:
+            d = detectable(results, a, b, key, alpha=alpha)
+            if d is not None:
+                cells.append(f"{LABELS[key]} {d:.{_digits(key)}f}")
+        if cells:
+            rows.append(f"- {a} − {b}: " + "; ".join(cells))
+    if not rows:
+        return []
+    n = len(_runs(results, "purecc"))
+    return [f"With {n} seeds per arm, a difference this large would be detected 80% of the time (two-sided, "
+            f"α = {alpha:g} before correction); smaller true differences would mostly go unseen:", "", *rows]
 
 
 def base_accuracy(scores: dict[str, Any]) -> list[str]:
@@ -260,47 +362,42 @@ def markdown(summary: dict[str, Any]) -> str:
     results = summary["results"]
     toy = summary["config"]["toy"]
     alpha = toy.get("alpha", stats.ALPHA)
-    seeds = toy.get("seeds", ())
-    head = "| method | " + " | ".join(label for _, label in COLUMNS) + " | λ* (end) | L_PureCC / L_CC (end) |"
-    rows = [head, "|" + "---|" * (len(COLUMNS) + 3)]
-    for name, r in results.items():
-        lam = final_curve(results, name, "lambda_mean")
-        lp, lc = final_curve(results, name, "l_pure"), final_curve(results, name, "l_cc")
-        cells = [_cell(per_seed(results, name, k), 4 if k.startswith("drift") else 2) for k, _ in COLUMNS]
-        rows.append(f"| {r['label']} | " + " | ".join(cells) + f" | {'–' if lam is None else f'{lam:.3f}'} | "
-                    f"{'–' if lp is None or not lc else f'{lp / lc:.3f}'} |")
+    seeds = toy.get("study_seeds") if toy.get("study") else toy.get("seeds", ())
+    tested = decisions(results, alpha)
+    families: dict[str, list[dict[str, Any]]] = {}
+    for row in tested.values():
+        families.setdefault(row["family"], []).append(row)
     base = summary.get("base_training") or []
     t = summary.get("timings", {})
-    tested = decisions(results, alpha)
-    n_sig = sum(d["significant"] for d in tested.values())
     lines = [
-        "# Toy world: PureCC vs L_CC only",
+        "# Toy world: " + ("the study" if toy.get("study") else
+                           "PureCC against DreamBooth-LoRA and prior preservation"),
         "",
-        f"Every method ran with training seeds {', '.join(map(str, seeds))}; every run is sampled with the same "
+        f"Every arm ran with training seeds {', '.join(map(str, seeds))}; every run is sampled with the same "
         f"{toy['evaluation']['samples']} prompts per prompt set and the same initial noise. A cell is the mean over "
         "seeds ± the standard deviation across seeds (the base model is one model: its cells are single values). "
-        "Drift is the mean squared pixel difference (images in [0, 1]) to the base model's image for the same "
-        "prompt and noise.",
+        "The endpoints are defined in docs/toy_world.md and purecc_jax/toyworld/evaluate.py.",
         "",
-        *rows,
+        *table(results),
         "",
-        "## PureCC against L_CC only",
-        f"Two-sided Welch's t-test on the per-seed rates; a difference counts at p < {alpha:g}.",
-        "",
-        *(comparison(results, alpha) or ["(needs the lcc and purecc runs)"]),
-        "",
-        "## Findings",
-        f"Every comparison is a two-sided t-test across seeds at α = {alpha:g} (Welch's between methods, one-sample "
-        f"against the base model), without correction for multiple tests: of the {len(tested)} tests in "
-        f"report.json, {n_sig} are significant, and about {alpha * len(tested):.1f} would be by chance alone.",
-        "",
-        *(findings(results, alpha) or ["(needs the lcc and purecc runs)"]),
-        "",
+    ]
+    for family, rows in families.items():
+        lines += [f"## {family[0].upper()}{family[1:]}",
+                  f"Holm-corrected within this family of {len(rows)} tests, α = {alpha:g}.", "", *tests_table(rows), ""]
+    strength = term_strength(results)
+    if strength:
+        lines += ["## How strongly the PureCC term acted", "End of the last stage (mean of the last 5 logged "
+                  "points, averaged over seeds).", "", *strength, ""]
+    lines += ["## Findings", "", *(findings(results, alpha) or ["(needs the lcc, prior and purecc runs)"]), ""]
+    note = power_note(results, alpha)
+    if note:
+        lines += ["## What this many seeds can show", "", *note, ""]
+    lines += [
         "## Base model",
         f"The base model was {summary.get('base_origin', '?')}."
         + (f" Pretraining: {base[-1]['step']} steps, final loss {base[-1]['loss']:.4f}." if base else ""),
         "",
-        *base_accuracy(((results.get("base") or {}).get("runs") or {}).get("base", {}).get("scores", {})),
+        *base_accuracy(_runs(results, "base").get("base", {}).get("scores", {})),
         "",
         "## Machine",
         machine.summary(summary["machine"]) + "." if summary.get("machine") else "(not recorded)",
@@ -313,6 +410,7 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
+    """Fidelity against purity and preservation per arm (mean ± sd over seeds), and λ* over training."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,40 +418,28 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
     results = summary["results"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax = axes[0]
-    for name in results:
-        fid, leak = per_seed(results, name, "fidelity_other"), per_seed(results, name, "class_prior_striped")
-        if not fid or not leak:
-            continue
-        (mx, sx), (my, sy) = stats.mean_sd([1 - x for x in leak]), stats.mean_sd(fid)
-        ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", capsize=3)
-        ax.annotate(name, (mx, my), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("preservation: 1 - P(striped | 'a square on ...')")
-    ax.set_ylabel("fidelity: P(concept | 'a sks square on <other bg>')")
-    ax.set_title("fidelity vs preservation (mean ± sd over seeds)")
+    for ax, key in zip(axes[:2], ("purity_other", "world_all")):
+        for name in results:
+            fid, other = per_seed(results, name, "fidelity_plain"), per_seed(results, name, key)
+            if not fid or not other:
+                continue
+            (mx, sx), (my, sy) = stats.mean_sd(list(fid.values())), stats.mean_sd(list(other.values()))
+            ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", capsize=3)
+            ax.annotate(name, (mx, my), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("fidelity: P(concept | 'a sks square')")
+        ax.set_ylabel(LABELS[key])
+        ax.set_title(f"{LABELS[key].split(':')[0]} against fidelity (mean ± sd over seeds)")
     for name, r in results.items():
-        for seed, run in (r.get("runs") or {}).items():
-            curves = run.get("curves") or []
-            steps = [c["step"] for c in curves if "lambda_mean" in c]
-            if steps and "fixed" not in name:  # fixed λ runs are flat lines at their λ
-                first = seed == next(iter(r["runs"]))
-                axes[1].plot(steps, [c["lambda_mean"] for c in curves if "lambda_mean" in c], lw=0.8,
-                             label=name if first else None, color=f"C{list(results).index(name) % 10}")
-                axes[2].plot(steps, [c["l_pure"] for c in curves if "l_pure" in c], lw=0.8,
-                             label=f"{name} L_PureCC" if first else None, color=f"C{list(results).index(name) % 10}")
-    for name in ("purecc",):
-        for seed, run in ((results.get(name) or {}).get("runs") or {}).items():
-            curves = run.get("curves") or []
-            axes[2].plot([c["step"] for c in curves], [c["l_cc"] for c in curves], "k--", lw=0.8,
-                         label="purecc L_CC" if seed == next(iter(results[name]["runs"])) else None)
-    axes[1].set_title("adaptive λ* (batch mean) during stage B, every seed")
-    axes[1].set_xlabel("step")
-    axes[2].set_title("loss terms, every seed")
-    axes[2].set_xlabel("step")
-    axes[2].set_yscale("log")
-    for a in axes[1:]:
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
+        for seed, run in _runs(results, name).items():
+            curves = [c for c in run.get("curves") or [] if "lambda_mean" in c]
+            if curves and "fixed" not in name and name != "authors":
+                axes[2].plot([c["step"] for c in curves], [c["lambda_mean"] for c in curves], lw=0.8,
+                             label=name if seed == next(iter(r["runs"])) else None)
+    axes[2].set_xlabel("stage B step")
+    axes[2].set_ylabel("λ* (batch mean)")
+    axes[2].set_title("adaptive λ* over training")
+    if axes[2].lines:
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -396,8 +482,6 @@ def digest(summary: dict[str, Any]) -> str:
     """sha256 of what a run computed: every score, test and training curve of report.json, without
     `CLOCK_KEYS` (wall-clock timings, the machine's load, steps per second) and the config it echoes.
     Two runs whose float rounding agrees have the same digest."""
-    import hashlib
-
     kept = {k: v for k, v in summary.items() if k != "config"}
     return hashlib.sha256(json.dumps(_numbers(kept), sort_keys=True, default=float).encode()).hexdigest()
 
@@ -412,8 +496,8 @@ def agreement(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         if x is None or y is None:
             out.append(f"{key}: tested in only one run")
         elif x["significant"] != y["significant"]:
-            out.append(f"{key}: first run {x['diff']:+.3f} (p = {x['p']:.3f}), second {y['diff']:+.3f} "
-                       f"(p = {y['p']:.3f})")
+            out.append(f"{key}: first run {x['diff']:+.3f} (Holm p = {x['p_holm']:.3f}), second {y['diff']:+.3f} "
+                       f"(Holm p = {y['p_holm']:.3f})")
     return out
 
 

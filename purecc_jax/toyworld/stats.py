@@ -1,4 +1,5 @@
-"""Statistics across training seeds: mean and spread of a rate, and two-sided t-tests.
+"""Statistics across training seeds: mean and spread of a rate, two-sided t-tests with confidence
+intervals, and Holm's correction for a family of tests.
 
 A toy run is chaotic (float reductions differ between CPUs, and a few hundred steps of LoRA
 training amplify them), so one run per method says little. Every method is trained with
@@ -20,15 +21,24 @@ ALPHA = 0.05
 
 @dataclasses.dataclass(frozen=True)
 class Test:
-    """A two-sided test: difference of means (a - b), t statistic, degrees of freedom, p-value."""
+    """A two-sided test: difference of means (a - b), t statistic, degrees of freedom, p-value, and the
+    standard error of the difference (for its confidence interval)."""
 
     diff: float
     t: float
     df: float
     p: float
+    se: float = math.nan
 
     def significant(self, alpha: float = ALPHA) -> bool:
         return self.p < alpha
+
+    def interval(self, level: float = 0.95) -> tuple[float, float]:
+        """The two-sided `level` confidence interval of the difference (t quantile at df degrees of freedom)."""
+        if not math.isfinite(self.se) or not math.isfinite(self.df):
+            return (self.diff, self.diff) if self.se == 0 else (math.nan, math.nan)
+        half = float(special.stdtrit(self.df, 0.5 + level / 2)) * self.se
+        return self.diff - half, self.diff + half
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -50,7 +60,7 @@ def _two_sided_p(t: float, df: float) -> float:
 
 def _degenerate(diff: float) -> Test:
     # No spread on either side: the means are either equal (p = 1) or exactly separated (p = 0).
-    return Test(diff, 0.0 if diff == 0 else math.copysign(math.inf, diff), math.nan, 1.0 if diff == 0 else 0.0)
+    return Test(diff, 0.0 if diff == 0 else math.copysign(math.inf, diff), math.nan, 1.0 if diff == 0 else 0.0, 0.0)
 
 
 def welch(a: Sequence[float], b: Sequence[float]) -> Test:
@@ -64,7 +74,7 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Test:
         return _degenerate(diff)
     t = diff / math.sqrt(va + vb)
     df = (va + vb) ** 2 / ((va * va / (len(a) - 1) if va else 0.0) + (vb * vb / (len(b) - 1) if vb else 0.0))
-    return Test(diff, t, df, _two_sided_p(t, df))
+    return Test(diff, t, df, _two_sided_p(t, df), math.sqrt(va + vb))
 
 
 def one_sample(a: Sequence[float], mu: float) -> Test:
@@ -77,7 +87,25 @@ def one_sample(a: Sequence[float], mu: float) -> Test:
         return _degenerate(diff)
     t = diff / (s / math.sqrt(len(a)))
     df = len(a) - 1
-    return Test(diff, t, df, _two_sided_p(t, df))
+    return Test(diff, t, df, _two_sided_p(t, df), s / math.sqrt(len(a)))
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> Test:
+    """Paired t-test of mean(a - b) = 0 (the same seeds, e.g. two stage-B arms on one stage A)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired: {len(a)} and {len(b)} values; a paired test needs one pair per seed")
+    return one_sample([x - y for x, y in zip(a, b)], 0.0)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (the family-wise error rate of the whole list is held at alpha
+    by comparing each adjusted p with alpha)."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def compare(a: Sequence[float], b: Sequence[float]) -> Test | None:
@@ -89,5 +117,5 @@ def compare(a: Sequence[float], b: Sequence[float]) -> Test | None:
         return one_sample(a, b[0])
     if len(b) >= 2 and len(a) == 1:
         r = one_sample(b, a[0])
-        return Test(-r.diff, -r.t, r.df, r.p)
+        return Test(-r.diff, -r.t, r.df, r.p, r.se)
     return None
