@@ -103,7 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
         # study_checkpoint_every steps), for the comparison at equal fidelity (docs/toy_world.md)
         study=False,
         study_seeds=(0, 1, 2, 3, 4, 5, 6, 7),
-        study_samples=100,
+        study_samples=50,
         checkpoints=(0.25, 0.5, 0.75, 1.0),
         study_checkpoint_every=50,
         alpha=0.05,  # family-wise level of the report's tests (Holm's correction)
