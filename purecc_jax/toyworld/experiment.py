@@ -315,8 +315,11 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
                 config, arm, seed, workdir, concept_dir, class_dir, parts, evaluation, names, toy.study)
             timings[f"{arm.name}_seed{seed}"] = time.perf_counter() - t
             log.info("%s seed %d: %.0f s", arm.name, seed, timings[f"{arm.name}_seed{seed}"])
-        if toy.study and 2 <= done < len(seeds):
+        if toy.study and done < len(seeds):
             timings["total"] = time.perf_counter() - t0
+            # the complete seeds' results, for `report --merge` of studies run by several processes
+            (workdir / "study_partial.json").write_text(json.dumps(summary(), indent=2, default=float))
+        if toy.study and 2 <= done < len(seeds):
             report.write(workdir, summary())
             log.info("report of seeds %s written (%d of %d seeds)", seeds[:done], done, len(seeds))
 

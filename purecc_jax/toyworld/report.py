@@ -465,6 +465,54 @@ def rewrite(workdir: str | Path) -> None:
     write(Path(workdir), _load(workdir))
 
 
+def _load_any(workdir: str | Path) -> dict[str, Any]:
+    """A workdir's report.json, else the complete seeds of a study stopped early (study_partial.json)."""
+    partial = Path(workdir) / "study_partial.json"
+    if not (Path(workdir) / "report.json").is_file() and partial.is_file():
+        return json.loads(partial.read_text())
+    return _load(workdir)
+
+
+def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One study from studies of the same config run on different seeds (e.g. two processes, one
+    counting the seeds up, one down): the union of each arm's runs. Refuses configs that differ in
+    anything but the seeds, base models whose scores differ, and a seed run twice."""
+    first = summaries[0]
+
+    def setup(summary):
+        config = json.loads(json.dumps(summary["config"]))
+        for key in ("seeds", "study_seeds"):
+            config["toy"].pop(key, None)
+        return config
+
+    results = json.loads(json.dumps(first["results"]))
+    timings = {f"{k}@0": v for k, v in first["timings"].items()}
+    for i, other in enumerate(summaries[1:], 1):
+        if setup(other) != setup(first):
+            keys = sorted(k for k in set(setup(other)) | set(setup(first)) if setup(other).get(k) != setup(first).get(k))
+            raise ValueError(f"report --merge: study {i} ran another config (keys {keys}) than study 0")
+        if _numbers(other["results"]["base"]) != _numbers(first["results"]["base"]):
+            raise ValueError(f"report --merge: study {i}'s base model scores differ from study 0's")
+        if set(other["results"]) != set(results):
+            raise ValueError(f"report --merge: study {i} ran arms {sorted(other['results'])}, study 0 {sorted(results)}")
+        for arm, entry in other["results"].items():
+            if arm == "base":
+                continue
+            twice = set(entry["runs"]) & set(results[arm]["runs"])
+            if twice:
+                raise ValueError(f"report --merge: arm {arm} seed(s) {sorted(twice)} in more than one study")
+            results[arm]["runs"].update(entry["runs"])
+        timings.update({f"{k}@{i}": v for k, v in other["timings"].items()})
+    for entry in results.values():
+        entry["runs"] = dict(sorted(entry["runs"].items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0])
+                                                                          if kv[0].isdigit() else kv[0])))
+    seeds = sorted({int(s) for arm, e in results.items() if arm != "base" for s in e["runs"]})
+    config = json.loads(json.dumps(first["config"]))
+    config["toy"]["study_seeds" if config["toy"].get("study") else "seeds"] = seeds
+    return {**first, "config": config, "results": results, "timings": timings,
+            "machine": {f"study {i}": s.get("machine") for i, s in enumerate(summaries)}}
+
+
 # What a run measured about time and the machine, not what it computed.
 CLOCK_KEYS = ("timings", "machine", "steps_per_second")
 
@@ -504,7 +552,12 @@ def agreement(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) == 3 and sys.argv[1] == "--digest":
+    if len(sys.argv) >= 4 and sys.argv[1] == "--merge":  # --merge OUT WORKDIR WORKDIR...
+        out = Path(sys.argv[2])
+        out.mkdir(parents=True, exist_ok=True)
+        write(out, merge([_load_any(w) for w in sys.argv[3:]]))
+        print(f"{out}/report.md: the union of {len(sys.argv) - 3} studies")
+    elif len(sys.argv) == 3 and sys.argv[1] == "--digest":
         print(digest(_load(sys.argv[2])))
     elif len(sys.argv) == 2:
         rewrite(sys.argv[1])
