@@ -135,3 +135,57 @@ def test_digest_is_what_was_computed_not_when():
     a = report.digest(run(30.0, 100.0, 0.5, 0.81))
     assert a == report.digest(run(12.5, 240.0, 2.0, 0.81, {"model": {"backbone": "auto"}}))
     assert a != report.digest(run(30.0, 100.0, 0.5, 0.8100000001))
+
+
+def _study(results, seeds):
+    """A study summary holding only `seeds` of every arm (as one process of a split study writes it)."""
+    out = {arm: dict(e, runs={s: r for s, r in e["runs"].items() if arm == "base" or s in seeds})
+           for arm, e in results.items()}
+    return {"config": {"toy": {"study": True, "study_seeds": list(seeds), "alpha": 0.05}, "lr": 1e-3},
+            "results": out, "timings": {"total": 1.0}, "machine": {"cpu": "x"}}
+
+
+def test_merge_joins_the_seeds_of_studies_run_apart():
+    r = _results()
+    merged = report.merge([_study(r, ("0", "1")), _study(r, ("3", "2"))])
+    assert merged["config"]["toy"]["study_seeds"] == [0, 1, 2, 3]
+    for arm in ("lcc", "prior", "purecc"):
+        assert list(merged["results"][arm]["runs"]) == ["0", "1", "2", "3"]
+        assert merged["results"][arm]["runs"] == r[arm]["runs"]
+    assert report.decisions(merged["results"], 0.05) == report.decisions(r, 0.05)  # the same tests as one study
+    assert set(merged["timings"]) == {"total@0", "total@1"}
+
+
+def test_merge_command_writes_the_joined_report(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    r = _results()
+    for name, seeds in (("a", ("0", "1")), ("b", ("3", "2"))):
+        (tmp_path / name).mkdir()
+        summary = _study(r, seeds)
+        summary["config"]["toy"]["evaluation"] = {"samples": 50}
+        (tmp_path / name / "study_partial.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(sys, "argv", ["report", "--merge", str(tmp_path / "out"), str(tmp_path / "a"),
+                                      str(tmp_path / "b")])
+    import runpy
+
+    runpy.run_module("purecc_jax.toyworld.report", run_name="__main__")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "training seeds 0, 1, 2, 3" in text
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["config"]["toy"]["study_seeds"] == [0, 1, 2, 3]
+
+
+def test_merge_refuses_what_is_not_one_study():
+    r = _results()
+    a, b = _study(r, ("0", "1")), _study(r, ("1", "2"))
+    with pytest.raises(ValueError, match="arm lcc seed.*'1'.*more than one study"):
+        report.merge([a, b])
+    other = _study(r, ("2", "3"))
+    other["config"]["lr"] = 2e-3
+    with pytest.raises(ValueError, match=r"another config \(keys \['lr'\]\)"):
+        report.merge([a, other])
+    other = _study(r, ("2", "3"))
+    other["results"]["base"] = {"label": "base", "runs": {"base": {"scores": {"world_all": {"rate": 0.5}}}}}
+    with pytest.raises(ValueError, match="base model scores differ"):
+        report.merge([a, other])

@@ -510,7 +510,7 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     config = json.loads(json.dumps(first["config"]))
     config["toy"]["study_seeds" if config["toy"].get("study") else "seeds"] = seeds
     return {**first, "config": config, "results": results, "timings": timings,
-            "machine": {f"study {i}": s.get("machine") for i, s in enumerate(summaries)}}
+            "machine": {**(first.get("machine") or {}), "studies": [s.get("machine") for s in summaries]}}
 
 
 # What a run measured about time and the machine, not what it computed.
