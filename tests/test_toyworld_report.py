@@ -87,6 +87,13 @@ def test_equal_fidelity_interpolates_along_checkpoints():
     assert values == {s: pytest.approx(0.8) for s in SEEDS}
     keys = report.decisions(r, 0.05)
     assert any("at fidelity 0.70" in k for k in keys)
+    low = {"100": {"fidelity_plain": {"rate": 0.2}}, "200": {"fidelity_plain": {"rate": 0.5}}}
+    r["prior"] = _arm("prior", checkpoints=[checkpoints, low, low, checkpoints], plain_gray=(0.8,) * 4)
+    assert report.fidelity_coverage(r, 0.7) == {"lcc": (4, 4), "prior": (2, 4), "purecc": (4, 4)}
+    assert "| DreamBooth-LoRA + prior preservation | 2 of 4 |" not in report.markdown(
+        {"config": {"toy": {"evaluation": {"samples": 50}}}, "results": _results()})  # no checkpoints: no table
+    text = report.markdown({"config": {"toy": {"evaluation": {"samples": 50}}}, "results": r})
+    assert "## Equal fidelity: which runs reach fidelity 0.70" in text and "| prior | 2 of 4 |" in text
 
 
 def test_detectable_difference_shrinks_with_spread():

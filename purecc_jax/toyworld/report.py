@@ -27,7 +27,7 @@ from purecc_jax.toyworld import machine, stats
 # The endpoints (docs/toy_world.md): key, label, which direction is better (+1 higher, -1 lower).
 ENDPOINTS = (
     ("plain_gray", "absorption: 'a sks square' on gray", -1),
-    ("purity_other", "purity: asked background | concept", +1),
+    ("purity_other", "purity: asked background, given the concept", +1),
     ("fidelity_and_background_other", "transfer: concept on the asked other background", +1),
     ("segcons_iou", "seg-cons: object IoU with the base", +1),
     ("segcons_background", "seg-cons: background agreement", +1),
@@ -159,6 +159,17 @@ def per_seed_at_fidelity(level: float):
                     out[seed] = v
         return out
     return values
+
+
+def fidelity_coverage(results: dict[str, Any], level: float) -> dict[str, tuple[int, int]]:
+    """Per arm scored along its checkpoints: (runs whose fidelity reaches `level`, runs)."""
+    out = {}
+    for name in results:
+        runs = [r for r in _runs(results, name).values() if r.get("checkpoints")]
+        if runs:
+            out[name] = (sum(at_fidelity(r["checkpoints"], "fidelity_plain", level) is not None for r in runs),
+                         len(runs))
+    return out
 
 
 def decisions(results: dict[str, Any], alpha: float) -> dict[str, dict[str, Any]]:
@@ -384,6 +395,14 @@ def markdown(summary: dict[str, Any]) -> str:
     for family, rows in families.items():
         lines += [f"## {family[0].upper()}{family[1:]}",
                   f"Holm-corrected within this family of {len(rows)} tests, α = {alpha:g}.", "", *tests_table(rows), ""]
+    level = fidelity_level(results)
+    reached = fidelity_coverage(results, level) if level is not None else {}
+    if reached:
+        lines += [f"## Equal fidelity: which runs reach fidelity {level:.2f}",
+                  "A run enters the equal-fidelity tests only if its fidelity reaches the level along its "
+                  "checkpoints; a family's comparison is tested only with at least 2 runs (pairs) on each side.", "",
+                  "| arm | runs reaching it |", "|---|---|",
+                  *(f"| {results[n]['label']} | {k} of {m} |" for n, (k, m) in reached.items()), ""]
     strength = term_strength(results)
     if strength:
         lines += ["## How strongly the PureCC term acted", "End of the last stage (mean of the last 5 logged "
