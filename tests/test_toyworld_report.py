@@ -69,6 +69,18 @@ def test_findings_follow_the_tests():
     assert "λ* 0.100, cos(R_learn, R_tar) 0.300, η‖∇L_PureCC‖ / ‖∇L_CC‖ 0.020" in text
     same = _results(prior_world=(0.80, 0.82, 0.78, 0.81))
     assert "Not even the standard preservation method" in "\n".join(report.findings(same, 0.05))
+    # checkpoints scored, but PureCC's runs never reach DreamBooth-LoRA's fidelity: the rule's
+    # equal-fidelity half cannot be tested, so the end-of-training win alone does not conclude
+    r = _results()
+    low = {"100": {"fidelity_plain": {"rate": 0.1}, "plain_gray": {"rate": 0.9}},
+           "200": {"fidelity_plain": {"rate": 0.2}, "plain_gray": {"rate": 0.9}}}
+    for arm in ("lcc", "purecc", "prior"):
+        for run in r[arm]["runs"].values():
+            run["checkpoints"] = low if arm != "lcc" else {"100": {"fidelity_plain": {"rate": 0.9},
+                                                                   "plain_gray": {"rate": 0.9}}}
+    text = "\n".join(report.findings(r, 0.05))
+    assert "Against DreamBooth-LoRA, not met: at the end of training PureCC is purer" in text
+    assert "By that rule, PureCC does not beat either baseline" in text
 
 
 def test_equal_fidelity_interpolates_along_checkpoints():

@@ -300,19 +300,41 @@ def findings(results: dict[str, Any], alpha: float) -> list[str]:
                 out.append(f"- **PureCC against {name}, {label}**: {v}.")
     primary = by_family.get(PRIMARY[0], [])
     if primary:
-        wins = {b: [r for r in primary if r["b"] == b and r["better"] and r["key"] in PURITY]
-                for b in ("lcc", "prior")}
-        losses = {b: [r for r in primary if r["b"] == b and r["worse"] and r["key"] in PRESERVATION]
-                  for b in ("lcc", "prior")}
-        beats = [b for b in ("lcc", "prior") if wins[b] and not losses[b]]
         names = {"lcc": "DreamBooth-LoRA", "prior": "prior preservation"}
-        out.append("- **Conclusion (the rule fixed in advance).** "
-                   + (f"PureCC beats {' and '.join(names[b] for b in beats)} on this toy world: significantly purer "
-                      "on " + ", ".join(sorted({LABELS[r['key']] for b in beats for r in wins[b]}))
-                      + " with no preservation endpoint significantly worse." if beats else
-                      "PureCC does not beat DreamBooth-LoRA or prior preservation on this toy world: no purity "
-                      "endpoint is significantly better without a preservation endpoint significantly worse "
-                      f"(Holm-corrected, α = {alpha:g})."))
+        scored = any(r.get("checkpoints") for n in results for r in _runs(results, n).values())
+        equal = next((rows for f, rows in by_family.items() if f.startswith(PRIMARY[0] + ", at fidelity")), [])
+
+        def wins(rows, b):
+            return [r for r in rows if r["a"] == "purecc" and r["b"] == b and r["better"] and r["key"] in PURITY]
+
+        def met(rows, b):
+            return bool(wins(rows, b)) and not [r for r in rows if r["a"] == "purecc" and r["b"] == b
+                                                and r["worse"] and r["key"] in PRESERVATION]
+
+        parts, beats = [], []
+        for b in ("lcc", "prior"):
+            if not met(primary, b):
+                parts.append(f"against {names[b]}, not met: no purity endpoint significantly better at the end of "
+                             "training without a preservation endpoint significantly worse")
+                continue
+            won = ", ".join(sorted({LABELS[r["key"]] for r in wins(primary, b)}))
+            if not scored:
+                beats.append(b)
+                parts.append(f"against {names[b]}, met at the end of training (purer on {won}; no checkpoints were "
+                             "scored, so equal fidelity was not tested)")
+            elif not any(r["a"] == "purecc" and r["b"] == b for r in equal):
+                parts.append(f"against {names[b]}, not met: at the end of training PureCC is purer on {won} with no preservation "
+                             "endpoint worse, but too few runs reach the common fidelity for the equal-fidelity "
+                             "test the rule also requires")
+            elif not met(equal, b):
+                parts.append(f"against {names[b]}, not met: purer on {won} at the end of training, not at equal fidelity")
+            else:
+                beats.append(b)
+                parts.append(f"against {names[b]}, met: purer on {won}, at the end of training and at equal fidelity")
+        joined = "; ".join(parts)
+        out.append("- **Conclusion (the rule fixed in advance).** " + joined[0].upper() + joined[1:] + f" (Holm-corrected, α = {alpha:g})."
+                   + (f" By that rule, PureCC beats {' and '.join(names[b] for b in beats)} on this toy world." if beats else
+                      " By that rule, PureCC does not beat either baseline on this toy world."))
     secondary = by_family.get(SECONDARY[0], [])
     for arm, base, what in (("eta0", "lcc", "A second stage alone (η = 0) against DreamBooth-LoRA"),
                             ("purecc", "eta0", "The PureCC term (η = 1 against η = 0, same two stages)"),
