@@ -317,11 +317,12 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
             log.info("%s seed %d: %.0f s", arm.name, seed, timings[f"{arm.name}_seed{seed}"])
         if toy.study and done < len(seeds):
             timings["total"] = time.perf_counter() - t0
+            partial = summary()
             # the complete seeds' results, for `report --merge` of studies run by several processes
-            (workdir / "study_partial.json").write_text(json.dumps(summary(), indent=2, default=float))
-        if toy.study and 2 <= done < len(seeds):
-            report.write(workdir, summary())
-            log.info("report of seeds %s written (%d of %d seeds)", seeds[:done], done, len(seeds))
+            (workdir / "study_partial.json").write_text(json.dumps(partial, indent=2, default=float))
+            if done >= 2:
+                report.write(workdir, partial)
+                log.info("report of seeds %s written (%d of %d seeds)", seeds[:done], done, len(seeds))
 
     timings["total"] = time.perf_counter() - t0
     out = summary()

@@ -528,9 +528,11 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
     results = json.loads(json.dumps(first["results"]))
     timings = {f"{k}@0": v for k, v in first["timings"].items()}
+    want = setup(first)
     for i, other in enumerate(summaries[1:], 1):
-        if setup(other) != setup(first):
-            keys = sorted(k for k in set(setup(other)) | set(setup(first)) if setup(other).get(k) != setup(first).get(k))
+        got = setup(other)
+        if got != want:
+            keys = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
             raise ValueError(f"report --merge: study {i} ran another config (keys {keys}) than study 0")
         if _numbers(other["results"]["base"]) != _numbers(first["results"]["base"]):
             raise ValueError(f"report --merge: study {i}'s base model scores differ from study 0's")
@@ -545,8 +547,8 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
             results[arm]["runs"].update(entry["runs"])
         timings.update({f"{k}@{i}": v for k, v in other["timings"].items()})
     for entry in results.values():
-        entry["runs"] = dict(sorted(entry["runs"].items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0])
-                                                                          if kv[0].isdigit() else kv[0])))
+        if entry is not results["base"]:  # seeds in numeric order (the base's one run is "base")
+            entry["runs"] = dict(sorted(entry["runs"].items(), key=lambda kv: int(kv[0])))
     seeds = sorted({int(s) for arm, e in results.items() if arm != "base" for s in e["runs"]})
     config = json.loads(json.dumps(first["config"]))
     config["toy"]["study_seeds" if config["toy"].get("study") else "seeds"] = seeds
