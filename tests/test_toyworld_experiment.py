@@ -81,11 +81,26 @@ def test_every_stage_runs_and_the_report_is_written(run):
     assert report["results"]["purecc"]["paired_with"] == "lcc" and report["results"]["prior"]["paired_with"] is None
 
 
-def test_rerun_reuses_everything(run):
+def test_rerun_reuses_everything(run, monkeypatch):
     workdir, config, first = run
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a finished run was scored again")
+
+    monkeypatch.setattr(experiment.Evaluation, "score", no_scoring)  # scores.json of each run reused
     again = experiment.run(config, workdir)
     assert again["timings"]["base"] < 5  # the cached base folder is reused
     assert again["results"]["purecc"]["runs"] == first["results"]["purecc"]["runs"]
+
+
+def test_scores_are_reused_only_for_the_same_run_and_evaluation():
+    c = tiny_config()
+    key = experiment._score_key(c)
+    c.toy.seeds, c.toy.arms, c.toy.study_seeds = (5, 6), ("lcc",), (1, 2)  # which runs, not how
+    assert experiment._score_key(c) == key
+    for change in ({"toy.evaluation.samples": 4}, {"toy.sampling.steps": 4}, {"stage_a.steps": 4},
+                   {"toy.checkpoints": (0.5, 1.0)}):
+        assert experiment._score_key(experiment.defaults.override(c, change)) != key, change
 
 
 def test_unknown_arm_is_refused():

@@ -114,6 +114,18 @@ RESUME_IGNORES = ("toy.seeds", "toy.arms", "toy.study", "toy.study_seeds", "toy.
                   "toy.ablations", "toy.etas", "toy.fixed_lambdas", "toy.alpha", "toy.quick", "toy.base_only",
                   "toy.evaluation", "toy.sampling", "toy.calibration")
 
+# The keys that change neither an arm's training nor its scores: a run's scores (scores.json in its
+# folder) are reused by a rerun whose config differs from theirs in these only.
+SCORE_IGNORES = ("toy.seeds", "toy.arms", "toy.study_seeds", "toy.ablations", "toy.etas", "toy.fixed_lambdas",
+                 "toy.alpha", "toy.quick", "toy.base_only", "toy.calibration")
+
+
+def _score_key(config) -> dict[str, Any]:
+    flat = train._flat(json.loads(config.to_json_best_effort()))
+    return json.loads(json.dumps({k: v for k, v in flat.items() if not train._ignored(k, SCORE_IGNORES)},
+                                 default=str))
+
+
 # `--config.toy.quick=True`: the same comparison at a size that fits in a few minutes.
 QUICK = {"stage_a.steps": 250, "stage_b.steps": 250, "toy.evaluation.samples": 20, "toy.sampling.steps": 12}
 
@@ -238,6 +250,12 @@ def _train_and_score(config, arm: Arm, seed: int, workdir: Path, concept_dir: Pa
         overrides.update({"checkpoint_every": config.toy.study_checkpoint_every, "keep_checkpoints": 1000})
     mcfg = defaults.override(config, overrides)
     run_dir = workdir / "runs" / arm.name / f"seed{seed}"
+    cache, key = run_dir / "scores.json", _score_key(mcfg)
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            log.info("%s seed %d: scores of the finished run reused (%s)", arm.name, seed, cache)
+            return saved["out"]
     if arm.stage_a_from in names and not (run_dir / "stage_a").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         os.symlink(workdir / "runs" / arm.stage_a_from / f"seed{seed}" / "stage_a", run_dir / "stage_a")
@@ -253,7 +271,10 @@ def _train_and_score(config, arm: Arm, seed: int, workdir: Path, concept_dir: Pa
             str(step): evaluation.score(parts, tree, final.lora, mcfg.concept_embedding, ident, sets=ENDPOINT_SETS)
             for step, tree in _stage_trainables(run_dir, stage, config.toy.checkpoints[:-1], final.trainable).items()}
         out["checkpoints"][str(mcfg[stage].steps)] = out["scores"]
-    return out
+    tmp = cache.with_suffix(".tmp")  # written whole, then renamed: a crash leaves no half file
+    tmp.write_text(json.dumps({"key": key, "out": out}, default=float))
+    tmp.replace(cache)
+    return json.loads(json.dumps(out, default=float))  # as a rerun reads it back
 
 
 def run(config, workdir: str | Path) -> dict[str, Any]:
