@@ -16,7 +16,7 @@ from purecc_jax import defaults, train
 from purecc_jax.purecc import loop
 from purecc_jax.purecc.step import (Frozen, OptimizerConfig, StepConfig, ema_decay_at, init_state, make_optimizer,
                                     make_train_step)
-from test_optimizers import LRS, ToyDenoiser, assert_trees_equal, batch_fn, leaves, toy
+from test_optimizers import LRS, ToyDenoiser, assert_trees_equal, batch_fn, leaves, straight_and_resumed, toy
 
 DECAY = 0.8
 
@@ -80,17 +80,7 @@ def test_decay_schedule_is_diffusers_ema_model():
 
 def test_ema_resumes_bit_exact(tmp_path):
     """4 steps straight, and 2 steps + an orbax checkpoint + 2 more after restoring it: the same average."""
-
-    def run(directory, steps):
-        trainable, tx, step, frozen = program(grad_accum=1)
-        state = jax.jit(lambda tr: init_state(tr, tx, seed=0, ema=True))(trainable)
-        shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-        cfg = loop.LoopConfig(steps=steps, log_every=1, checkpoint_every=2, progress=False, async_checkpoints=False)
-        return loop.run_stage("stage_a", directory, cfg, state, shardings, step, frozen, batch_fn)
-
-    straight = run(tmp_path / "straight", 4)
-    run(tmp_path / "resumed", 2)
-    resumed = run(tmp_path / "resumed", 4)
+    straight, resumed = straight_and_resumed(program, tmp_path, stage="stage_a", ema=True)
     assert_trees_equal(resumed.ema, straight.ema)
     assert_trees_equal(resumed.trainable, straight.trainable)
     assert int(resumed.ema.count) == 4

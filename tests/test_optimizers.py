@@ -66,6 +66,22 @@ def program(optimizer: OptimizerConfig, grad_accum: int = 1):
     return trainable, tx, jax.jit(step, donate_argnums=(0,)), frozen
 
 
+def straight_and_resumed(make_program, directory, stage: str = "stage_b", ema: bool = False):
+    """The trained state after 4 loop steps run straight, and after 2 steps + an orbax checkpoint + 2 more
+    after restoring it (the loop's resume); `make_program()` gives (trainable, tx, step, frozen)."""
+
+    def run(path, steps):
+        trainable, tx, step, frozen = make_program()
+        state = jax.jit(lambda tr: init_state(tr, tx, seed=0, ema=ema))(trainable)  # as the trainer makes it
+        shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+        cfg = loop.LoopConfig(steps=steps, log_every=1, checkpoint_every=2, progress=False, async_checkpoints=False)
+        return loop.run_stage(stage, path, cfg, state, shardings, step, frozen, batch_fn)
+
+    straight = run(directory / "straight", 4)
+    run(directory / "resumed", 2)
+    return straight, run(directory / "resumed", 4)
+
+
 def leaves(tree) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
 
@@ -139,17 +155,7 @@ def test_resume_from_a_checkpoint_is_bit_exact(name, grad_accum, tmp_path):
     """4 steps straight, and 2 steps + an orbax checkpoint + 2 more after restoring it (the loop's resume):
     bit-identical parameters and optimizer state."""
     o = dataclasses.replace(CUSTOM, name=name)
-
-    def run(directory, steps):
-        trainable, tx, step, frozen = program(o, grad_accum)
-        state = jax.jit(lambda tr: init_state(tr, tx, seed=0))(trainable)  # as the trainer makes it
-        shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-        cfg = loop.LoopConfig(steps=steps, log_every=1, checkpoint_every=2, progress=False, async_checkpoints=False)
-        return loop.run_stage("stage_b", directory, cfg, state, shardings, step, frozen, batch_fn)
-
-    straight = run(tmp_path / "straight", 4)
-    run(tmp_path / "resumed", 2)
-    resumed = run(tmp_path / "resumed", 4)
+    straight, resumed = straight_and_resumed(lambda: program(o, grad_accum), tmp_path)
     assert loop.checkpoint_steps(tmp_path / "resumed") == [2, 4]
     assert_trees_equal(resumed.trainable, straight.trainable)
     assert_trees_equal(resumed.opt_state, straight.opt_state)
