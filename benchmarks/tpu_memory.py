@@ -79,7 +79,8 @@ def main(argv):
             state = "fits" if p.verdict.fits else "does not fit"
             how = "compiler refused" if "RESOURCE_EXHAUSTED" in f.refused or "compiler" in f.refused else (
                 "arguments alone" if f.refused else "")
-            cells.append(f"{f.peak / topology.GiB:.2f} ({remat}, {state}{', ' + how if how else ''})")
+            at_least = "≥ " if p.verdict.lower_bound else ""
+            cells.append(f"{at_least}{f.peak / topology.GiB:.2f} ({remat}, {state}{', ' + how if how else ''})")
         minutes = (time.perf_counter() - started) / 60
         rows.append(f"| {model} | {mode} | {res}² | {name} ({topo.chips} chips, {topo.hosts} host"
                     f"{'s' * (topo.hosts > 1)}, {topo.hbm_bytes // topology.GiB} GiB) | {cells[0]} | {cells[1]} | "

@@ -22,11 +22,12 @@ with L_CC + η·L_PureCC guided by the frozen extractor; then writes
 `workdir/export/pytorch_lora_weights.safetensors` (+ the concept token embeddings) for
 diffusers' `FluxPipeline.load_lora_weights` / `load_textual_inversion`.
 
-Expected cost (bf16, 512 px, batch 2, one 80 GB accelerator, LoRA both stages so the
-12 B pretrained weights are held once): memory ~45 GB in stage B (24 GB weights, T5-XXL
-and CLIP on device for the concept token in stage A, activations with remat); the PureCC
-step does about 3x the work of a DreamBooth-LoRA step (docs/method.md §4). See
-benchmarks/README.md for measured figures.
+Expected cost (bf16, 512 px, LoRA in both stages so the 11.9 B pretrained weights, 22.2 GiB,
+are held once; stage A also runs CLIP-L and T5-XXL, 9.5 GiB, for the concept token): the PureCC
+step does about 3x the work of a DreamBooth-LoRA step (docs/method.md §4). Per-chip memory for
+Cloud TPU slices, from the TPU compiler, is in benchmarks/README.md (e.g. a v5litepod-8 at one
+image per chip with remat `full`: 10.8 GiB in stage A, 6.3 in stage B); `python -m
+purecc_jax.compile_check --config=configs/flux_concept.py --topology=v5e-8 ...` checks a run.
 """
 
 from purecc_jax.defaults import concept_config

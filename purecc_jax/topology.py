@@ -216,20 +216,25 @@ class Verdict:
     fits: bool
     peak: int
     hbm: int
+    lower_bound: bool = False  # not compiled (refused): `peak` is the refusal's size or the arguments' alone
 
     def __str__(self) -> str:
         share = f"{self.peak / GiB:.2f} of {self.hbm / GiB:g} GiB ({100 * self.peak / self.hbm:.0f}%)"
+        if self.lower_bound:
+            return f"DOES NOT FIT: at least {share}"
         return f"fits: {share}" if self.fits else f"DOES NOT FIT: {share}"
 
 
 def verdict(figures: CompileFigures, device_kind: str | None = None, hbm: int | None = None) -> Verdict:
     """Whether a program fits one chip: its peak against the chip's HBM (by device kind), or
-    against `hbm` bytes when given. A program the compiler refused never fits."""
+    against `hbm` bytes when given. A program the compiler refused (or that was not compiled because
+    its arguments alone are over) never fits, and its size is a lower bound of what it needs."""
     if hbm is None:
         if device_kind is None:
             raise ValueError("verdict needs the chip's device_kind or an hbm size in bytes")
         hbm = hbm_bytes(device_kind)
-    return Verdict(fits=not figures.refused and figures.peak <= hbm, peak=figures.peak, hbm=hbm)
+    refused = bool(figures.refused)
+    return Verdict(fits=not refused and figures.peak <= hbm, peak=figures.peak, hbm=hbm, lower_bound=refused)
 
 
 def format_table(rows: Sequence[tuple[str, CompileFigures, Verdict]], unit: str = "GiB") -> str:

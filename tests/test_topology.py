@@ -57,6 +57,8 @@ def test_verdict_against_hbm_override():
     assert topology.verdict(figures, "TPU v5 lite").hbm == 16 * GiB
     refused = CompileFigures(None, None, None, None, None, peak=1, refused="RESOURCE_EXHAUSTED: ...")
     assert not topology.verdict(refused, hbm=GiB).fits
+    assert str(topology.verdict(refused, hbm=GiB)).startswith("DOES NOT FIT: at least")  # its size: a lower bound
+    assert not small.lower_bound
     table = topology.format_table([("step", figures, small), ("sampler", refused, topology.verdict(refused, hbm=GiB))])
     assert "DOES NOT FIT" in table.splitlines()[1] and "compiler refused" in table.splitlines()[2]
 
