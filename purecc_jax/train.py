@@ -180,9 +180,11 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     paths.write_bytes(workdir / "config.json", config.to_json_best_effort(indent=2).encode())
 
 
-# Config keys (and groups) that change how a run reports or exports, not the parameters it trains.
+# Config keys (and groups) that change how a run reports or exports, not the parameters it trains;
+# the remat policy changes what the backward pass recomputes, not what it computes (a run that ran out
+# of memory resumes with `full`).
 RESUME_IGNORES = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps",
-                  "force_resume", "sample", "export", "log")
+                  "force_resume", "sample", "export", "log", "model.remat_policy")
 
 
 def _ignored(key: str, ignore: Sequence[str]) -> bool:

@@ -138,6 +138,7 @@ def test_a_different_config_is_refused(setup, reference):
     config = train_config(folder)
     train.check_resume(config, reference)  # the same run: accepted
     config.progress, config.log_every = True, 7  # reporting only: accepted
+    config.model.remat_policy = "full"  # what the backward recomputes: accepted
     train.check_resume(config, reference)
     config.stage_b.learning_rate = 5e-4
     config.seed = 3

@@ -117,7 +117,7 @@ RESUME_IGNORES = ("toy.seeds", "toy.arms", "toy.study", "toy.study_seeds", "toy.
 # The keys that change neither an arm's training nor its scores: a run's scores (scores.json in its
 # folder) are reused by a rerun whose config differs from theirs in these only.
 SCORE_IGNORES = ("toy.seeds", "toy.arms", "toy.study_seeds", "toy.ablations", "toy.etas", "toy.fixed_lambdas",
-                 "toy.alpha", "toy.quick", "toy.base_only", "toy.calibration")
+                 "toy.alpha", "toy.quick", "toy.base_only", "toy.calibration", "model.remat_policy")
 
 
 def _score_key(config) -> dict[str, Any]:
