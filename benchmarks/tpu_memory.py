@@ -69,11 +69,14 @@ def main(argv):
             print(preflight.format_report(report), flush=True)
             for p in report.programs:
                 best[p.key] = (remat, p)
-            pending = [k for k in pending if not best[k][1].verdict.fits]
+            pending = [k for k in pending if k not in best or not best[k][1].verdict.fits]
             if not pending:
                 break
         cells = []
         for key in ("stage_a", "stage_b"):
+            if key not in best:  # stage B needs stage A's train state, which could not be built
+                cells.append("not built (stage A's train state does not fit)")
+                continue
             remat, p = best[key]
             f = p.figures
             state = "fits" if p.verdict.fits else "does not fit"
@@ -84,7 +87,7 @@ def main(argv):
         minutes = (time.perf_counter() - started) / 60
         rows.append(f"| {model} | {mode} | {res}² | {name} ({topo.chips} chips, {topo.hosts} host"
                     f"{'s' * (topo.hosts > 1)}, {topo.hbm_bytes // topology.GiB} GiB) | {cells[0]} | {cells[1]} | "
-                    f"{minutes:.1f} | `{command(config_file, topo, model, overrides(topo, mode, res, best['stage_b'][0]))}` |")
+                    f"{minutes:.1f} | `{command(config_file, topo, model, overrides(topo, mode, res, (best.get('stage_b') or best['stage_a'])[0]))}` |")
         print(rows[-1], flush=True)
     print("\n| model | training | resolution | slice | stage A GiB per chip (remat) | stage B GiB per chip (remat) "
           "| minutes | command |")

@@ -226,7 +226,7 @@ class Programs:
                 log.info("%s: the train state initialiser was refused: %s", name, figures.refused)
                 figures = dataclasses.replace(figures, refused="its train state alone: compiler refused")
                 return None, None, Lowering(name, STAGE_NAMES[name], None, 0, figures)
-            state = sharding.with_shardings(jax.eval_shape(program.init, inputs.trainable),
+            state = sharding.with_shardings(jax.eval_shape(program.init.fn, inputs.trainable),
                                             compiled.output_shardings)
             del compiled
             lowering = None

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from purecc_jax import backbones, defaults, multihost, paths, sharding
 from purecc_jax import trained as trained_lib
@@ -249,7 +249,7 @@ class StageProgram:
 
     step: Callable[..., Any]
     tx: optax.GradientTransformation
-    init: Callable[[Any], TrainState]
+    init: StateInit
     seed: int
 
     def jit(self, state_shardings: Any, frozen_shardings: Any, batch_shardings: Any, mesh: Mesh):
@@ -427,7 +427,42 @@ def stage_program(config: ml_collections.ConfigDict, backbone: Backbone, parts: 
     step = make_train_step(backbone.denoiser(parts, config), step_cfg, tx, main_lr, stage_cfg.grad_accum)
     seed = config.seed + (0 if name == "stage_a" else 1)
     ema = step_cfg.ema_decay > 0
-    return StageProgram(step, tx, jax.jit(lambda tr: init_state(tr, tx, seed, ema=ema)), seed)
+    return StageProgram(step, tx, StateInit(lambda tr: init_state(tr, tx, seed, ema=ema)), seed)
+
+
+class StateInit:
+    """A train state initialiser, jitted so that the state is sharded like the trainable tree: every leaf
+    of the state whose path ends with a trainable leaf's path and has its shape (the trainable copy,
+    optimizer moments, the EMA) gets that leaf's sharding, the rest (counters, rng) is replicated.
+    Left to the compiler, the optimizer moments came out replicated: a full fine-tune's float32
+    moments whole on every chip. `fn`: the initialiser itself (for `jax.eval_shape`)."""
+
+    def __init__(self, fn: Callable[[Any], TrainState]):
+        self.fn = fn
+
+    def jitted(self, trainable: Any):
+        leaves = jax.tree_util.tree_leaves_with_path(trainable)
+        named = [getattr(x, "sharding", None) for _, x in leaves]
+        if not leaves or not all(isinstance(sh, NamedSharding) for sh in named):
+            return jax.jit(self.fn)
+        by_path = {tuple(path): (x.shape, sh) for (path, x), sh in zip(leaves, named)}
+        replicated = NamedSharding(named[0].mesh, PartitionSpec())
+
+        def pick(path, leaf):
+            for start in range(len(path)):  # the longest trainable path the state leaf's path ends with
+                shape, sh = by_path.get(tuple(path[start:]), (None, None))
+                if sh is not None and shape == leaf.shape:
+                    return sh
+            return replicated
+
+        abstract = jax.eval_shape(self.fn, trainable)
+        return jax.jit(self.fn, out_shardings=jax.tree_util.tree_map_with_path(pick, abstract))
+
+    def __call__(self, trainable: Any) -> TrainState:
+        return self.jitted(trainable)(trainable)
+
+    def lower(self, trainable: Any):
+        return self.jitted(trainable).lower(trainable)
 
 
 def evaluated(state: TrainState, ema: bool = True) -> dict[str, Any]:

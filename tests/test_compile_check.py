@@ -171,7 +171,7 @@ def test_cli_exit_status(capsys):
             "--config.stage_b.steps=0", "--config.method=dreambooth"]
     assert compile_check.cli(base) == 0
     assert "fits:" in capsys.readouterr().out
-    assert compile_check.cli([*base, "--hbm_gib=0.001", "--max_tries=1"]) == 1  # 1 MiB: less than its arguments
+    assert compile_check.cli([*base, "--hbm_gib=0.00001", "--max_tries=1"]) == 1  # 10 KiB: less than its arguments
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "its arguments alone: not compiled" in out
     assert "--config.model.remat_policy=full" in out and "none of the settings tried fits" in out
