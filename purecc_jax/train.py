@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from purecc_jax import backbones, defaults, multihost, paths, sharding
 from purecc_jax import trained as trained_lib
@@ -446,7 +446,7 @@ class StateInit:
         if not leaves or not all(isinstance(sh, NamedSharding) for sh in named):
             return jax.jit(self.fn)
         by_path = {tuple(path): (x.shape, sh) for (path, x), sh in zip(leaves, named)}
-        replicated = NamedSharding(named[0].mesh, PartitionSpec())
+        replicated = sharding.replicated(named[0].mesh)
 
         def pick(path, leaf):
             for start in range(len(path)):  # the longest trainable path the state leaf's path ends with

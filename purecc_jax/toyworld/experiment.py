@@ -271,10 +271,11 @@ def _train_and_score(config, arm: Arm, seed: int, workdir: Path, concept_dir: Pa
             str(step): evaluation.score(parts, tree, final.lora, mcfg.concept_embedding, ident, sets=ENDPOINT_SETS)
             for step, tree in _stage_trainables(run_dir, stage, config.toy.checkpoints[:-1], final.trainable).items()}
         out["checkpoints"][str(mcfg[stage].steps)] = out["scores"]
+    text = json.dumps({"key": key, "out": out}, default=float)
     tmp = cache.with_suffix(".tmp")  # written whole, then renamed: a crash leaves no half file
-    tmp.write_text(json.dumps({"key": key, "out": out}, default=float))
+    tmp.write_text(text)
     tmp.replace(cache)
-    return json.loads(json.dumps(out, default=float))  # as a rerun reads it back
+    return json.loads(text)["out"]  # as a rerun reads it back
 
 
 def run(config, workdir: str | Path) -> dict[str, Any]:
