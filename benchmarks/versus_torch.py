@@ -38,6 +38,7 @@ _BATCH = flags.DEFINE_integer("batch", 2, "images per step (B)")
 _IMG = flags.DEFINE_integer("img_tokens", 256, "packed image tokens")
 _TXT = flags.DEFINE_integer("txt_tokens", 64, "T5 tokens")
 _REMAT = flags.DEFINE_string("remat", "none", "JAX remat policy (purecc_jax.models.runtime.REMAT_POLICIES)")
+_ATTENTION = flags.DEFINE_string("attention", "xla", "JAX attention (purecc_jax.models.attention.IMPLEMENTATIONS)")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "JAX: blocks as one nn.scan (else a Python loop)")
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "timed turns per framework and stage")
 _STEPS = flags.DEFINE_integer("steps", 2, "steps per turn (their median is the turn's time)")
@@ -97,7 +98,7 @@ class JaxSteps:
         heads, d, depth, single = parse_size(size)
         cfg = preset("flux-dev", num_heads=heads, head_dim=d, axes_dim=(d // 8, 7 * d // 16, 7 * d // 16),
                      depth=depth, depth_single=single, dtype="float32", param_dtype="float32",
-                     remat_policy=_REMAT.value, scan_layers=_SCAN.value)
+                     remat_policy=_REMAT.value, scan_layers=_SCAN.value, attention=_ATTENTION.value)
         shapes = Shapes(_BATCH.value, _IMG.value, _TXT.value)
         lcfg = lora_lib.LoRAConfig(rank=4, alpha=4.0)
         mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -185,6 +186,7 @@ class Worker:
         args = [sys.executable, "-m", "benchmarks.versus_torch", f"--worker={framework}", f"--size={size}",
                 f"--stages={','.join(_STAGES.value)}", f"--batch={_BATCH.value}", f"--img_tokens={_IMG.value}",
                 f"--txt_tokens={_TXT.value}", f"--remat={_REMAT.value}", f"--warmup={_WARMUP.value}",
+                f"--attention={_ATTENTION.value}",
                 "--scan_layers" if _SCAN.value else "--noscan_layers"]
         self.name = framework
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -22,6 +22,52 @@ def test_xla_matches_reference():
     np.testing.assert_allclose(out, reference_attention(q, k, v), atol=1e-5)
 
 
+def test_xla_recompute_forward_is_xla_forward():
+    q, k, v = _qkv(37, heads=3)
+    for run in (lambda *a: attention(*a, "xla"), lambda *a: attention(*a, "xla_recompute")):
+        np.testing.assert_allclose(run(q, k, v), reference_attention(q, k, v), atol=1e-5)
+    for wrap in (lambda f: f, jax.jit):
+        np.testing.assert_array_equal(wrap(lambda *a: attention(*a, "xla_recompute"))(q, k, v),
+                                      wrap(lambda *a: attention(*a, "xla"))(q, k, v))
+
+
+@pytest.mark.parametrize("implementation", ["xla", "xla_recompute"])
+def test_gradients_match_pytorch_sdpa(implementation):
+    # The backward pass against PyTorch's own (scaled_dot_product_attention in float64), for a
+    # cotangent that is not the output's own direction; logits of a few units so the softmax is peaked.
+    torch = pytest.importorskip("torch")
+    q, k, v = (3 * x for x in _qkv(45, heads=3, dim=32, seed=2))
+    g = np.random.default_rng(3).standard_normal(q.shape).astype(np.float32)
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, implementation), q, k, v)
+    grads = vjp(jnp.asarray(g))
+
+    tq, tk, tv = (torch.tensor(x, dtype=torch.float64).transpose(1, 2).requires_grad_() for x in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+    ref.backward(torch.tensor(g, dtype=torch.float64).transpose(1, 2))
+    np.testing.assert_allclose(out, ref.detach().transpose(1, 2).numpy(), rtol=1e-5, atol=1e-5)
+    for name, got, want in zip("qkv", grads, (tq.grad, tk.grad, tv.grad)):
+        want = want.transpose(1, 2).numpy()
+        err = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+        assert err < 1e-5, f"d{name}: relative error {err:.2e}"
+
+
+def test_auto_on_cpu_is_xla_recompute(caplog):
+    q, k, v = _qkv(23, heads=1)  # a shape no other test logs
+    with caplog.at_level("INFO", logger="purecc_jax.models.attention"):
+        attention(q, k, v, "auto")
+    assert "attention xla_recompute: q (2, 23, 1, 16)" in caplog.text
+
+
+def test_xla_recompute_bfloat16_gradients():
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _qkv(40))
+    loss = lambda impl: lambda q, k, v: jnp.sum(attention(q, k, v, impl).astype(jnp.float32) ** 2)
+    got = jax.grad(loss("xla_recompute"), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
+    for a, b in zip(got, want):
+        assert a.dtype == jnp.bfloat16
+        assert np.abs(np.asarray(a, np.float32) - np.asarray(b)).max() < 3e-2 * np.abs(np.asarray(b)).max()
+
+
 def test_splash_interpret_matches_reference():
     pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
     q, k, v = _qkv(256, heads=2, dim=128, batch=1)
@@ -114,3 +160,23 @@ def test_remat_policies_keep_gradients(scan, policy):
     for a, b in zip(jax.tree_util.tree_leaves(grads(policy)), jax.tree_util.tree_leaves(grads("none"))):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
     assert set(REMAT_POLICIES) >= {"none", "full", "dots", "attn"}
+
+
+@pytest.mark.parametrize("scan,policy", [(True, "none"), (True, "qkv_attn_mlp"), (False, "dots_no_batch")])
+def test_xla_recompute_in_the_model_keeps_gradients(scan, policy):
+    # The custom_vjp attention inside scanned / looped, rematerialised blocks: the model's
+    # gradients are those of the plain XLA attention.
+    base = preset("tiny", scan_layers=scan)
+    params = jax.jit(init_fn(base, jax.random.key(1)))()
+    params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
+                                    is_leaf=lambda x: hasattr(x, "value"))
+    inputs = random_inputs(base, 2, 2, 3, 5)
+
+    def grads(attention, policy):
+        model = FluxTransformer(base.replace(attention=attention, remat_policy=policy))
+        loss = lambda p: jnp.mean(model.apply({"params": p}, **inputs) ** 2)
+        return jax.jit(jax.grad(loss))(params)
+
+    got, want = grads("xla_recompute", policy), grads("xla", "none")
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
