@@ -5,7 +5,8 @@ r"""`jnp.dot` under XLA:CPU's dot libraries against `torch.matmul`, at the model
 
 XLA:CPU hands a dot to one of several libraries, chosen by XLA_FLAGS, which a process reads once:
 so every variant runs in its own subprocess, one after the other, and PyTorch in this one. Each
-shape is timed as `x @ W` ("nn") and as `x^T @ g` with `x` stored (tokens, features) ("tn", the
+shape is timed as `x @ W` ("nn"), as `g @ W^T` with `W` stored (in, out) ("nt", the input
+gradient's transposed kernel) and as `x^T @ g` with `x` stored (tokens, features) ("tn", the
 LoRA/weight gradient's transposed operand). Prints GFLOP/s per shape and variant (median of
 `--reps` calls), and each variant's median over the shapes relative to PyTorch's.
 """
@@ -24,6 +25,7 @@ from absl import app, flags
 
 from benchmarks.report import fmt, fmt_ratio
 
+LAYOUTS = ("nn", "nt", "tn")
 VARIANTS = {
     "default": "",  # YNNPACK dots (jaxlib 0.10)
     "eigen": "--xla_cpu_experimental_ynn_fusion_type=",  # YNNPACK off: Eigen's dot kernels
@@ -68,12 +70,14 @@ def time_jax(mkn: list[tuple[int, int, int]], reps: int) -> list[dict[str, float
     import jax.numpy as jnp
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    nn, tn = jax.jit(lambda a, b: a @ b), jax.jit(lambda at, b: at.T @ b)
+    nn, nt, tn = jax.jit(lambda a, b: a @ b), jax.jit(lambda a, bt: a @ bt.T), jax.jit(lambda at, b: at.T @ b)
     out = []
     for m, k, n in mkn:
         a, b = _operands(m, k, n)
         ja, jat, jb = jnp.asarray(a), jnp.asarray(np.ascontiguousarray(a.T)), jnp.asarray(b)
+        jbt = jnp.asarray(np.ascontiguousarray(b.T))
         out.append({"nn": _median_gflops(lambda: nn(ja, jb).block_until_ready(), 2.0 * m * k * n, reps),
+                    "nt": _median_gflops(lambda: nt(ja, jbt).block_until_ready(), 2.0 * m * k * n, reps),
                     "tn": _median_gflops(lambda: tn(jat, jb).block_until_ready(), 2.0 * m * k * n, reps)})
     return out
 
@@ -85,8 +89,9 @@ def time_torch(mkn: list[tuple[int, int, int]], reps: int) -> list[dict[str, flo
     out = []
     for m, k, n in mkn:
         a, b = (torch.from_numpy(x) for x in _operands(m, k, n))
-        at = a.T.contiguous()
+        at, bt = a.T.contiguous(), b.T.contiguous()
         out.append({"nn": _median_gflops(lambda: a @ b, 2.0 * m * k * n, reps),
+                    "nt": _median_gflops(lambda: a @ bt.T, 2.0 * m * k * n, reps),
                     "tn": _median_gflops(lambda: at.T @ b, 2.0 * m * k * n, reps)})
     return out
 
@@ -115,7 +120,7 @@ def main(argv):
     print("| m x k x n | operands | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for i, (m, k, n) in enumerate(mkn):
-        for layout in ("nn", "tn"):
+        for layout in LAYOUTS:
             print(f"| {m} x {k} x {n} | {layout} | " + " | ".join(fmt(results[x][i][layout], ".0f") for x in names) + " |")
     print()
     print("\n".join(summary_table(results)))
@@ -124,9 +129,9 @@ def main(argv):
 def summary_table(results: dict[str, list[dict[str, float]]]) -> list[str]:
     """Each variant's median GFLOP/s over the shapes and its ratio to torch.matmul's (n/a if that is 0)."""
     lines = ["| variant | median GFLOP/s over shapes | / torch.matmul |", "|---|---|---|"]
-    ref = statistics.median(r[layout] for r in results["torch.matmul"] for layout in ("nn", "tn"))
+    ref = statistics.median(r[layout] for r in results["torch.matmul"] for layout in LAYOUTS)
     for x, rows in results.items():
-        med = statistics.median(r[layout] for r in rows for layout in ("nn", "tn"))
+        med = statistics.median(r[layout] for r in rows for layout in LAYOUTS)
         lines.append(f"| {x} | {fmt(med, '.0f')} | {fmt_ratio(med, ref)} |")
     return lines
 

@@ -23,6 +23,8 @@ RUNS = {
     "versus_torch": (["--sizes=2x32:1+1", "--img_tokens=16", "--txt_tokens=8", "--rounds=1", "--steps=1",
                       "--warmup=0", "--pause=0", "--matmul_reps=1"], "| PureCC stage B | width 64, 1+1 blocks |"),
     "accelerator": (["--tiny", "--steps=1"], "| 32^2 | purecc/lora |"),
+    "profile_step": (["--size=2x32:1+1", "--img_tokens=16", "--txt_tokens=8", "--traced_steps=1", "--stage=purecc"],
+                     "| attention dots | "),
     "dot_flags": (["--widths=16", "--tokens=8", "--reps=1", "--variants=default,eigen"], "| jnp.dot eigen | "),
 }
 
@@ -53,8 +55,9 @@ def test_ratios_of_unmeasurable_rates_print_na():
     assert report.fmt_ratio(3.0, 0.0) == "n/a"
     assert report.fmt_ratio(float("inf"), 2.0) == "n/a"
     assert report.fmt(None) == "n/a"
-    zero = {"torch.matmul": [{"nn": 0.0, "tn": 0.0}], "jnp.dot default": [{"nn": 1e-3, "tn": 2e-3}]}
+    zero = {"torch.matmul": [{"nn": 0.0, "nt": 0.0, "tn": 0.0}], "jnp.dot default": [{"nn": 1e-3, "nt": 1e-3, "tn": 2e-3}]}
     table = dot_flags.summary_table(zero)
     assert table[2] == "| torch.matmul | 0 | n/a |" and table[3] == "| jnp.dot default | 0 | n/a |"
-    fine = {"torch.matmul": [{"nn": 100.0, "tn": 100.0}], "jnp.dot default": [{"nn": 150.0, "tn": 150.0}]}
+    fine = {"torch.matmul": [{"nn": 100.0, "nt": 100.0, "tn": 100.0}],
+            "jnp.dot default": [{"nn": 150.0, "nt": 150.0, "tn": 150.0}]}
     assert dot_flags.summary_table(fine)[3] == "| jnp.dot default | 150 | 1.50 |"

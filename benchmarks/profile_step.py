@@ -1,0 +1,155 @@
+r"""Where the JAX train step's time goes on the CPU backend, by kind of operation.
+
+    python -m benchmarks.profile_step                                   # PureCC stage B, width 256 (2+4 blocks)
+    python -m benchmarks.profile_step --size=8x64:4+8 --stage=cc --attention=xla_recompute
+
+Builds the step as `benchmarks.versus_torch` does, with its flags (`--size` HEADSxHEAD_DIM:DOUBLE+SINGLE,
+default 4x64:2+4; `--batch`, `--img_tokens`, `--remat`, `--attention`, ...), traces
+`--traced_steps` steps with `jax.profiler` (XLA:CPU's per-operation trace events switched on), reads the
+optimised HLO that XLA dumps beside it, and sums the time of every operation into one of:
+
+  dense dots       matmuls of the projections and MLPs (2-D operands)
+  attention dots   the batched (batch, heads, seq, ...) matmuls of attention, with what XLA fused into them
+  LoRA-only dots   matmuls with a rank-sized dimension and nothing else in their fusion
+  zero-fill        broadcasts of a constant (the stacked residual buffers of a scan, zeroed every call)
+  scan slicing     dynamic-slice / dynamic-update-slice fusions (reading and writing those buffers)
+  copies           copy and transpose fusions (layout changes)
+  other            every other fusion (elementwise, reductions)
+
+Shares are of the summed operation time (both cores' operations added, so it exceeds wall time);
+tracing slows the step, so the untraced step time is printed beside it. `--top` lists the most
+expensive operations with their shapes. The categories come from the operations' names and the dot
+shapes in the HLO, so they are a reading aid for XLA:CPU (jaxlib 0.10), not an exact accounting.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+
+from benchmarks import versus_torch  # its flags size the step: --batch, --img_tokens, --remat, --attention, ...
+
+_STAGE = flags.DEFINE_enum("stage", "purecc", ["cc", "purecc"], "cc (DreamBooth-LoRA) or purecc (stage B)")
+_STEPS = flags.DEFINE_integer("traced_steps", 3, "traced steps (after 2 untimed and 3 timed untraced ones)")
+_TOP = flags.DEFINE_integer("top", 12, "most expensive operations to list")
+_DIR = flags.DEFINE_string("dir", None, "where the trace and the HLO dump go (default: a temporary folder)")
+
+CATEGORIES = ("dense dots", "attention dots", "LoRA-only dots", "zero-fill", "scan slicing", "copies", "other")
+_SKIP = ("$", "Thunk", "Slinky", "while", "PjitFunction")  # Python frames, executor spans, loops' own spans
+
+
+def computations(hlo: str) -> dict[str, str]:
+    """Body text of every computation in an HLO module's text, by name."""
+    return {m.group(1).lstrip("%"): m.group(2)
+            for m in re.finditer(r"^(%?[\w.\-]+) .*?\{\n(.*?)\n\}", hlo, re.S | re.M)}
+
+
+def dot_shapes(text: str) -> list[list[int]]:
+    """Result shapes of the dots in an HLO text."""
+    return [[int(d) for d in s.split(",") if d] for s in re.findall(r"= f\d+\[([\d,]*)\]\S* dot\(", text)]
+
+
+def categorise(name: str, hlo: str, comps: dict[str, str], rank: int) -> tuple[str, str]:
+    """(category, description) of one operation of the module, from its HLO instruction."""
+    m = re.search(r"^\s*(?:ROOT )?%?" + re.escape(name) + r" = (\S+) ([\w\-]+)\((.*)$", hlo, re.M)
+    if not m:
+        return "other", "?"
+    shape, opcode, rest = m.groups()
+    called = re.search(r"calls=%?([\w.\-]+)", rest)
+    body = comps.get(called.group(1), "") if called else m.group(0)
+    dots = dot_shapes(body) or ([[int(d) for d in shape[shape.index("[") + 1:shape.index("]")].split(",") if d]]
+                                if opcode == "dot" and "[" in shape else [])
+    ops = collections.Counter(o for o in re.findall(r"= \S+ ([\w\-]+)\(", body) if o not in ("parameter", "bitcast"))
+    desc = f"{shape.split('{')[0]} " + ", ".join(f"{k} x{v}" for k, v in ops.most_common(6))
+    if dots:
+        if all(len(s) >= 4 for s in dots):
+            return "attention dots", desc
+        if len(dots) == 1 and rank in dots[0] and set(ops) <= {"dot"}:
+            return "LoRA-only dots", desc
+        return "dense dots", desc
+    if "broadcast" in name and set(ops) <= {"broadcast", "constant"}:
+        return "zero-fill", desc
+    if "dynamic-slice" in name or "dynamic-update-slice" in name:
+        return "scan slicing", desc
+    if name.startswith("copy") or name.startswith("transpose"):
+        return "copies", desc
+    return "other", desc
+
+
+def profile(size: str, stage: str, steps: int, workdir: str) -> dict:
+    """Builds and traces the step in this process; XLA_FLAGS must already ask for the trace and dump."""
+    import jax
+
+    jobs = versus_torch.JaxSteps(size, [stage])
+    run = jobs.jobs[stage]
+    for _ in range(2):
+        run()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    trace_dir = os.path.join(workdir, "trace")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(steps):
+        run()
+    jax.profiler.stop_trace()
+    found = sorted(glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True))
+    if not found:
+        raise SystemExit(f"no perfetto trace under {trace_dir}")
+    events = json.load(gzip.open(found[-1]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(_SKIP):
+            per_op[e["name"]] += e.get("dur", 0) / 1e3 / steps  # ms per step
+    dumps = sorted(glob.glob(os.path.join(workdir, "hlo", "*jit_step*cpu_after_optimizations.txt")))
+    if not dumps:
+        raise SystemExit(f"no optimised HLO of jit_step under {workdir}/hlo")
+    return {"untraced_ms": 1e3 * statistics.median(times), "gflop": jobs.flops[stage] / 1e9,
+            "per_op": dict(per_op), "hlo": open(dumps[-1]).read()}
+
+
+def main(argv):
+    del argv
+    workdir = _DIR.value or tempfile.mkdtemp(prefix="profile_step_")
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_xprof_traceme=true",
+                                        f"--xla_dump_to={workdir}/hlo", "--xla_dump_hlo_as_text",
+                                        "--xla_dump_hlo_module_re=.*jit_step.*"]).strip()
+    size = flags.FLAGS.size or "4x64:2+4"
+    result = profile(size, _STAGE.value, _STEPS.value, workdir)
+    hlo = result["hlo"]
+    comps = computations(hlo)
+    rank = 4  # versus_torch's LoRA rank
+    totals, rows = collections.Counter(), []
+    for name, ms in result["per_op"].items():
+        category, desc = categorise(name, hlo, comps, rank)
+        totals[category] += ms
+        rows.append((ms, name, category, desc))
+    total = sum(totals.values())
+    print(f"{_STAGE.value} step, size {size}, attention {flags.FLAGS.attention}, remat {flags.FLAGS.remat}: "
+          f"{result['untraced_ms']:.0f} ms untraced (trace annotations compiled in), {result['gflop']:.1f} GFLOP; "
+          f"traced operations sum to {total:.0f} ms per step (trace and HLO in {workdir})")
+    print()
+    print("| operations | ms per step (summed over threads) | share |")
+    print("|---|---|---|")
+    for category in CATEGORIES:
+        print(f"| {category} | {totals[category]:.0f} | {100 * totals[category] / max(total, 1e-9):.1f}% |")
+    print()
+    print("| operation | ms per step | kind | shape, fused operations |")
+    print("|---|---|---|---|")
+    for ms, name, category, desc in sorted(rows, reverse=True)[:_TOP.value]:
+        print(f"| {name} | {ms:.1f} | {category} | {desc} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
