@@ -153,3 +153,13 @@ def test_the_shipped_base_is_refused_on_another_split(tmp_path):
     c.toy.split_min_shapes = 2
     with pytest.raises(ValueError, match="split_min_shapes=2: the shipped base was trained on the split of 1"):
         experiment.run(c, tmp_path)
+
+
+def test_runs_load_the_transformer_as_config_model_says(tmp_path):
+    # The runs train the parts the experiment loads: config.model's runtime fields must reach them
+    # (they once did not: every toy run trained with the models' defaults whatever the config said).
+    config = config_files.load("toy_concept")
+    config.model.update(dict(remat_policy="full", attention="xla_recompute", scan_layers=False))
+    folder, _ = experiment._base_folder(config, tmp_path)
+    c = experiment.load_parts(folder, config).transformer_config
+    assert (c.remat_policy, c.attention, c.scan_layers) == ("full", "xla_recompute", False)

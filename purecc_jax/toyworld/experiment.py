@@ -243,6 +243,13 @@ def _stage_trainables(run_dir: Path, stage: str, fractions, final: dict[str, Any
     return out
 
 
+def load_parts(folder: Path, config) -> Any:
+    """The toy base model's pipeline, its transformer run as `config.model` says (dtype, scan_layers,
+    remat_policy, attention): the runs train these parts, so a runtime field left out here would be
+    ignored by every run."""
+    return load_pipeline(folder, **train.model_runtime(config))
+
+
 def _train_and_score(config, arm: Arm, seed: int, workdir: Path, concept_dir: Path, class_dir: Path, parts,
                      evaluation: Evaluation, names: set[str], study: bool) -> dict[str, Any]:
     overrides = {**arm.overrides, "seed": seed, "concept.path": str(concept_dir), "prior.class_dir": str(class_dir)}
@@ -300,7 +307,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
     ident, cls = config.concept.identifier, config.concept.class_word
     concept_dir = write_concept(workdir / "concept", toy, ident, cls)
 
-    parts = load_pipeline(folder, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    parts = load_parts(folder, config)
     items = evaluate.prompts(toy.evaluation.samples, ident, cls, seed=toy.seed, min_shapes=toy.split_min_shapes)
     max_len = config.model.max_sequence_length
     sampler = Sampler(parts, toy, items, max_len)
