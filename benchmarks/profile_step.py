@@ -129,10 +129,9 @@ def main(argv):
     result = profile(size, _STAGE.value, _STEPS.value, workdir)
     hlo = result["hlo"]
     comps = computations(hlo)
-    rank = 4  # versus_torch's LoRA rank
     totals, rows = collections.Counter(), []
     for name, ms in result["per_op"].items():
-        category, desc = categorise(name, hlo, comps, rank)
+        category, desc = categorise(name, hlo, comps, versus_torch.LORA_RANK)
         totals[category] += ms
         rows.append((ms, name, category, desc))
     total = sum(totals.values())

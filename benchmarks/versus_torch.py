@@ -32,6 +32,7 @@ from absl import app, flags
 
 from benchmarks.report import fmt, fmt_ratio
 
+LORA_RANK = 4  # the JAX step's LoRA rank (alpha 4)
 _SIZES = flags.DEFINE_list("sizes", ["4x64:2+4", "8x64:4+8"], "model sizes, HEADSxHEAD_DIM:DOUBLE+SINGLE")
 _STAGES = flags.DEFINE_list("stages", ["cc", "purecc"], "steps: cc (DreamBooth-LoRA), purecc (stage B)")
 _BATCH = flags.DEFINE_integer("batch", 2, "images per step (B)")
@@ -100,7 +101,7 @@ class JaxSteps:
                      depth=depth, depth_single=single, dtype="float32", param_dtype="float32",
                      remat_policy=_REMAT.value, scan_layers=_SCAN.value, attention=_ATTENTION.value)
         shapes = Shapes(_BATCH.value, _IMG.value, _TXT.value)
-        lcfg = lora_lib.LoRAConfig(rank=4, alpha=4.0)
+        lcfg = lora_lib.LoRAConfig(rank=LORA_RANK, alpha=4.0)
         mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
         params = pretrained(cfg, mesh)
         self.jax, self.jobs, self.flops = jax, {}, {}

@@ -144,20 +144,28 @@ def test_bfloat16_logits_in_float32():
     assert np.abs(np.asarray(out, np.float32) - ref).max() < 2e-2
 
 
-@pytest.mark.parametrize("scan,policy", [(True, "full"), (True, "qkv_attn_mlp"), (False, "dots")])
-def test_remat_policies_keep_gradients(scan, policy):
+def _model_gradients(scan):
+    """grads(**runtime): the tiny FLUX model's parameter gradients of a fixed loss, the model run with
+    `runtime` (remat_policy, attention, ...) and the same parameters and inputs every call."""
     base = preset("tiny", scan_layers=scan)
     params = jax.jit(init_fn(base, jax.random.key(1)))()
     params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
                                     is_leaf=lambda x: hasattr(x, "value"))
     inputs = random_inputs(base, 2, 2, 3, 5)
 
-    def grads(policy):
-        model = FluxTransformer(base.replace(remat_policy=policy))
+    def grads(**runtime):
+        model = FluxTransformer(base.replace(**runtime))
         loss = lambda p: jnp.mean(model.apply({"params": p}, **inputs) ** 2)
         return jax.jit(jax.grad(loss))(params)
 
-    for a, b in zip(jax.tree_util.tree_leaves(grads(policy)), jax.tree_util.tree_leaves(grads("none"))):
+    return grads
+
+
+@pytest.mark.parametrize("scan,policy", [(True, "full"), (True, "qkv_attn_mlp"), (False, "dots")])
+def test_remat_policies_keep_gradients(scan, policy):
+    grads = _model_gradients(scan)
+    for a, b in zip(jax.tree_util.tree_leaves(grads(remat_policy=policy)),
+                    jax.tree_util.tree_leaves(grads(remat_policy="none"))):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
     assert set(REMAT_POLICIES) >= {"none", "full", "dots", "attn"}
 
@@ -166,17 +174,8 @@ def test_remat_policies_keep_gradients(scan, policy):
 def test_xla_recompute_in_the_model_keeps_gradients(scan, policy):
     # The custom_vjp attention inside scanned / looped, rematerialised blocks: the model's
     # gradients are those of the plain XLA attention.
-    base = preset("tiny", scan_layers=scan)
-    params = jax.jit(init_fn(base, jax.random.key(1)))()
-    params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
-                                    is_leaf=lambda x: hasattr(x, "value"))
-    inputs = random_inputs(base, 2, 2, 3, 5)
-
-    def grads(attention, policy):
-        model = FluxTransformer(base.replace(attention=attention, remat_policy=policy))
-        loss = lambda p: jnp.mean(model.apply({"params": p}, **inputs) ** 2)
-        return jax.jit(jax.grad(loss))(params)
-
-    got, want = grads("xla_recompute", policy), grads("xla", "none")
+    grads = _model_gradients(scan)
+    got = grads(attention="xla_recompute", remat_policy=policy)
+    want = grads(attention="xla", remat_policy="none")
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)

@@ -116,8 +116,7 @@ def _xla_forward(q, k, v):
 
 @jax.custom_vjp
 def _xla_recompute(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-    return jnp.swapaxes(_xla_forward(q, k, v)[0], 1, 2)
+    return _xla_recompute_fwd(q, k, v)[0]
 
 
 def _xla_recompute_fwd(q, k, v):
