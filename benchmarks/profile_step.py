@@ -17,7 +17,10 @@ optimised HLO that XLA dumps beside it, and sums the time of every operation int
   other            every other fusion (elementwise, reductions)
 
 Shares are of the summed operation time (both cores' operations added, so it exceeds wall time);
-tracing slows the step, so the untraced step time is printed beside it. `--top` lists the most
+tracing slows the step, so the untraced step time is printed beside it. Per kind, the FLOPs of its dots
+(from the HLO's dot shapes, times the calls the trace saw; a remat policy's recomputed dots included) and
+the speed they imply if the kind takes its traced share of the untraced step time (an estimate: it says
+whether a kind's dots run near the speed `jnp.dot` reaches alone, not an exact figure). `--top` lists the most
 expensive operations with their shapes. The categories come from the operations' names and the dot
 shapes in the HLO, so they are a reading aid for XLA:CPU (jaxlib 0.10), not an exact accounting.
 """
@@ -28,6 +31,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import statistics
@@ -58,14 +62,41 @@ def dot_shapes(text: str) -> list[list[int]]:
     return [[int(d) for d in s.split(",") if d] for s in re.findall(r"= f\d+\[([\d,]*)\]\S* dot\(", text)]
 
 
-def categorise(name: str, hlo: str, comps: dict[str, str], rank: int) -> tuple[str, str]:
-    """(category, description) of one operation of the module, from its HLO instruction."""
+def instruction_shapes(hlo: str) -> dict[str, list[int]]:
+    """Dimensions of every array-valued instruction of an HLO module's text, by name (names are module-unique)."""
+    return {m.group(1): [int(d) for d in m.group(2).split(",") if d]
+            for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]", hlo, re.M)}
+
+
+def dot_flops(text: str, shapes: dict[str, list[int]]) -> float:
+    """Multiply-adds x 2 of the dots in an HLO text: 2 x output elements x contracted size."""
+    total = 0.0
+    for out, lhs, dims in re.findall(r"= \w+\[([\d,]*)\]\S* dot\(%?([\w.\-]+), .*?lhs_contracting_dims=\{([\d,]*)\}",
+                                     text):
+        lhs_dims = shapes.get(lhs)
+        if lhs_dims is None:
+            raise ValueError(f"dot operand {lhs!r}: no array instruction of that name in the HLO")
+        total += 2.0 * math.prod(int(d) for d in out.split(",") if d) * math.prod(
+            lhs_dims[int(c)] for c in dims.split(",") if c)
+    return total
+
+
+def instruction(name: str, hlo: str, comps: dict[str, str]) -> tuple[str, str, str] | None:
+    """(result shape, opcode, text) of one operation of the module: a fusion's text is its computation's body."""
     m = re.search(r"^\s*(?:ROOT )?%?" + re.escape(name) + r" = (\S+) ([\w\-]+)\((.*)$", hlo, re.M)
     if not m:
-        return "other", "?"
+        return None
     shape, opcode, rest = m.groups()
     called = re.search(r"calls=%?([\w.\-]+)", rest)
-    body = comps.get(called.group(1), "") if called else m.group(0)
+    return shape, opcode, comps.get(called.group(1), "") if called else m.group(0)
+
+
+def categorise(name: str, hlo: str, comps: dict[str, str], rank: int) -> tuple[str, str]:
+    """(category, description) of one operation of the module, from its HLO instruction."""
+    found = instruction(name, hlo, comps)
+    if found is None:
+        return "other", "?"
+    shape, opcode, body = found
     dots = dot_shapes(body) or ([[int(d) for d in shape[shape.index("[") + 1:shape.index("]")].split(",") if d]]
                                 if opcode == "dot" and "[" in shape else [])
     ops = collections.Counter(o for o in re.findall(r"= \S+ ([\w\-]+)\(", body) if o not in ("parameter", "bitcast"))
@@ -108,15 +139,16 @@ def profile(size: str, stage: str, steps: int, workdir: str) -> dict:
         raise SystemExit(f"no perfetto trace under {trace_dir}")
     events = json.load(gzip.open(found[-1]))
     events = events["traceEvents"] if isinstance(events, dict) else events
-    per_op = collections.Counter()
+    per_op, calls = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") == "X" and not e["name"].startswith(_SKIP):
             per_op[e["name"]] += e.get("dur", 0) / 1e3 / steps  # ms per step
+            calls[e["name"]] += 1 / steps
     dumps = sorted(glob.glob(os.path.join(workdir, "hlo", "*jit_step*cpu_after_optimizations.txt")))
     if not dumps:
         raise SystemExit(f"no optimised HLO of jit_step under {workdir}/hlo")
     return {"untraced_ms": 1e3 * statistics.median(times), "gflop": jobs.flops[stage] / 1e9,
-            "per_op": dict(per_op), "hlo": open(dumps[-1]).read()}
+            "per_op": dict(per_op), "calls": dict(calls), "hlo": open(dumps[-1]).read()}
 
 
 def main(argv):
@@ -129,20 +161,32 @@ def main(argv):
     result = profile(size, _STAGE.value, _STEPS.value, workdir)
     hlo = result["hlo"]
     comps = computations(hlo)
-    totals, rows = collections.Counter(), []
+    shapes = instruction_shapes(hlo)
+    totals, gflop, rows = collections.Counter(), collections.Counter(), []
     for name, ms in result["per_op"].items():
         category, desc = categorise(name, hlo, comps, versus_torch.LORA_RANK)
         totals[category] += ms
+        found = instruction(name, hlo, comps)
+        if found is not None:
+            gflop[category] += dot_flops(found[2], shapes) * result["calls"][name] / 1e9
         rows.append((ms, name, category, desc))
     total = sum(totals.values())
     print(f"{_STAGE.value} step, size {size}, attention {flags.FLAGS.attention}, remat {flags.FLAGS.remat}: "
           f"{result['untraced_ms']:.0f} ms untraced (trace annotations compiled in), {result['gflop']:.1f} GFLOP; "
           f"traced operations sum to {total:.0f} ms per step (trace and HLO in {workdir})")
     print()
-    print("| operations | ms per step (summed over threads) | share |")
-    print("|---|---|---|")
+    # A kind's speed: its dots' FLOPs (from the HLO, times the calls the trace saw) over its share of the
+    # untraced step time. An estimate: shares come from the traced step and both cores' time is summed.
+    print("| operations | ms per step (summed over threads) | share | dot GFLOP per step | GFLOP/s at that share of "
+          "the untraced step |")
+    print("|---|---|---|---|---|")
     for category in CATEGORIES:
-        print(f"| {category} | {totals[category]:.0f} | {100 * totals[category] / max(total, 1e-9):.1f}% |")
+        share = totals[category] / max(total, 1e-9)
+        speed = (f"{gflop[category] / (share * result['untraced_ms'] / 1e3):.0f}"
+                 if gflop[category] and share else "")
+        print(f"| {category} | {totals[category]:.0f} | {100 * share:.1f}% | "
+              f"{gflop[category]:.1f} | {speed} |" if gflop[category] else
+              f"| {category} | {totals[category]:.0f} | {100 * share:.1f}% | | |")
     print()
     print("| operation | ms per step | kind | shape, fused operations |")
     print("|---|---|---|---|")

@@ -61,3 +61,25 @@ def test_ratios_of_unmeasurable_rates_print_na():
     fine = {"torch.matmul": [{"nn": 100.0, "nt": 100.0, "tn": 100.0}],
             "jnp.dot default": [{"nn": 150.0, "nt": 150.0, "tn": 150.0}]}
     assert dot_flags.summary_table(fine)[3] == "| jnp.dot default | 150 | 1.50 |"
+
+
+def test_profile_step_counts_the_dots_flops_in_xla_cpu_hlo():
+    """profile_step's FLOPs per kind come from the optimised HLO: checked on a module XLA:CPU compiled."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import profile_step
+
+    def f(x, w, q, k):  # a 2-D dot, and a batched one as attention's logits are
+        return jnp.tanh(x @ w).sum() + jnp.einsum("bhqd,bhkd->bhqk", q, k).sum()
+
+    args = (jnp.ones((64, 32)), jnp.ones((32, 16)), jnp.ones((2, 3, 8, 4)), jnp.ones((2, 3, 5, 4)))
+    hlo = jax.jit(f).lower(*args).compile().as_text()
+    expected = 2 * 64 * 32 * 16 + 2 * (2 * 3 * 8 * 5) * 4
+    assert profile_step.dot_flops(hlo, profile_step.instruction_shapes(hlo)) == expected
+    comps, shapes = profile_step.computations(hlo), profile_step.instruction_shapes(hlo)
+    entry = hlo[hlo.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    ops = [n for n in shapes if f"%{n} = " in entry or f" {n} = " in entry]  # what the executable runs
+    per_op = sum(profile_step.dot_flops(profile_step.instruction(n, hlo, comps)[2], shapes) for n in ops)
+    assert per_op == expected  # per operation, as profile_step adds them up: each dot once, fused or not
