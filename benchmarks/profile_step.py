@@ -31,7 +31,6 @@ import collections
 import glob
 import gzip
 import json
-import math
 import os
 import re
 import statistics
@@ -41,6 +40,7 @@ import time
 from absl import app, flags
 
 from benchmarks import versus_torch  # its flags size the step: --batch, --img_tokens, --remat, --attention, ...
+from benchmarks.hlo_text import computations, dot_flops, dot_shapes, instruction, instruction_shapes
 
 _STAGE = flags.DEFINE_enum("stage", "purecc", ["cc", "purecc"], "cc (DreamBooth-LoRA) or purecc (stage B)")
 _STEPS = flags.DEFINE_integer("traced_steps", 3, "traced steps (after 2 untimed and 3 timed untraced ones)")
@@ -49,46 +49,6 @@ _DIR = flags.DEFINE_string("dir", None, "where the trace and the HLO dump go (de
 
 CATEGORIES = ("dense dots", "attention dots", "LoRA-only dots", "zero-fill", "scan slicing", "copies", "other")
 _SKIP = ("$", "Thunk", "Slinky", "while", "PjitFunction")  # Python frames, executor spans, loops' own spans
-
-
-def computations(hlo: str) -> dict[str, str]:
-    """Body text of every computation in an HLO module's text, by name."""
-    return {m.group(1).lstrip("%"): m.group(2)
-            for m in re.finditer(r"^(%?[\w.\-]+) .*?\{\n(.*?)\n\}", hlo, re.S | re.M)}
-
-
-def dot_shapes(text: str) -> list[list[int]]:
-    """Result shapes of the dots in an HLO text."""
-    return [[int(d) for d in s.split(",") if d] for s in re.findall(r"= f\d+\[([\d,]*)\]\S* dot\(", text)]
-
-
-def instruction_shapes(hlo: str) -> dict[str, list[int]]:
-    """Dimensions of every array-valued instruction of an HLO module's text, by name (names are module-unique)."""
-    return {m.group(1): [int(d) for d in m.group(2).split(",") if d]
-            for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]", hlo, re.M)}
-
-
-def dot_flops(text: str, shapes: dict[str, list[int]]) -> float:
-    """Multiply-adds x 2 of the dots in an HLO text: 2 x output elements x contracted size."""
-    total = 0.0
-    for out, lhs, dims in re.findall(r"= \w+\[([\d,]*)\]\S* dot\(%?([\w.\-]+), .*?lhs_contracting_dims=\{([\d,]*)\}",
-                                     text):
-        lhs_dims = shapes.get(lhs)
-        if lhs_dims is None:
-            raise ValueError(f"dot operand {lhs!r}: no array instruction of that name in the HLO")
-        total += 2.0 * math.prod(int(d) for d in out.split(",") if d) * math.prod(
-            lhs_dims[int(c)] for c in dims.split(",") if c)
-    return total
-
-
-def instruction(name: str, hlo: str, comps: dict[str, str]) -> tuple[str, str, str] | None:
-    """(result shape, opcode, text) of one operation of the module: a fusion's text is its computation's body."""
-    m = re.search(r"^\s*(?:ROOT )?%?" + re.escape(name) + r" = (\S+) ([\w\-]+)\((.*)$", hlo, re.M)
-    if not m:
-        return None
-    shape, opcode, rest = m.groups()
-    called = re.search(r"calls=%?([\w.\-]+)", rest)
-    return shape, opcode, comps.get(called.group(1), "") if called else m.group(0)
 
 
 def categorise(name: str, hlo: str, comps: dict[str, str], rank: int) -> tuple[str, str]:

@@ -64,11 +64,12 @@ def test_ratios_of_unmeasurable_rates_print_na():
 
 
 def test_profile_step_counts_the_dots_flops_in_xla_cpu_hlo():
-    """profile_step's FLOPs per kind come from the optimised HLO: checked on a module XLA:CPU compiled."""
+    """profile_step's FLOPs per kind come from the optimised HLO (benchmarks.hlo_text): checked on a module
+    XLA:CPU compiled. hlo_text defines no flags, so it imports beside the other benchmarks in one process."""
     import jax
     import jax.numpy as jnp
 
-    from benchmarks import profile_step
+    from benchmarks import hlo_text
 
     def f(x, w, q, k):  # a 2-D dot, and a batched one as attention's logits are
         return jnp.tanh(x @ w).sum() + jnp.einsum("bhqd,bhkd->bhqk", q, k).sum()
@@ -76,10 +77,10 @@ def test_profile_step_counts_the_dots_flops_in_xla_cpu_hlo():
     args = (jnp.ones((64, 32)), jnp.ones((32, 16)), jnp.ones((2, 3, 8, 4)), jnp.ones((2, 3, 5, 4)))
     hlo = jax.jit(f).lower(*args).compile().as_text()
     expected = 2 * 64 * 32 * 16 + 2 * (2 * 3 * 8 * 5) * 4
-    assert profile_step.dot_flops(hlo, profile_step.instruction_shapes(hlo)) == expected
-    comps, shapes = profile_step.computations(hlo), profile_step.instruction_shapes(hlo)
+    assert hlo_text.dot_flops(hlo, hlo_text.instruction_shapes(hlo)) == expected
+    comps, shapes = hlo_text.computations(hlo), hlo_text.instruction_shapes(hlo)
     entry = hlo[hlo.index("\nENTRY"):]
     entry = entry[:entry.index("\n}")]
     ops = [n for n in shapes if f"%{n} = " in entry or f" {n} = " in entry]  # what the executable runs
-    per_op = sum(profile_step.dot_flops(profile_step.instruction(n, hlo, comps)[2], shapes) for n in ops)
+    per_op = sum(hlo_text.dot_flops(hlo_text.instruction(n, hlo, comps)[2], shapes) for n in ops)
     assert per_op == expected  # per operation, as profile_step adds them up: each dot once, fused or not
