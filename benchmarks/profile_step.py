@@ -51,9 +51,8 @@ CATEGORIES = ("dense dots", "attention dots", "LoRA-only dots", "zero-fill", "sc
 _SKIP = ("$", "Thunk", "Slinky", "while", "PjitFunction")  # Python frames, executor spans, loops' own spans
 
 
-def categorise(name: str, hlo: str, comps: dict[str, str], rank: int) -> tuple[str, str]:
-    """(category, description) of one operation of the module, from its HLO instruction."""
-    found = instruction(name, hlo, comps)
+def categorise(name: str, found: tuple[str, str, str] | None, rank: int) -> tuple[str, str]:
+    """(category, description) of one operation of the module, from its HLO instruction (`instruction`)."""
     if found is None:
         return "other", "?"
     shape, opcode, body = found
@@ -124,9 +123,9 @@ def main(argv):
     shapes = instruction_shapes(hlo)
     totals, gflop, rows = collections.Counter(), collections.Counter(), []
     for name, ms in result["per_op"].items():
-        category, desc = categorise(name, hlo, comps, versus_torch.LORA_RANK)
-        totals[category] += ms
         found = instruction(name, hlo, comps)
+        category, desc = categorise(name, found, versus_torch.LORA_RANK)
+        totals[category] += ms
         if found is not None:
             gflop[category] += dot_flops(found[2], shapes) * result["calls"][name] / 1e9
         rows.append((ms, name, category, desc))
@@ -142,11 +141,9 @@ def main(argv):
     print("|---|---|---|---|---|")
     for category in CATEGORIES:
         share = totals[category] / max(total, 1e-9)
-        speed = (f"{gflop[category] / (share * result['untraced_ms'] / 1e3):.0f}"
-                 if gflop[category] and share else "")
-        print(f"| {category} | {totals[category]:.0f} | {100 * share:.1f}% | "
-              f"{gflop[category]:.1f} | {speed} |" if gflop[category] else
-              f"| {category} | {totals[category]:.0f} | {100 * share:.1f}% | | |")
+        speed = f"{gflop[category] / (share * result['untraced_ms'] / 1e3):.0f}" if share else ""
+        dots = f"{gflop[category]:.1f} | {speed}" if gflop[category] else "|"  # a kind without dots: both empty
+        print(f"| {category} | {totals[category]:.0f} | {100 * share:.1f}% | {dots} |")
     print()
     print("| operation | ms per step | kind | shape, fused operations |")
     print("|---|---|---|---|")
