@@ -15,6 +15,10 @@ before JAX's starts. The load average is recorded at every turn. Ratios are medi
 ratios. In the same two processes `jnp.dot` and `torch.matmul` are timed the same way at the
 model's matmul shapes (the machine's own matmul peak), and the JAX step's counted FLOPs (XLA's cost
 analysis of the unscanned step) over its median time give the fraction of that peak the step reaches.
+
+`--host_devices=2` splits the JAX process into two CPU devices (`jax_num_cpu_devices`) and the batch
+over them, data parallel, as the trainer's mesh does over accelerators: each device runs its half of
+every operation on the machine's cores, instead of every operation being split between the cores.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ _TXT = flags.DEFINE_integer("txt_tokens", 64, "T5 tokens")
 _REMAT = flags.DEFINE_string("remat", "none", "JAX remat policy (purecc_jax.models.runtime.REMAT_POLICIES)")
 _ATTENTION = flags.DEFINE_string("attention", "xla", "JAX attention (purecc_jax.models.attention.IMPLEMENTATIONS)")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "JAX: blocks as one nn.scan (else a Python loop)")
+_HOST_DEVICES = flags.DEFINE_integer(
+    "host_devices", 1, "JAX: CPU devices the process splits into (jax_num_cpu_devices); the batch is split over "
+    "them (data parallel) and each runs its share of every step on the machine's cores")
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "timed turns per framework and stage")
 _STEPS = flags.DEFINE_integer("steps", 2, "steps per turn (their median is the turn's time)")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per stage when a worker starts")
@@ -91,6 +98,8 @@ class JaxSteps:
     def __init__(self, size: str, stages: list[str]):
         import jax
 
+        if _HOST_DEVICES.value > 1:
+            jax.config.update("jax_num_cpu_devices", _HOST_DEVICES.value)
         from benchmarks.step_inputs import Shapes, Variant, compiled_step, pretrained, step_flops
         from purecc_jax import sharding
         from purecc_jax.models import lora as lora_lib
@@ -102,9 +111,10 @@ class JaxSteps:
                      remat_policy=_REMAT.value, scan_layers=_SCAN.value, attention=_ATTENTION.value)
         shapes = Shapes(_BATCH.value, _IMG.value, _TXT.value)
         lcfg = lora_lib.LoRAConfig(rank=LORA_RANK, alpha=4.0)
-        mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        devices = jax.devices()[:_HOST_DEVICES.value]
+        mesh = sharding.make_mesh(len(devices), 1, 1, devices=devices)
         params = pretrained(cfg, mesh)
-        self.jax, self.jobs, self.flops = jax, {}, {}
+        self.jax, self.jobs, self.flops, self.devices = jax, {}, {}, mesh.devices.size
         for stage in stages:
             compiled, x = compiled_step(cfg, Variant(stage), lcfg, shapes, mesh, params)
             self.flops[stage] = step_flops(cfg, Variant(stage), lcfg, shapes, mesh)
@@ -163,7 +173,8 @@ def serve(framework: str) -> None:
             loss = steps.jobs[stage]()
             if not np.isfinite(loss):
                 raise FloatingPointError(f"{framework} {stage}: loss {loss}")
-    print(json.dumps({"ready": True, "flops": steps.flops}), file=out, flush=True)
+    print(json.dumps({"ready": True, "flops": steps.flops, "devices": getattr(steps, "devices", None)}),
+          file=out, flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "step":
@@ -187,7 +198,7 @@ class Worker:
         args = [sys.executable, "-m", "benchmarks.versus_torch", f"--worker={framework}", f"--size={size}",
                 f"--stages={','.join(_STAGES.value)}", f"--batch={_BATCH.value}", f"--img_tokens={_IMG.value}",
                 f"--txt_tokens={_TXT.value}", f"--remat={_REMAT.value}", f"--warmup={_WARMUP.value}",
-                f"--attention={_ATTENTION.value}",
+                f"--attention={_ATTENTION.value}", f"--host_devices={_HOST_DEVICES.value}",
                 "--scan_layers" if _SCAN.value else "--noscan_layers"]
         self.name = framework
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -226,6 +237,9 @@ def machine() -> str:
 def compare(size: str) -> dict:
     """Both workers of `size`, alternating turns; per stage the per-turn times and per-round ratios."""
     workers = {fw: Worker(fw, size) for fw in ("jax", "torch")}
+    if workers["jax"].ready["devices"] != _HOST_DEVICES.value:
+        raise RuntimeError(f"the JAX worker runs on {workers['jax'].ready['devices']} CPU devices, "
+                           f"not --host_devices={_HOST_DEVICES.value}")
     times = {(fw, s): [] for fw in workers for s in _STAGES.value}
     loads = [os.getloadavg()[0]]
     for r in range(_ROUNDS.value):
@@ -255,11 +269,15 @@ def main(argv):
     if _WORKER.value:
         serve(_WORKER.value)
         return
+    if _HOST_DEVICES.value < 1 or _BATCH.value % _HOST_DEVICES.value:
+        raise app.UsageError(f"--host_devices={_HOST_DEVICES.value} must be a positive divisor of "
+                             f"--batch={_BATCH.value} (the batch is split over the JAX process's CPU devices)")
     import jax
     import torch
 
     print(f"{machine()}; jax {jax.__version__}, torch {torch.__version__}; each framework in its own process, "
-          f"{_ROUNDS.value} alternating turns of {_STEPS.value} steps, {_PAUSE.value} s between turns")
+          f"{_ROUNDS.value} alternating turns of {_STEPS.value} steps, {_PAUSE.value} s between turns; "
+          f"JAX: remat {_REMAT.value}, attention {_ATTENTION.value}, {_HOST_DEVICES.value} CPU device(s)")
     names = {"cc": "DreamBooth-LoRA", "purecc": "PureCC stage B"}
     rows, dot_rows, loads = [], [], []
     for size in _SIZES.value:
