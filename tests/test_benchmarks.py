@@ -27,6 +27,8 @@ RUNS = {
     "profile_step": (["--size=2x32:1+1", "--img_tokens=16", "--txt_tokens=8", "--traced_steps=1", "--stage=purecc"],
                      "| attention dots | "),
     "dot_flags": (["--widths=16", "--tokens=8", "--reps=1", "--variants=default,eigen"], "| jnp.dot eigen | "),
+    "attention_cpu": (["--heads=2", "--seq=16", "--head_dim=8", "--reps=1", "--rounds=2"],
+                      "| 2 | attention forward + backward |"),
 }
 
 
