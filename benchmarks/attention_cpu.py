@@ -18,12 +18,11 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 from absl import app, flags
 
-from benchmarks.report import fmt_ratio
+from benchmarks.report import fmt_ratio, median_seconds
 
 _HEADS = flags.DEFINE_list("heads", ["4", "8"], "attention heads (FLUX: 24; the benchmarks' widths 256 and 512: 4 and 8)")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "head dimension")
@@ -38,14 +37,7 @@ ITEMS = ("attention forward", "attention forward + backward", "q·kᵀ batched d
 
 
 def _median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, reps, warmup=3)
 
 
 def _inputs(heads: int):
@@ -130,6 +122,7 @@ def main(argv):
             if proc.returncode:
                 raise SystemExit(f"the {fw} worker failed:\n{proc.stderr[-3000:]}")
             runs[fw].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+
     def ms(fw: str, heads_: int, name: str) -> float:
         return statistics.median(run[str(heads_)][name] for run in runs[fw])
 
@@ -150,6 +143,7 @@ def main(argv):
             cell = lambda t, item=item, h=h: f"{t:.3f} ms ({fmt_ratio(flops(item, h), t * 1e6, '.0f')} GFLOP/s)"
             j, t = ms("jax", h, f"dots|{item}"), ms("torch", h, f"dots|{item}")
             print(f"| {h} | {item} | {cell(j)} | {cell(t)} | {fmt_ratio(j, t)} |")
+
 
 if __name__ == "__main__":
     app.run(main)

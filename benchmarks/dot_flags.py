@@ -18,12 +18,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 from absl import app, flags
 
-from benchmarks.report import fmt, fmt_ratio
+from benchmarks.report import fmt, fmt_ratio, median_seconds
 
 LAYOUTS = ("nn", "nt", "tn")
 VARIANTS = {
@@ -51,13 +50,7 @@ def shapes(widths: list[int], tokens: int) -> list[tuple[int, int, int]]:
 
 
 def _median_gflops(fn, flop: float, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return flop / statistics.median(times) / 1e9  # rounded only when printed (report.fmt)
+    return flop / median_seconds(fn, reps, warmup=1) / 1e9  # rounded only when printed (report.fmt)
 
 
 def _operands(m: int, k: int, n: int):

@@ -1,4 +1,4 @@
-"""Printing measured figures: full precision is kept in every measurement; rounding happens only here.
+"""Timing and printing figures: full precision is kept in every measurement; rounding happens only when printed.
 
 A ratio whose denominator is zero or not finite (a timing too small for the clock, a rate that rounds
 to nothing at a smoke test's sizes) prints "n/a" instead of raising or printing inf.
@@ -7,6 +7,20 @@ to nothing at a smoke test's sizes) prints "n/a" instead of raising or printing 
 from __future__ import annotations
 
 import math
+import statistics
+import time
+
+
+def median_seconds(fn, reps: int, warmup: int = 0) -> float:
+    """The median wall time of `reps` calls of `fn` (which must wait for its result), after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def ratio(num: float, den: float) -> float | None:

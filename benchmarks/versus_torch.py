@@ -34,7 +34,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from benchmarks.report import fmt, fmt_ratio
+from benchmarks.report import fmt, fmt_ratio, median_seconds
 
 LORA_RANK = 4  # the JAX step's LoRA rank (alpha 4)
 _SIZES = flags.DEFINE_list("sizes", ["4x64:2+4", "8x64:4+8"], "model sizes, HEADSxHEAD_DIM:DOUBLE+SINGLE")
@@ -78,15 +78,6 @@ def matmul_shapes(heads: int, d: int, batch: int, img: int, txt: int, context: i
     tokens = batch * (img + txt)
     return [(tokens, width, width), (tokens, width, h), (tokens, h, width), (tokens, width, 3 * width + h),
             (tokens, width + h, width), (batch * txt, context, width)]
-
-
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- the workers
@@ -134,7 +125,7 @@ class JaxSteps:
             rng = np.random.default_rng(0)
             a, b = jnp.asarray(rng.standard_normal((m, k), np.float32)), jnp.asarray(rng.standard_normal((k, n), np.float32))
             dot(a, b).block_until_ready()
-            out.append(2.0 * m * k * n / _median_time(lambda a=a, b=b: dot(a, b).block_until_ready(), reps) / 1e9)
+            out.append(2.0 * m * k * n / median_seconds(lambda a=a, b=b: dot(a, b).block_until_ready(), reps) / 1e9)
         return out
 
 
@@ -159,7 +150,7 @@ class TorchSteps:
             a = self.torch.from_numpy(rng.standard_normal((m, k), np.float32))
             b = self.torch.from_numpy(rng.standard_normal((k, n), np.float32))
             self.torch.matmul(a, b)
-            out.append(2.0 * m * k * n / _median_time(lambda a=a, b=b: self.torch.matmul(a, b), reps) / 1e9)
+            out.append(2.0 * m * k * n / median_seconds(lambda a=a, b=b: self.torch.matmul(a, b), reps) / 1e9)
         return out
 
 
