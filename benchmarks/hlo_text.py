@@ -36,11 +36,20 @@ def dot_flops(text: str, shapes: dict[str, list[int]]) -> float:
     return total
 
 
-def instruction(name: str, hlo: str, comps: dict[str, str]) -> tuple[str, str, str] | None:
-    """(result shape, opcode, text) of one operation of the module: a fusion's text is its computation's body."""
-    m = re.search(r"^\s*(?:ROOT )?%?" + re.escape(name) + r" = (\S+) ([\w\-]+)\((.*)$", hlo, re.M)
-    if not m:
+def instructions(hlo: str) -> dict[str, tuple[str, str, str]]:
+    """(result shape, opcode, rest of the line) of every instruction of an HLO module's text, by name: one pass
+    over the text (an unrolled model's HLO runs to 15 MB and thousands of operations)."""
+    return {m.group(1): m.group(2, 3, 4)
+            for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$", hlo, re.M)}
+
+
+def instruction(name: str, index: dict[str, tuple[str, str, str]],
+                comps: dict[str, str]) -> tuple[str, str, str] | None:
+    """(result shape, opcode, text) of one operation of the module (`index`: `instructions(hlo)`): a fusion's
+    text is its computation's body, any other operation's its own line."""
+    found = index.get(name)
+    if found is None:
         return None
-    shape, opcode, rest = m.groups()
+    shape, opcode, rest = found
     called = re.search(r"calls=%?([\w.\-]+)", rest)
-    return shape, opcode, comps.get(called.group(1), "") if called else m.group(0)
+    return shape, opcode, comps.get(called.group(1), "") if called else f"{name} = {shape} {opcode}({rest}"

@@ -40,7 +40,8 @@ import time
 from absl import app, flags
 
 from benchmarks import versus_torch  # its flags size the step: --batch, --img_tokens, --remat, --attention, ...
-from benchmarks.hlo_text import computations, dot_flops, dot_shapes, instruction, instruction_shapes
+from benchmarks.hlo_text import (computations, dot_flops, dot_shapes, instruction, instruction_shapes,
+                                 instructions)
 
 _STAGE = flags.DEFINE_enum("stage", "purecc", ["cc", "purecc"], "cc (DreamBooth-LoRA) or purecc (stage B)")
 _STEPS = flags.DEFINE_integer("traced_steps", 3, "traced steps (after 2 untimed and 3 timed untraced ones)")
@@ -120,10 +121,10 @@ def main(argv):
     result = profile(size, _STAGE.value, _STEPS.value, workdir)
     hlo = result["hlo"]
     comps = computations(hlo)
-    shapes = instruction_shapes(hlo)
+    shapes, index = instruction_shapes(hlo), instructions(hlo)
     totals, gflop, rows = collections.Counter(), collections.Counter(), []
     for name, ms in result["per_op"].items():
-        found = instruction(name, hlo, comps)
+        found = instruction(name, index, comps)
         category, desc = categorise(name, found, versus_torch.LORA_RANK)
         totals[category] += ms
         if found is not None:

@@ -81,9 +81,9 @@ def test_profile_step_counts_the_dots_flops_in_xla_cpu_hlo():
     hlo = jax.jit(f).lower(*args).compile().as_text()
     expected = 2 * 64 * 32 * 16 + 2 * (2 * 3 * 8 * 5) * 4
     assert hlo_text.dot_flops(hlo, hlo_text.instruction_shapes(hlo)) == expected
-    comps, shapes = hlo_text.computations(hlo), hlo_text.instruction_shapes(hlo)
+    comps, shapes, index = hlo_text.computations(hlo), hlo_text.instruction_shapes(hlo), hlo_text.instructions(hlo)
     entry = hlo[hlo.index("\nENTRY"):]
     entry = entry[:entry.index("\n}")]
     ops = [n for n in shapes if f"%{n} = " in entry or f" {n} = " in entry]  # what the executable runs
-    per_op = sum(hlo_text.dot_flops(hlo_text.instruction(n, hlo, comps)[2], shapes) for n in ops)
+    per_op = sum(hlo_text.dot_flops(hlo_text.instruction(n, index, comps)[2], shapes) for n in ops)
     assert per_op == expected  # per operation, as profile_step adds them up: each dot once, fused or not
