@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,10 @@ _STEPS = flags.DEFINE_integer("steps", 2, "steps per turn (their median is the t
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per stage when a worker starts")
 _PAUSE = flags.DEFINE_float("pause", 0.5, "seconds between turns (OpenMP threads stop spinning)")
 _MATMUL_REPS = flags.DEFINE_integer("matmul_reps", 5, "timed calls per matmul shape and turn (median)")
+_ALLOCATOR = flags.DEFINE_enum(
+    "allocator", "default", ["default", "tcmalloc"],
+    "memory allocator of both workers: the C library's malloc, or tcmalloc (LD_PRELOAD; Debian/Ubuntu package "
+    "libtcmalloc-minimal4), which keeps freed memory mapped instead of handing each step fresh pages")
 _WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch"], "internal: serve one framework's steps on stdin")
 _SIZE = flags.DEFINE_string("size", None, "internal: the worker's model size")
 
@@ -169,12 +174,15 @@ def serve(framework: str) -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "step":
-            times = []
+            times, before = [], resource.getrusage(resource.RUSAGE_SELF)
             for _ in range(cmd["n"]):
                 t0 = time.perf_counter()
                 steps.jobs[cmd["stage"]]()
                 times.append(time.perf_counter() - t0)
-            reply = {"times": times}
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            # page faults (a fresh page touched) and kernel time, per step: what the allocator costs
+            reply = {"times": times, "minflt": (after.ru_minflt - before.ru_minflt) / cmd["n"],
+                     "sys": (after.ru_stime - before.ru_stime) / cmd["n"]}
         elif cmd["op"] == "matmul":
             reply = {"gflops": steps.matmul([tuple(s) for s in cmd["shapes"]], cmd["reps"])}
         else:
@@ -192,7 +200,10 @@ class Worker:
                 f"--attention={_ATTENTION.value}", f"--host_devices={_HOST_DEVICES.value}",
                 "--scan_layers" if _SCAN.value else "--noscan_layers"]
         self.name = framework
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ)
+        if _ALLOCATOR.value == "tcmalloc":
+            env["LD_PRELOAD"] = " ".join(filter(None, [tcmalloc(), env.get("LD_PRELOAD")]))
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -210,6 +221,19 @@ class Worker:
         self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
         self.proc.stdin.close()
         self.proc.wait()
+
+
+TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+            "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4")
+
+
+def tcmalloc() -> str:
+    """The path of an installed tcmalloc shared library, or a clear error."""
+    for path in TCMALLOC:
+        if os.path.exists(path):
+            return path
+    raise SystemExit("--allocator=tcmalloc: no tcmalloc library found (looked for " + ", ".join(TCMALLOC) +
+                     "); install it, e.g. `apt-get install libtcmalloc-minimal4` on Debian/Ubuntu")
 
 
 def machine() -> str:
@@ -232,14 +256,16 @@ def compare(size: str) -> dict:
         raise RuntimeError(f"the JAX worker runs on {workers['jax'].ready['devices']} CPU devices, "
                            f"not --host_devices={_HOST_DEVICES.value}")
     times = {(fw, s): [] for fw in workers for s in _STAGES.value}
+    faults = {(fw, s): [] for fw in workers for s in _STAGES.value}
     loads = [os.getloadavg()[0]]
     for r in range(_ROUNDS.value):
         order = ["jax", "torch"] if r % 2 == 0 else ["torch", "jax"]
         for stage in _STAGES.value:
             for fw in order:
                 time.sleep(_PAUSE.value)
-                turn = workers[fw].ask(op="step", stage=stage, n=_STEPS.value)["times"]
-                times[(fw, stage)].append(statistics.median(turn))
+                turn = workers[fw].ask(op="step", stage=stage, n=_STEPS.value)
+                times[(fw, stage)].append(statistics.median(turn["times"]))
+                faults[(fw, stage)].append((turn["minflt"], turn["sys"]))
                 loads.append(os.getloadavg()[0])
     heads, d, _, _ = parse_size(size)
     mkn = matmul_shapes(heads, d, _BATCH.value, _IMG.value, _TXT.value)
@@ -252,7 +278,7 @@ def compare(size: str) -> dict:
     for w in workers.values():
         w.close()
     best = {fw: [max(col) for col in zip(*runs)] for fw, runs in dots.items()}  # per shape, the better turn
-    return dict(times=times, loads=loads, flops=flops, mkn=mkn, dots=best)
+    return dict(times=times, faults=faults, loads=loads, flops=flops, mkn=mkn, dots=best)
 
 
 def main(argv):
@@ -268,9 +294,10 @@ def main(argv):
 
     print(f"{machine()}; jax {jax.__version__}, torch {torch.__version__}; each framework in its own process, "
           f"{_ROUNDS.value} alternating turns of {_STEPS.value} steps, {_PAUSE.value} s between turns; "
-          f"JAX: remat {_REMAT.value}, attention {_ATTENTION.value}, {_HOST_DEVICES.value} CPU device(s)")
+          f"JAX: remat {_REMAT.value}, attention {_ATTENTION.value}, {_HOST_DEVICES.value} CPU device(s); "
+          f"allocator {tcmalloc() if _ALLOCATOR.value == 'tcmalloc' else 'the C library malloc'}")
     names = {"cc": "DreamBooth-LoRA", "purecc": "PureCC stage B"}
-    rows, dot_rows, loads = [], [], []
+    rows, dot_rows, loads, fault_rows = [], [], [], []
     for size in _SIZES.value:
         heads, d, depth, single = parse_size(size)
         label = f"width {heads * d}, {depth}+{single} blocks"
@@ -283,6 +310,8 @@ def main(argv):
             ratio = statistics.median(a / b for a, b in zip(tj, tt))
             rows.append((names[stage], label, statistics.median(tt), statistics.median(tj), ratio,
                          res["flops"][stage], peak))
+            fault_rows.append((names[stage], label, *(statistics.median(f[i] for f in res["faults"][(fw, stage)])
+                                                      for fw in ("torch", "jax") for i in (0, 1))))
         for shape, j, t in zip(res["mkn"], res["dots"]["jax"], res["dots"]["torch"]):
             dot_rows.append((shape, j, t))
 
@@ -293,6 +322,11 @@ def main(argv):
     for stage, label, tt, tj, ratio, fl, peak in rows:
         print(f"| {stage} | {label} | {1e3 * tt:.0f} | {1e3 * tj:.0f} | **{fmt(ratio)}** | {fl / 1e9:.1f} | "
               f"{fmt_ratio(fl, tj * 1e9, '.0f')} | {fmt_ratio(100 * fl, tj * 1e9 * peak, '.0f')}% |")
+    print("\n| step | size | PyTorch page faults per step | PyTorch system ms per step | JAX page faults per step "
+          "| JAX system ms per step |")
+    print("|---|---|---|---|---|---|")
+    for stage, label, ft, st, fj, sj in fault_rows:
+        print(f"| {stage} | {label} | {ft:.0f} | {1e3 * st:.0f} | {fj:.0f} | {1e3 * sj:.0f} |")
     print("\n| matmul m x k x n (float32) | jnp.dot GFLOP/s | torch.matmul GFLOP/s | jnp.dot / torch.matmul |")
     print("|---|---|---|---|")
     for (m, k, n), j, t in dot_rows:
