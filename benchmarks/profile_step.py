@@ -33,15 +33,14 @@ import gzip
 import json
 import os
 import re
-import statistics
 import tempfile
-import time
 
 from absl import app, flags
 
 from benchmarks import versus_torch  # its flags size the step: --batch, --img_tokens, --remat, --attention, ...
 from benchmarks.hlo_text import (computations, dot_flops, dot_shapes, instruction, instruction_shapes,
                                  instructions)
+from benchmarks.report import median_seconds
 
 _STAGE = flags.DEFINE_enum("stage", "purecc", ["cc", "purecc"], "cc (DreamBooth-LoRA) or purecc (stage B)")
 _STEPS = flags.DEFINE_integer("traced_steps", 3, "traced steps (after 2 untimed and 3 timed untraced ones)")
@@ -82,13 +81,7 @@ def profile(size: str, stage: str, steps: int, workdir: str) -> dict:
 
     jobs = versus_torch.JaxSteps(size, [stage])
     run = jobs.jobs[stage]
-    for _ in range(2):
-        run()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
+    untraced = median_seconds(run, 3, warmup=2)
     trace_dir = os.path.join(workdir, "trace")
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     for _ in range(steps):
@@ -107,7 +100,7 @@ def profile(size: str, stage: str, steps: int, workdir: str) -> dict:
     dumps = sorted(glob.glob(os.path.join(workdir, "hlo", "*jit_step*cpu_after_optimizations.txt")))
     if not dumps:
         raise SystemExit(f"no optimised HLO of jit_step under {workdir}/hlo")
-    return {"untraced_ms": 1e3 * statistics.median(times), "gflop": jobs.flops[stage] / 1e9,
+    return {"untraced_ms": 1e3 * untraced, "gflop": jobs.flops[stage] / 1e9,
             "per_op": dict(per_op), "calls": dict(calls), "hlo": open(dumps[-1]).read()}
 
 

@@ -11,8 +11,8 @@ import statistics
 import time
 
 
-def median_seconds(fn, reps: int, warmup: int = 0) -> float:
-    """The median wall time of `reps` calls of `fn` (which must wait for its result), after `warmup` untimed ones."""
+def call_seconds(fn, reps: int, warmup: int = 0) -> list[float]:
+    """The wall time of each of `reps` calls of `fn` (which must wait for its result), after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -20,7 +20,12 @@ def median_seconds(fn, reps: int, warmup: int = 0) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn, reps: int, warmup: int = 0) -> float:
+    """The median of `call_seconds(fn, reps, warmup)`."""
+    return statistics.median(call_seconds(fn, reps, warmup))
 
 
 def ratio(num: float, den: float) -> float | None:

@@ -35,7 +35,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from benchmarks.report import fmt, fmt_ratio, median_seconds
+from benchmarks.report import call_seconds, fmt, fmt_ratio, median_seconds
 
 LORA_RANK = 4  # the JAX step's LoRA rank (alpha 4)
 _SIZES = flags.DEFINE_list("sizes", ["4x64:2+4", "8x64:4+8"], "model sizes, HEADSxHEAD_DIM:DOUBLE+SINGLE")
@@ -129,8 +129,8 @@ class JaxSteps:
         for m, k, n in mkn:
             rng = np.random.default_rng(0)
             a, b = jnp.asarray(rng.standard_normal((m, k), np.float32)), jnp.asarray(rng.standard_normal((k, n), np.float32))
-            dot(a, b).block_until_ready()
-            out.append(2.0 * m * k * n / median_seconds(lambda a=a, b=b: dot(a, b).block_until_ready(), reps) / 1e9)
+            out.append(2.0 * m * k * n / median_seconds(lambda a=a, b=b: dot(a, b).block_until_ready(), reps,
+                                                        warmup=1) / 1e9)
         return out
 
 
@@ -154,8 +154,8 @@ class TorchSteps:
             rng = np.random.default_rng(0)
             a = self.torch.from_numpy(rng.standard_normal((m, k), np.float32))
             b = self.torch.from_numpy(rng.standard_normal((k, n), np.float32))
-            self.torch.matmul(a, b)
-            out.append(2.0 * m * k * n / median_seconds(lambda a=a, b=b: self.torch.matmul(a, b), reps) / 1e9)
+            out.append(2.0 * m * k * n / median_seconds(lambda a=a, b=b: self.torch.matmul(a, b), reps,
+                                                        warmup=1) / 1e9)
         return out
 
 
@@ -174,11 +174,8 @@ def serve(framework: str) -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "step":
-            times, before = [], resource.getrusage(resource.RUSAGE_SELF)
-            for _ in range(cmd["n"]):
-                t0 = time.perf_counter()
-                steps.jobs[cmd["stage"]]()
-                times.append(time.perf_counter() - t0)
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            times = call_seconds(steps.jobs[cmd["stage"]], cmd["n"])
             after = resource.getrusage(resource.RUSAGE_SELF)
             # page faults (a fresh page touched) and kernel time, per step: what the allocator costs
             reply = {"times": times, "minflt": (after.ru_minflt - before.ru_minflt) / cmd["n"],
