@@ -44,7 +44,7 @@ PRESETS = {name: b for b in backbones.BACKBONES.values() for name in b.presets}
 DEFAULT_PRESET = {"auto": "flux-dev", "flux": "flux-dev", "sd3": "sd3.5-medium"}  # by config.model.backbone
 DEFAULT_IMAGES = 5  # concept images assumed when config.concept.path cannot be read here (DreamBench has 4-6)
 # Remat policies from the most activations kept (least recomputation) to the fewest.
-REMAT_ORDER = ("none", "dots", "dots_no_batch", "qkv_attn_mlp", "qkv_attn", "attn", "full")
+REMAT_ORDER = ("none", "dots", "dots_no_batch_attn", "dots_no_batch", "qkv_attn_mlp", "qkv_attn", "attn", "full")
 STAGE_NAMES = {"stage_a": "stage A step", "stage_b": "stage B step"}
 
 

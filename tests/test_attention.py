@@ -170,7 +170,8 @@ def test_remat_policies_keep_gradients(scan, policy):
     assert set(REMAT_POLICIES) >= {"none", "full", "dots", "attn"}
 
 
-@pytest.mark.parametrize("scan,policy", [(True, "none"), (True, "qkv_attn_mlp"), (False, "dots_no_batch")])
+@pytest.mark.parametrize("scan,policy", [(True, "none"), (True, "qkv_attn_mlp"), (False, "dots_no_batch"),
+                                         (True, "dots_no_batch_attn")])
 def test_xla_recompute_in_the_model_keeps_gradients(scan, policy):
     # The custom_vjp attention inside scanned / looped, rematerialised blocks: the model's
     # gradients are those of the plain XLA attention.
@@ -179,3 +180,24 @@ def test_xla_recompute_in_the_model_keeps_gradients(scan, policy):
     want = grads(attention="xla", remat_policy="none")
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_dots_no_batch_attn_keeps_the_attention_forward():
+    """Under remat, `dots_no_batch` reruns xla_recompute's forward (two batched dots) in the backward to
+    rebuild its output and log-sum-exp; `dots_no_batch_attn` saves them (attention.RESIDUALS), so the
+    gradient has as many dots as without remat, and the same values."""
+    b, s, h, d = 2, 12, 2, 8
+    w = jax.random.normal(jax.random.key(0), (h * d, 3 * h * d))
+    x = jax.random.normal(jax.random.key(1), (b, s, h * d))
+
+    def block(x, w):
+        q, k, v = jnp.split(jnp.dot(x, w).reshape(b, s, 3 * h, d), 3, axis=2)
+        return jnp.sum(jnp.tanh(attention(q, k, v, "xla_recompute")))
+
+    def dots(policy):
+        f = block if policy == "none" else jax.checkpoint(block, policy=REMAT_POLICIES[policy])
+        return str(jax.make_jaxpr(jax.grad(f, argnums=1))(x, w)).count("dot_general"), jax.grad(f, argnums=1)(x, w)
+
+    (plain, want), (lean, _), (kept, got) = dots("none"), dots("dots_no_batch"), dots("dots_no_batch_attn")
+    assert kept == plain and lean == plain + 2
+    np.testing.assert_array_equal(got, want)

@@ -29,10 +29,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from purecc_jax import sharding
 
 IMPLEMENTATIONS = ("auto", "xla", "xla_recompute", "cudnn", "splash")
+# Remat name of xla_recompute's forward output and log-sum-exp: what its backward needs besides q, k, v.
+RESIDUALS = "attn_residuals"
 _SPLASH_BLOCKS = (512, 256, 128)
 
 log = logging.getLogger(__name__)
@@ -114,22 +117,31 @@ def _xla_forward(q, k, v):
     return out, peak + jnp.log(total)
 
 
-@jax.custom_vjp
 def _xla_recompute(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    return _xla_recompute_fwd(q, k, v)[0]
-
-
-def _xla_recompute_fwd(q, k, v):
+    # The forward runs outside the custom_vjp (no gradient flows through it), so that its output
+    # and log-sum-exp are ordinary values a remat policy can save by name (RESIDUALS): a custom_vjp's
+    # own residuals are invisible to jax.checkpoint, which would rerun the whole forward instead.
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-    out, lse = _xla_forward(q, k, v)
-    return jnp.swapaxes(out, 1, 2), (q, k, v, out, lse)
+    out, lse = jax.lax.stop_gradient(_xla_forward(q, k, v))
+    out, lse = checkpoint_name(out, RESIDUALS), checkpoint_name(lse, RESIDUALS)
+    return jnp.swapaxes(_attended(q, k, v, out, lse), 1, 2)
 
 
-def _xla_recompute_bwd(residuals, g):
+@jax.custom_vjp
+def _attended(q, k, v, out, lse):
+    """`out`, given the heads-major q, k, v it was computed from; its backward is attention's."""
+    del q, k, v, lse
+    return out
+
+
+def _attended_fwd(q, k, v, out, lse):
+    return out, (q, k, v, out, lse)
+
+
+def _attended_bwd(residuals, g):
     # FlashAttention's backward in one block: P = exp(s - lse), dV = P^T g, dP = g V^T,
     # dS = P (dP - rowsum(g * out)), dQ = dS K scale, dK = dS^T (Q scale).
     q, k, v, out, lse = residuals
-    g = jnp.swapaxes(g, 1, 2)
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     qs = q * scale
     probs = jnp.exp(jnp.einsum("bhqd,bhkd->bhqk", qs, k, preferred_element_type=jnp.float32) - lse)
@@ -139,10 +151,10 @@ def _xla_recompute_bwd(residuals, g):
     dlogits = (probs * (dprobs - rowdot)).astype(q.dtype)
     dq = jnp.einsum("bhqk,bhkd->bhqd", dlogits, k) * scale
     dk = jnp.einsum("bhqk,bhqd->bhkd", dlogits, qs)
-    return tuple(jnp.swapaxes(x, 1, 2) for x in (dq, dk, dv))
+    return dq, dk, dv, jnp.zeros_like(out), jnp.zeros_like(lse)
 
 
-_xla_recompute.defvjp(_xla_recompute_fwd, _xla_recompute_bwd)
+_attended.defvjp(_attended_fwd, _attended_bwd)
 
 
 def _auto(dtype) -> str:

@@ -29,6 +29,12 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # ... and attention="xla_recompute"'s forward output and log-sum-exp, so that the backward
+    # does not rerun the attention's forward (its batched dots) to rebuild them.
+    "dots_no_batch_attn": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(attention.RESIDUALS),
+    ),
     "attn": jax.checkpoint_policies.save_only_these_names("attn_out"),
     "qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
     "qkv_attn_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_hidden"),
