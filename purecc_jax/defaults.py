@@ -78,6 +78,9 @@ def concept_config() -> ml_collections.ConfigDict:
         backbone="auto",  # auto (the pretrained folder's model_index.json) | flux | sd3
         dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat_policy="dots_no_batch",
         attention="auto", max_sequence_length=512,
+        # explicit | autodiff: how LoRA's backward is written (models/runtime.py LORA_BACKWARDS); explicit is
+        # faster on CPU hosts, both compute the same sums with different rounding
+        lora_backward="explicit",
         # none | int8 | fp8: frozen FLUX weights held quantized (per-output-channel scales), LoRA in float32
         base_quantization="none",
     ))

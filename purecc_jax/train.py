@@ -299,7 +299,7 @@ def model_runtime(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The runtime fields a backbone loads its models with (`Backbone.load`, `Backbone.abstract_parts`)."""
     m = config.model
     return dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
-                attention=m.attention)
+                attention=m.attention, lora_backward=m.lora_backward)
 
 
 def prepare_parts(parts: Any, config: ml_collections.ConfigDict) -> Any:

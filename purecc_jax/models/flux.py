@@ -38,6 +38,7 @@ from purecc_jax.models.layers import (
     apply_rope,
     constrain,
     layer_norm,
+    lora_backward_from_config,
     rope_frequencies,
     timestep_embedding,
 )
@@ -238,6 +239,7 @@ class FluxTransformer(nn.Module):
     config: FluxConfig
 
     @nn.compact
+    @lora_backward_from_config
     def __call__(
         self,
         img: jax.Array,

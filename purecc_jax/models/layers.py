@@ -8,6 +8,8 @@ LoRA overlay: a `Dense` looks for variables `a` (in, r) and `b` (r, out) in the 
 collection. If they are present it adds `(x @ a) @ b` to its output. The base kernel is
 never touched, so the frozen extractor and the trainable model can share one copy of the
 pretrained weights and differ only in the `lora` collection they are applied with.
+Its backward is `lora_delta`'s explicit one, or autodiff's where the model's config says
+`lora_backward="autodiff"` (runtime.LORA_BACKWARDS).
 
 Quantized base: if the `params` collection holds a `kernel_scale` next to the kernel (an int8 or
 fp8 kernel from `models/quantize.py`), the output is scaled per output channel after the dot.
@@ -15,8 +17,10 @@ fp8 kernel from `models/quantize.py`), the output is scaled per output channel a
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +38,27 @@ BTD = ("act_batch", "act_seq", "act_embed")
 BTHD = ("act_batch", "act_seq", "act_heads", "act_head_dim")
 BTM = ("act_batch", "act_seq", "act_mlp")
 QUANT_SCALE = "kernel_scale"  # see models/quantize.py
+# How a Dense differentiates its LoRA overlay (runtime.LORA_BACKWARDS), set for the Dense layers of a
+# model call by `lora_backward_from_config`.
+_LORA_BACKWARD: contextvars.ContextVar[str] = contextvars.ContextVar("lora_backward", default="explicit")
+
+
+def lora_backward_from_config(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A model's `__call__` with every Dense under it differentiating LoRA as `self.config.lora_backward` says.
+
+    Put it under `nn.compact`. The Dense layers read the setting when they are traced, which happens
+    inside the call (nn.scan and nn.remat trace their bodies there too).
+    """
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        token = _LORA_BACKWARD.set(self.config.lora_backward)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _LORA_BACKWARD.reset(token)
+
+    return call
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -75,8 +100,43 @@ class Dense(nn.Module):
         if self.has_variable(LORA, "a"):
             a = self.get_variable(LORA, "a").astype(self.dtype)
             b = self.get_variable(LORA, "b").astype(self.dtype)
-            y = y + jnp.dot(jnp.dot(x, a), b)
+            if _LORA_BACKWARD.get() == "explicit":
+                y = y + lora_delta(x, a, b)
+            else:
+                y = y + jnp.dot(jnp.dot(x, a), b)
         return y
+
+
+@jax.custom_vjp
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """(x @ a) @ b, whose backward keeps the large operands of its weight-gradient dots in place.
+
+    Autodiff writes the factors' gradients as x^T (g b^T) and h^T g with the activation x and the
+    output cotangent g as the transposed operand; on XLA:CPU a dot whose activation operand contracts
+    over (batch, tokens) gets a transposing copy of it, and XLA fuses the elementwise chain that
+    produced the activation into that copy. Here the small (tokens x rank) operand is the transposed
+    one: db = h^T g, da = (gh^T x)^T. Same products and sums as autodiff's, rounded differently.
+    """
+    return jnp.dot(jnp.dot(x, a), b)
+
+
+def _lora_delta_fwd(x, a, b):
+    h = jnp.dot(x, a)
+    return jnp.dot(h, b), (x, a, b, h)
+
+
+def _lora_delta_bwd(residuals, g):
+    x, a, b, h = residuals
+    last = g.ndim - 1
+    tokens = tuple(range(last))
+    db = jax.lax.dot_general(h, g, ((tokens, tokens), ((), ())))  # (rank, out)
+    gh = jax.lax.dot_general(g, b, (((last,), (1,)), ((), ())))  # (..., rank)
+    da = jax.lax.dot_general(gh, x, ((tokens, tokens), ((), ()))).T  # (in, rank)
+    dx = jax.lax.dot_general(gh, a, (((last,), (1,)), ((), ())))  # (..., in)
+    return dx, da, db
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -6,6 +6,7 @@ and the one block stacker (scanned or looped, rematerialised or not).
                           "layers" axis; False: block i is the submodule `{name}_{i}` (a Python loop)
     remat_policy          what the backward pass may keep of a block (`REMAT_POLICIES`)
     attention             the attention kernel (`models.attention.IMPLEMENTATIONS`)
+    lora_backward         how a Dense differentiates its LoRA overlay (`LORA_BACKWARDS`)
 
 The architecture fields come first in each model's config; `Runtime` is their common base, so a
 config is `FluxConfig(depth=..., dtype="bfloat16")` as before.
@@ -39,7 +40,13 @@ REMAT_POLICIES = {
     "qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
     "qkv_attn_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_hidden"),
 }
-FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention")
+# How a Dense differentiates its LoRA overlay (models/layers.py lora_delta): "explicit" writes the two
+# factors' weight-gradient dots so that their large operand (the activation, the output cotangent) is
+# read in place, where autodiff's form makes XLA:CPU copy it transposed, with the elementwise chain that
+# produced it fused into the copy (benchmarks/README.md); "autodiff" is jax's own. Same products and
+# sums, different rounding.
+LORA_BACKWARDS = ("explicit", "autodiff")
+FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention", "lora_backward")
 SCANNED = 0  # `layer_stack` in_axes: the argument has one row per block
 BROADCAST = nn.broadcast  # `layer_stack` in_axes: every block sees the whole argument
 
@@ -53,12 +60,15 @@ class Runtime:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention: str = "xla"
+    lora_backward: str = "explicit"
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.attention not in attention.IMPLEMENTATIONS:
             raise ValueError(f"attention {self.attention!r} is not one of {attention.IMPLEMENTATIONS}")
+        if self.lora_backward not in LORA_BACKWARDS:
+            raise ValueError(f"lora_backward {self.lora_backward!r} is not one of {LORA_BACKWARDS}")
 
     def runtime(self) -> dict[str, Any]:
         """This config's runtime fields, e.g. to load another checkpoint the same way."""

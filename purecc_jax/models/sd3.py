@@ -34,6 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from purecc_jax.models.attention import attention
 from purecc_jax.models.layers import (BTD, BTHD, MLP, Dense, MLPEmbedder, Modulation, RMSNorm, constrain, layer_norm,
+                                      lora_backward_from_config,
                                       timestep_embedding)
 from purecc_jax.models.runtime import BROADCAST, Runtime, layer_stack, remat
 
@@ -274,6 +275,7 @@ class SD3Transformer(nn.Module):
     config: SD3Config
 
     @nn.compact
+    @lora_backward_from_config
     def __call__(self, latents: jax.Array, txt: jax.Array, pooled: jax.Array, timesteps: jax.Array) -> jax.Array:
         c = self.config
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
