@@ -46,6 +46,8 @@ _TXT = flags.DEFINE_integer("txt_tokens", 64, "T5 tokens")
 _REMAT = flags.DEFINE_string("remat", "none", "JAX remat policy (purecc_jax.models.runtime.REMAT_POLICIES)")
 _ATTENTION = flags.DEFINE_string("attention", "xla", "JAX attention (purecc_jax.models.attention.IMPLEMENTATIONS)")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "JAX: blocks as one nn.scan (else a Python loop)")
+_LORA_BACKWARD = flags.DEFINE_string("lora_backward", "explicit",
+                                     "JAX: LoRA's backward (purecc_jax.models.runtime.LORA_BACKWARDS)")
 _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices", 1, "JAX: CPU devices the process splits into (jax_num_cpu_devices); the batch is split over "
     "them (data parallel) and each runs its share of every step on the machine's cores")
@@ -104,7 +106,8 @@ class JaxSteps:
         heads, d, depth, single = parse_size(size)
         cfg = preset("flux-dev", num_heads=heads, head_dim=d, axes_dim=(d // 8, 7 * d // 16, 7 * d // 16),
                      depth=depth, depth_single=single, dtype="float32", param_dtype="float32",
-                     remat_policy=_REMAT.value, scan_layers=_SCAN.value, attention=_ATTENTION.value)
+                     remat_policy=_REMAT.value, scan_layers=_SCAN.value, attention=_ATTENTION.value,
+                     lora_backward=_LORA_BACKWARD.value)
         shapes = Shapes(_BATCH.value, _IMG.value, _TXT.value)
         lcfg = lora_lib.LoRAConfig(rank=LORA_RANK, alpha=4.0)
         devices = jax.devices()[:_HOST_DEVICES.value]
@@ -195,7 +198,7 @@ class Worker:
                 f"--stages={','.join(_STAGES.value)}", f"--batch={_BATCH.value}", f"--img_tokens={_IMG.value}",
                 f"--txt_tokens={_TXT.value}", f"--remat={_REMAT.value}", f"--warmup={_WARMUP.value}",
                 f"--attention={_ATTENTION.value}", f"--host_devices={_HOST_DEVICES.value}",
-                "--scan_layers" if _SCAN.value else "--noscan_layers"]
+                f"--lora_backward={_LORA_BACKWARD.value}", "--scan_layers" if _SCAN.value else "--noscan_layers"]
         self.name = framework
         env = dict(os.environ)
         if _ALLOCATOR.value == "tcmalloc":
@@ -291,7 +294,8 @@ def main(argv):
 
     print(f"{machine()}; jax {jax.__version__}, torch {torch.__version__}; each framework in its own process, "
           f"{_ROUNDS.value} alternating turns of {_STEPS.value} steps, {_PAUSE.value} s between turns; "
-          f"JAX: remat {_REMAT.value}, attention {_ATTENTION.value}, {_HOST_DEVICES.value} CPU device(s); "
+          f"JAX: remat {_REMAT.value}, attention {_ATTENTION.value}, LoRA backward {_LORA_BACKWARD.value}, "
+          f"{_HOST_DEVICES.value} CPU device(s); "
           f"allocator {tcmalloc() if _ALLOCATOR.value == 'tcmalloc' else 'the C library malloc'}")
     names = {"cc": "DreamBooth-LoRA", "purecc": "PureCC stage B"}
     rows, dot_rows, loads, fault_rows = [], [], [], []
