@@ -8,7 +8,8 @@ and returns the same layout. Implementations:
   xla_recompute
           the same forward, with FlashAttention's backward (untiled): it keeps q, k, v, the output
           and the softmax's log-sum-exp, and recomputes the probabilities from them, instead of
-          keeping the (batch, heads, seq, seq) probabilities for the backward pass.
+          keeping the (batch, heads, seq, seq) probabilities for the backward pass. Under remat
+          the output and log-sum-exp are named RESIDUALS (remat policy dots_no_batch_attn keeps them).
   cudnn   cuDNN fused attention on NVIDIA GPUs (bf16/fp16 inputs).
   splash  TPU splash attention (Pallas), at any sequence length: q, k and v are padded to a
           multiple of the kernel's block and the padded keys masked out with segment ids, so
