@@ -62,19 +62,16 @@ def describe(changes: dict[str, str]) -> str:
 def main(argv):
     del argv
     if FLAGS.allocator == "tcmalloc" and os.environ.get(_RAN_UNDER) != "tcmalloc":
-        env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [versus_torch.tcmalloc(), os.environ.get("LD_PRELOAD")])))
-        env[_RAN_UNDER] = "tcmalloc"
+        env = versus_torch.allocator_env(dict(os.environ, **{_RAN_UNDER: "tcmalloc"}))
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.jax_ab", *sys.argv[1:]], env)
     a, b = setting(_A.value), setting(_B.value)
     print(f"{versus_torch.machine()}; JAX steps of benchmarks.versus_torch, remat {FLAGS.remat}, attention "
           f"{FLAGS.attention}, LoRA backward {FLAGS.lora_backward}, {FLAGS.host_devices} CPU device(s), allocator "
-          f"{'tcmalloc' if FLAGS.allocator == 'tcmalloc' else 'the C library malloc'}; A: {describe(a)}; "
+          f"{versus_torch.allocator_name()}; A: {describe(a)}; "
           f"B: {describe(b)}; {FLAGS.rounds} alternating rounds, the fastest of {FLAGS.steps} steps each")
-    names = {"cc": "DreamBooth-LoRA", "purecc": "PureCC stage B"}
     print("\n| step | size | A ms | B ms | B / A per round: median [min, max] |")
     print("|---|---|---|---|---|")
     for size in FLAGS.sizes:
-        heads, head_dim, depth, single = versus_torch.parse_size(size)
         steps = [build(size, a), build(size, b)]
         for job in steps:
             for stage in FLAGS.stages:
@@ -87,7 +84,7 @@ def main(argv):
         for stage in FLAGS.stages:
             ta, tb = times[0, stage], times[1, stage]
             ratios = [y / x for x, y in zip(ta, tb)]
-            print(f"| {names[stage]} | width {heads * head_dim}, {depth}+{single} blocks | "
+            print(f"| {versus_torch.STAGE_NAMES[stage]} | {versus_torch.size_label(size)} | "
                   f"{statistics.median(ta) * 1e3:.0f} | {statistics.median(tb) * 1e3:.0f} | "
                   f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] |", flush=True)
 

@@ -38,6 +38,7 @@ from absl import app, flags
 from benchmarks.report import call_seconds, fmt, fmt_ratio, median_seconds
 
 LORA_RANK = 4  # the JAX step's LoRA rank (alpha 4)
+STAGE_NAMES = {"cc": "DreamBooth-LoRA", "purecc": "PureCC stage B"}
 _SIZES = flags.DEFINE_list("sizes", ["4x64:2+4", "8x64:4+8"], "model sizes, HEADSxHEAD_DIM:DOUBLE+SINGLE")
 _STAGES = flags.DEFINE_list("stages", ["cc", "purecc"], "steps: cc (DreamBooth-LoRA), purecc (stage B)")
 _BATCH = flags.DEFINE_integer("batch", 2, "images per step (B)")
@@ -200,10 +201,8 @@ class Worker:
                 f"--attention={_ATTENTION.value}", f"--host_devices={_HOST_DEVICES.value}",
                 f"--lora_backward={_LORA_BACKWARD.value}", "--scan_layers" if _SCAN.value else "--noscan_layers"]
         self.name = framework
-        env = dict(os.environ)
-        if _ALLOCATOR.value == "tcmalloc":
-            env["LD_PRELOAD"] = " ".join(filter(None, [tcmalloc(), env.get("LD_PRELOAD")]))
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=allocator_env(dict(os.environ)))
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -234,6 +233,23 @@ def tcmalloc() -> str:
             return path
     raise SystemExit("--allocator=tcmalloc: no tcmalloc library found (looked for " + ", ".join(TCMALLOC) +
                      "); install it, e.g. `apt-get install libtcmalloc-minimal4` on Debian/Ubuntu")
+
+
+def allocator_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with `--allocator`'s library preloaded (unchanged for the C library's malloc)."""
+    if _ALLOCATOR.value == "tcmalloc":
+        env["LD_PRELOAD"] = " ".join(filter(None, [tcmalloc(), env.get("LD_PRELOAD")]))
+    return env
+
+
+def allocator_name() -> str:
+    return tcmalloc() if _ALLOCATOR.value == "tcmalloc" else "the C library malloc"
+
+
+def size_label(size: str) -> str:
+    """'8x64:4+8' -> 'width 512, 4+8 blocks'."""
+    heads, d, depth, single = parse_size(size)
+    return f"width {heads * d}, {depth}+{single} blocks"
 
 
 def machine() -> str:
@@ -296,12 +312,10 @@ def main(argv):
           f"{_ROUNDS.value} alternating turns of {_STEPS.value} steps, {_PAUSE.value} s between turns; "
           f"JAX: remat {_REMAT.value}, attention {_ATTENTION.value}, LoRA backward {_LORA_BACKWARD.value}, "
           f"{_HOST_DEVICES.value} CPU device(s); "
-          f"allocator {tcmalloc() if _ALLOCATOR.value == 'tcmalloc' else 'the C library malloc'}")
-    names = {"cc": "DreamBooth-LoRA", "purecc": "PureCC stage B"}
+          f"allocator {allocator_name()}")
     rows, dot_rows, loads, fault_rows = [], [], [], []
     for size in _SIZES.value:
-        heads, d, depth, single = parse_size(size)
-        label = f"width {heads * d}, {depth}+{single} blocks"
+        label = size_label(size)
         print(f"\n{label}: building both workers ...", flush=True)
         res = compare(size)
         loads += res["loads"]
@@ -309,9 +323,9 @@ def main(argv):
         for stage in _STAGES.value:
             tj, tt = res["times"][("jax", stage)], res["times"][("torch", stage)]
             ratio = statistics.median(a / b for a, b in zip(tj, tt))
-            rows.append((names[stage], label, statistics.median(tt), statistics.median(tj), ratio,
+            rows.append((STAGE_NAMES[stage], label, statistics.median(tt), statistics.median(tj), ratio,
                          res["flops"][stage], peak))
-            fault_rows.append((names[stage], label, *(statistics.median(f[i] for f in res["faults"][(fw, stage)])
+            fault_rows.append((STAGE_NAMES[stage], label, *(statistics.median(f[i] for f in res["faults"][(fw, stage)])
                                                       for fw in ("torch", "jax") for i in (0, 1))))
         for shape, j, t in zip(res["mkn"], res["dots"]["jax"], res["dots"]["torch"]):
             dot_rows.append((shape, j, t))
