@@ -37,6 +37,7 @@ from purecc_jax.data import concept as concept_lib
 from purecc_jax.data import texts as texts_lib
 from purecc_jax.models import lora as lora_lib
 from purecc_jax.models import quantize
+from purecc_jax.models import runtime as runtime_lib
 from purecc_jax.pipeline import flow
 from purecc_jax.pipeline import schedule as schedule_lib
 from purecc_jax.pipeline.settings import SampleSettings
@@ -297,9 +298,7 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
 
 def model_runtime(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The runtime fields a backbone loads its models with (`Backbone.load`, `Backbone.abstract_parts`)."""
-    m = config.model
-    return dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
-                attention=m.attention, lora_backward=m.lora_backward)
+    return {field: config.model[field] for field in runtime_lib.FIELDS}
 
 
 def prepare_parts(parts: Any, config: ml_collections.ConfigDict) -> Any:
